@@ -1,0 +1,112 @@
+"""The 65 upstream action statuses and the class each belongs to.
+
+The names are a closed set spelled exactly as upstream does (typos included). A name
+outside the set keeps its raw spelling and gets the class ``unknown``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StatusClass(StrEnum):
+    PENDING = "pending"
+    SUCCESS = "success"
+    CANCELED = "canceled"
+    ERROR = "error"
+    UNKNOWN = "unknown"
+
+
+# (status, likely SyncML code, class) in upstream's enum order.
+_TABLE: tuple[tuple[str, int | None, StatusClass], ...] = (
+    ("Pending", None, StatusClass.PENDING),
+    ("Awaiting", None, StatusClass.PENDING),
+    ("UnexpectedError", None, StatusClass.ERROR),
+    ("Acknowledged", 200, StatusClass.SUCCESS),
+    ("Cancel", None, StatusClass.CANCELED),
+    ("MethodNotAllowed", 405, StatusClass.ERROR),
+    ("Unknown", None, StatusClass.UNKNOWN),
+    ("Unauthorized", 401, StatusClass.ERROR),
+    ("CommandFormatError", None, StatusClass.ERROR),
+    ("CommandNotFound", 404, StatusClass.ERROR),
+    ("NotSupported", 406, StatusClass.ERROR),
+    ("DeleteWithoutArchive", 210, StatusClass.SUCCESS),
+    ("ItemNotDeleted", 211, StatusClass.ERROR),
+    ("AuthenticationAccepted", 212, StatusClass.SUCCESS),
+    ("ChunkedItemAcceptedAndBuffered", 213, StatusClass.PENDING),
+    ("OperationCanceled", 214, StatusClass.CANCELED),
+    ("CommandNotExecutedUserCanceled", 215, StatusClass.CANCELED),
+    ("CommandInsideAtomicElementAndAtomicFailed", 216, StatusClass.ERROR),
+    ("RequestedTargetIsOneOfMultipleAlternativesRequestedTarget", 300, StatusClass.ERROR),
+    ("RequestedTargetHasANewURI", 301, StatusClass.ERROR),
+    ("RequestedTargetMovedToADifferentURI", 302, StatusClass.ERROR),
+    ("RequestedTargetCanBeFoundAtAnotherURI", 303, StatusClass.ERROR),
+    ("RequestedSyncMLCommandNotExecutedOnTarget", 304, StatusClass.ERROR),
+    ("RequestedTargetMustBeAccessedThroughSpecifiedProxyURI", 305, StatusClass.ERROR),
+    ("PaymentIsNeeded", 402, StatusClass.ERROR),
+    ("FailedByRecipientUnderstoodTheCommand", 403, StatusClass.ERROR),
+    ("InvalidOriginatorAuthentication", 407, StatusClass.ERROR),
+    ("ExpectedMessageNotReceivedInRequiredPeriodOfTime", 408, StatusClass.ERROR),
+    ("UpdateConflictBetweenClientAndServerVersion", 409, StatusClass.ERROR),
+    ("TargetNotLongerAvailable", 410, StatusClass.ERROR),
+    ("CommandMustBeAccompaniedByByteSizeOrLength", 411, StatusClass.ERROR),
+    ("IncompleteOrIncorrectFormed", 412, StatusClass.ERROR),
+    ("RequestItemTooLong", 413, StatusClass.ERROR),
+    ("TargetURIIsTooLong", 414, StatusClass.ERROR),
+    ("UnsupportedMediaType", 415, StatusClass.ERROR),
+    ("ByteSizeTooBig", 416, StatusClass.ERROR),
+    ("RequestFailRetryAfterSomeTime", 417, StatusClass.ERROR),
+    ("PutOrAddCommandFailedBecauseTargetAlreadyExists", 418, StatusClass.ERROR),
+    ("ConflictDetectedResolvedServerCommandWinning", 419, StatusClass.SUCCESS),
+    ("NoMoreStorageSpaceForRemainingSynchronizationData", 420, StatusClass.ERROR),
+    ("SpecifiedSearchGrammarWasNotKnown", 421, StatusClass.ERROR),
+    ("CGIScriptingInLocURIWasIncorrectlyFormed", 422, StatusClass.ERROR),
+    ("SoftDeletedItemAlreadyHardDeleted", 423, StatusClass.ERROR),
+    ("ChunkedObjectReceivedByIncorrectSizeDeclared", 424, StatusClass.ERROR),
+    ("InvalidAdequateAccessControlPermissions", 425, StatusClass.ERROR),
+    ("PartialItemNotAccepted", 426, StatusClass.ERROR),
+    ("ParentCanNotBeDeletedSinceItContainsChildren", 427, StatusClass.ERROR),
+    ("MoveFailed", 428, StatusClass.ERROR),
+    ("CommandNotSupported", 501, StatusClass.ERROR),
+    ("GatewayOrProxyError", 502, StatusClass.ERROR),
+    ("TemporaryOverloadingOrMaintenanceError", 503, StatusClass.ERROR),
+    ("GatewayOrProxyTimeout", 504, StatusClass.ERROR),
+    ("InvalidSyncMLDTDVersion", 505, StatusClass.ERROR),
+    ("ApplicationErrorWhileProcessingTheRequest", 506, StatusClass.ERROR),
+    ("ErrorCausedAllSyncMKCommandsFail", 507, StatusClass.ERROR),
+    ("ErrorARefreshSynchronizationIsNeeded", 508, StatusClass.ERROR),
+    ("ReservedForFutureUse", 509, StatusClass.ERROR),
+    ("ErrorInRecipientDataStore", 510, StatusClass.ERROR),
+    ("SevereErrorInServer", 511, StatusClass.ERROR),
+    ("ApplicationErrorDuringSynchronization", 512, StatusClass.ERROR),
+    ("SyncMLSynchronizationVersionNotSupported", 513, StatusClass.ERROR),
+    ("SyncMlCommandCanceled", 514, StatusClass.CANCELED),
+    ("AtomicRollbackFailed", 516, StatusClass.ERROR),
+    ("AtomicResponseTooLarge", 517, StatusClass.ERROR),
+    ("MalformedSyntax", 400, StatusClass.ERROR),)
+
+STATUS_CLASS: dict[str, StatusClass] = {name: cls for name, _, cls in _TABLE}
+SYNCML_CODE: dict[str, int] = {name: code for name, code, _ in _TABLE if code is not None}
+KNOWN_STATUSES: tuple[str, ...] = tuple(name for name, _, _ in _TABLE)
+
+# Statuses whose actions wait for the device; every other status is final.
+PENDING_STATUSES: frozenset[str] = frozenset(
+    name for name, cls in STATUS_CLASS.items() if cls is StatusClass.PENDING
+)
+CANCELED_STATUSES: frozenset[str] = frozenset(
+    name for name, cls in STATUS_CLASS.items() if cls is StatusClass.CANCELED
+)
+
+
+def classify(status: str) -> StatusClass:
+    """Class of an upstream status name; ``unknown`` for names outside the 65."""
+    return STATUS_CLASS.get(status, StatusClass.UNKNOWN)
+
+
+def is_known(status: str) -> bool:
+    return status in STATUS_CLASS
+
+
+def is_pending(status: str) -> bool:
+    """True while the device has not answered (its status can still change)."""
+    return status in PENDING_STATUSES
