@@ -1,0 +1,48 @@
+"""The exporter's own counters: API requests, parse problems, budget, rounds, reloads.
+
+Plain data with no I/O; exposition.py renders it. ``generation`` moves on every change so
+the renderer knows when its cached bytes are out of date.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from exporter.histogram import Histogram
+from exporter.records import PROBLEM_KINDS
+
+REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ENDPOINTS = ("devices", "commands", "command", "actions")
+
+
+@dataclass(slots=True)
+class SelfMetrics:
+    api_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    api_durations: dict[str, Histogram] = field(
+        default_factory=lambda: {e: Histogram(REQUEST_DURATION_BUCKETS) for e in ENDPOINTS}
+    )
+    parse_problems: Counter[str] = field(
+        default_factory=lambda: Counter({kind: 0 for kind in PROBLEM_KINDS})
+    )
+    budget_requests_per_hour: float = 0.0
+    poll_round_seconds: float = 0.0
+    config_reload_successful: bool = True
+    generation: int = 0
+
+    def observe_request(self, endpoint: str, code: str, seconds: float) -> None:
+        self.api_requests[(endpoint, code)] += 1
+        histogram = self.api_durations.get(endpoint)
+        if histogram is None:
+            histogram = self.api_durations[endpoint] = Histogram(REQUEST_DURATION_BUCKETS)
+        histogram.observe(seconds)
+        self.generation += 1
+
+    def parse_problem(self, kind: str, count: int = 1) -> None:
+        if count:
+            self.parse_problems[kind] += count
+            self.generation += 1
+
+    def touch(self) -> None:
+        """Mark a change made to a plain attribute."""
+        self.generation += 1
