@@ -1,0 +1,691 @@
+"""Async client of the upstream API: session, auth, paging, request budget, retries, throttling.
+
+One ``ApiClient`` per process. Every attempt goes through the same gate, in this order: a
+concurrency slot, then the shared :class:`TokenBucket` (which also holds the client-wide
+"not before" pause set by 429/503), then the HTTP request. Decoding is delegated to the pure
+functions of :mod:`exporter.records`.
+
+The API token is read from a :class:`TokenSource` on every attempt, so a rotated token file
+takes effect without a restart. It is only ever placed in the ``Authorization`` header: error
+messages, log events, reprs and metrics never carry it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from exporter.records import (
+    SCHEMA,
+    Action,
+    Batch,
+    Device,
+    InvalidBody,
+    Page,
+    decode_action,
+    decode_batch,
+    decode_device,
+    decode_json,
+    decode_page,
+    envelope_data,
+    error_code,
+)
+from exporter.selfmetrics import SelfMetrics
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+RETRY_AFTER_CAP = 300.0  # an absurd Retry-After must not stall the exporter for hours
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 60.0
+BURST_SECONDS = 5.0  # the bucket holds this many seconds' worth of requests (at least one)
+MIN_RATE_FACTOR = 1 / 16
+RECOVERY_SECONDS = 600.0  # a throttled rate climbs back by the full rate over this long
+MAX_PASSES = 3  # reads of a paged list from page 1 while its pages keep shifting
+CHUNK_BYTES = 64 * 1024
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+BASE_PATH = "/organizations/{org}/mdm/windows/enterprise"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A call that failed for good. ``reason`` is short and never contains the token."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+class AuthError(ApiError):
+    """401 (upstream codes 4002 no token, 4004 invalid token); not retried."""
+
+    def __init__(self, endpoint: str, reason: str, code: int | None = None) -> None:
+        super().__init__(endpoint, reason)
+        self.code = code
+
+
+class TokenUnavailable(AuthError):
+    """The token file vanished, cannot be read, or is empty."""
+
+
+class NotFoundError(ApiError):
+    """404 (upstream code 3001, unknown organization, device or batch); not retried."""
+
+    def __init__(self, endpoint: str, reason: str, code: int | None = None) -> None:
+        super().__init__(endpoint, reason)
+        self.code = code
+
+
+class UpstreamError(ApiError):
+    """Anything else: 5xx, timeouts, resets or bad bodies after retries, 400, 403, ..."""
+
+    def __init__(self, endpoint: str, reason: str, status: int | None = None) -> None:
+        super().__init__(endpoint, reason)
+        self.status = status
+
+
+# --- the token ---------------------------------------------------------------------------------
+
+
+class TokenSource:
+    """The API token, from a file (re-read when it changes) or a fixed value."""
+
+    __slots__ = ("_cached", "_path", "_stamp", "_value")
+
+    def __init__(self, *, path: str | None = None, value: str | None = None) -> None:
+        if path is None and value is None:
+            raise ValueError("a token source needs a path or a value")
+        self._path = path
+        self._value = value
+        self._stamp: tuple[int, int, int] | None = None
+        self._cached = ""
+
+    def __repr__(self) -> str:
+        return f"TokenSource(path={self._path!r})" if self._path else "TokenSource(value=<hidden>)"
+
+    def get(self) -> str:
+        if self._path is None:
+            token = (self._value or "").strip()
+            if not token:
+                raise TokenUnavailable("token", "token is empty")
+            return token
+        try:
+            stat = os.stat(self._path)
+        except OSError as exc:
+            raise TokenUnavailable("token", f"token file unreadable ({exc.strerror})") from None
+        # The inode catches an atomic swap (how Kubernetes rotates mounted secrets).
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if stamp != self._stamp:
+            self._cached = self._read()
+            self._stamp = stamp
+        return self._cached
+
+    def invalidate(self) -> None:
+        """Re-read the file on the next ``get`` even if it looks unchanged (after a 401)."""
+        self._stamp = None
+
+    def _read(self) -> str:
+        assert self._path is not None
+        try:
+            with open(self._path, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            # The exception text could quote the file's bytes: name the class only.
+            raise TokenUnavailable(
+                "token", f"token file unreadable ({type(exc).__name__})"
+            ) from None
+        if not token:
+            raise TokenUnavailable("token", "token file is empty")
+        return token
+
+
+# --- the request budget ----------------------------------------------------------------------
+
+
+class TokenBucket:
+    """Requests per hour with a small burst, plus a client-wide pause.
+
+    Every attempt takes one token. A throttle answer (429, 503 with Retry-After) pauses every
+    caller until a shared moment, empties the bucket and halves the effective rate, which then
+    climbs back linearly over ``RECOVERY_SECONDS``.
+    """
+
+    def __init__(
+        self,
+        rate_per_hour: float,
+        *,
+        burst_seconds: float = BURST_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        if rate_per_hour <= 0:
+            raise ValueError("requests_per_hour must be positive")
+        self.rate_per_hour = float(rate_per_hour)
+        self.capacity = max(1.0, self.rate_per_hour / 3600 * burst_seconds)
+        self.spent = 0
+        self.throttles = 0
+        self._per_second = self.rate_per_hour / 3600
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._tokens = self.capacity
+        self._factor = 1.0
+        self._stamp = monotonic()
+        self._not_before = self._stamp
+        self._lock = asyncio.Lock()
+
+    @property
+    def effective_rate_per_hour(self) -> float:
+        self._refill()
+        return self.rate_per_hour * self._factor
+
+    @property
+    def recovering(self) -> bool:
+        """True while the effective rate is below the configured one."""
+        return self._factor < 1.0
+
+    def available(self) -> float:
+        """Tokens in the bucket now (fractional)."""
+        self._refill()
+        return self._tokens
+
+    def paused_for(self) -> float:
+        """Seconds left of the client-wide pause."""
+        return max(0.0, self._not_before - self._monotonic())
+
+    def _refill(self) -> None:
+        now = self._monotonic()
+        elapsed = now - self._stamp
+        if elapsed <= 0:
+            return
+        self._stamp = now
+        # The factor of the start of the interval is the lower one: refilling with it errs
+        # on the side of fewer requests.
+        capacity = max(1.0, self.capacity * self._factor)
+        self._tokens = min(capacity, self._tokens + elapsed * self._per_second * self._factor)
+        if self._factor < 1.0:
+            self._factor = min(1.0, self._factor + elapsed / RECOVERY_SECONDS)
+
+    async def acquire(self) -> None:
+        # The lock queues callers in order; the one at the head sleeps for the rest.
+        async with self._lock:
+            while True:
+                self._refill()
+                pause = self._not_before - self._stamp
+                if pause > 0:
+                    await self._sleep(pause)
+                    continue
+                if self._tokens >= 1.0 - 1e-9:
+                    self._tokens -= 1.0
+                    self.spent += 1
+                    return
+                await self._sleep((1.0 - self._tokens) / (self._per_second * self._factor))
+
+    def throttle(self, pause_seconds: float) -> None:
+        self._refill()
+        self.throttles += 1
+        self._factor = max(MIN_RATE_FACTOR, self._factor / 2)
+        self._tokens = min(self._tokens, 0.0)
+        self._not_before = max(self._not_before, self._stamp + max(0.0, pause_seconds))
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta seconds or an HTTP date.
+
+    ``now`` is the epoch moment the date is measured against. ``None`` when the header is
+    absent or unreadable; never negative.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:  # obsolete formats without a zone: HTTP dates are GMT
+            return None
+        seconds = moment.timestamp() - now
+    if seconds != seconds or seconds == float("inf"):  # NaN or inf
+        return None
+    return max(0.0, seconds)
+
+
+def _response_now(date_header: str | None) -> float:
+    """The server's own clock from ``Date``, else ours: an HTTP-date Retry-After is then
+    measured on the clock that wrote it."""
+    if date_header:
+        try:
+            moment = parsedate_to_datetime(date_header)
+        except (TypeError, ValueError, IndexError):
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return moment.timestamp()
+    return time.time()
+
+
+# --- one attempt -----------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str  # the metrics code
+    reason: str
+    status: int | None = None
+    retry_after: float | None = None
+
+
+@dataclass(slots=True)
+class _Pass(Generic[T]):
+    items: dict[str, T]
+    problems: int
+    consistent: bool
+
+
+def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[Any], Page[T]]:
+    def decode(data: Any) -> Page[T]:
+        return decode_page(data, decode_item)
+
+    return decode
+
+
+def _decode_batch_strict(data: Any) -> Batch:
+    batch = decode_batch(data)
+    if batch is None:
+        raise InvalidBody("command has no id")
+    return batch
+
+
+class ApiClient:
+    """The upstream API as typed records. Shared by every poller of the process."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        organization: str,
+        token: TokenSource,
+        metrics: SelfMetrics,
+        timeout_seconds: float = 10,
+        max_concurrency: int = 8,
+        requests_per_hour: float = 9000,
+        page_size: int = 100,
+        max_pages: int = 1000,
+        max_attempts: int = 4,
+        max_body_bytes: int = 32 * 2**20,
+        session: aiohttp.ClientSession | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self._root = base_url.rstrip("/") + BASE_PATH.format(org=quote(organization, safe=""))
+        self._token = token
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_concurrency = max(1, max_concurrency)
+        self._slots = asyncio.Semaphore(self._max_concurrency)
+        self.page_size = max(1, page_size)
+        self.max_pages = max(1, max_pages)
+        self.max_attempts = max(1, max_attempts)
+        self.max_body_bytes = max_body_bytes
+        self._session = session
+        self._owns_session = session is None
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._rng = random.Random(seed)
+        self.budget = TokenBucket(requests_per_hour, monotonic=monotonic, sleep=sleep)
+        self._headers: dict[str, str] = {}
+        self._headers_token = ""
+
+    def __repr__(self) -> str:
+        return f"ApiClient(root={self._root!r})"
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    async def list_devices(
+        self, *, tags: Sequence[str] = (), segment: int | None = None
+    ) -> list[Device]:
+        params: list[tuple[str, str]] = [("tags", tag) for tag in tags]
+        if segment is not None:
+            params.append(("segmentId", str(segment)))
+        return await self._collect("devices", "/devices", decode_device, _device_key, params)
+
+    async def list_batches(
+        self, device: str, *, max_items: int, since: float | None = None
+    ) -> list[Batch]:
+        """Command history, newest first: at most ``max_items``, none created before ``since``."""
+        if max_items <= 0:
+            return []
+
+        def too_old(batch: Batch) -> bool:
+            return since is not None and batch.created_at is not None and batch.created_at < since
+
+        return await self._collect(
+            "commands",
+            f"/devices/{_segment(device)}/commands",
+            decode_batch,
+            _batch_key,
+            [("sort", "createdAt:desc")],
+            max_items=max_items,
+            stop=too_old,
+        )
+
+    async def get_batch(self, device: str, batch: str) -> Batch:
+        path = f"/devices/{_segment(device)}/commands/{_segment(batch)}"
+        return await self._fetch("command", path, (), _decode_batch_strict)
+
+    async def list_actions(self, device: str, batch: str) -> list[Action]:
+        path = f"/devices/{_segment(device)}/commands/{_segment(batch)}/actions"
+        return await self._collect("actions", path, decode_action, _action_key, [])
+
+    # --- paging -------------------------------------------------------------------------------
+
+    async def _collect(
+        self,
+        endpoint: str,
+        path: str,
+        decode_item: Callable[[Any], T | None],
+        key: Callable[[T], str],
+        params: list[tuple[str, str]],
+        *,
+        max_items: int | None = None,
+        stop: Callable[[T], bool] | None = None,
+    ) -> list[T]:
+        """Every item of a paged list once, re-reading from page 1 while pages shift."""
+        decode = _page_decoder(decode_item)
+        union: dict[str, T] = {}
+        for number in range(1, MAX_PASSES + 1):
+            result = await self._pass(endpoint, path, decode, key, params, max_items, stop)
+            if result.consistent:
+                self._metrics.parse_problem(SCHEMA, result.problems)
+                return list(result.items.values())[:max_items]
+            union.update(result.items)
+            log.debug("api_pages_shifted", endpoint=endpoint, path=path, read=number)
+        # Still moving: keep everything seen in any read rather than drop an item.
+        log.warning("api_pages_unstable", endpoint=endpoint, path=path, reads=MAX_PASSES)
+        self._metrics.parse_problem(SCHEMA, result.problems)
+        return list(union.values())[:max_items]
+
+    async def _pass(
+        self,
+        endpoint: str,
+        path: str,
+        decode: Callable[[Any], Page[T]],
+        key: Callable[[T], str],
+        params: list[tuple[str, str]],
+        max_items: int | None,
+        stop: Callable[[T], bool] | None,
+    ) -> _Pass[T]:
+        seen: dict[str, T] = {}
+        problems = 0
+        consistent = True
+        total: int | None = None
+        fetched = 0
+        limit = self.page_size
+        for number in range(1, self.max_pages + 1):
+            query = [*params, ("page", str(number)), ("limit", str(limit))]
+            page = await self._fetch(endpoint, path, query, decode)
+            problems += len(page.problems)
+            if page.total_docs is not None:
+                if total is None:
+                    total = page.total_docs
+                elif page.total_docs != total:
+                    consistent = False
+            for item in page.items:
+                if stop is not None and stop(item):
+                    return _Pass(seen, problems, consistent)
+                item_key = key(item)
+                if item_key in seen:
+                    consistent = False
+                seen[item_key] = item  # a later copy is the fresher one; the slot stays put
+                if max_items is not None and len(seen) >= max_items:
+                    return _Pass(seen, problems, consistent)
+            count = len(page.items) + len(page.problems)
+            fetched += count
+            more, limit = _next_page(page, number, count, fetched, limit)
+            if not more:
+                break
+        else:
+            log.warning("api_page_cap", endpoint=endpoint, path=path, pages=self.max_pages)
+            return _Pass(seen, problems, consistent)
+        if total is not None and len(seen) + problems != total:
+            consistent = False  # a gap: an item moved past a page boundary we already read
+        return _Pass(seen, problems, consistent)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        endpoint: str,
+        path: str,
+        params: Sequence[tuple[str, str]],
+        decode: Callable[[Any], R],
+    ) -> R:
+        """One logical request: attempts with retries until decoded or failed for good."""
+        url = self._root + path
+        failure: _Failure | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            outcome = await self._attempt(endpoint, url, params, decode)
+            if not isinstance(outcome, _Failure):
+                return outcome
+            failure = outcome
+            if attempt == self.max_attempts:
+                break
+            delay = self._backoff(attempt)
+            if failure.status == 429 or (failure.status == 503 and failure.retry_after is not None):
+                retry_after = failure.retry_after
+                pause = delay if retry_after is None else min(retry_after, RETRY_AFTER_CAP)
+                self.budget.throttle(pause)
+                self._metrics.budget_requests_per_hour = self.budget.effective_rate_per_hour
+                log.warning(
+                    "api_throttled",
+                    endpoint=endpoint,
+                    status=failure.status,
+                    pause_seconds=round(pause, 3),
+                    rate_per_hour=round(self._metrics.budget_requests_per_hour, 1),
+                )
+                continue  # the bucket holds every caller until the pause ends
+            log.debug(
+                "api_retry",
+                endpoint=endpoint,
+                attempt=attempt,
+                code=failure.code,
+                reason=failure.reason,
+                delay_seconds=round(delay, 3),
+            )
+            await self._sleep(delay)
+        assert failure is not None
+        raise UpstreamError(
+            endpoint, f"{failure.reason} after {self.max_attempts} attempts", failure.status
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: callers that failed together do not retry together.
+        return self._rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+
+    async def _attempt(
+        self,
+        endpoint: str,
+        url: str,
+        params: Sequence[tuple[str, str]],
+        decode: Callable[[Any], R],
+    ) -> R | _Failure:
+        headers = self._auth_headers(endpoint)
+        session = self._session or self._new_session()
+        async with self._slots:
+            await self.budget.acquire()
+            started = self._monotonic()
+            try:
+                async with session.get(
+                    url, params=params, headers=headers, timeout=self._timeout
+                ) as response:
+                    status = response.status
+                    body = await self._read(response)
+                    retry_header = response.headers.get("Retry-After")
+                    date_header = response.headers.get("Date")
+            except TimeoutError:
+                return self._failed(endpoint, started, _Failure("timeout", "timeout"))
+            except _BodyTooLarge:
+                # Deterministic for a given resource: not retried.
+                self._observe(endpoint, "invalid_body", started)
+                raise UpstreamError(endpoint, "body too large") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                reason = f"connection error ({type(exc).__name__})"
+                return self._failed(endpoint, started, _Failure("connection", reason))
+        if 200 <= status < 300:
+            try:
+                result = decode(envelope_data(decode_json(body)))
+            except InvalidBody as exc:
+                return self._failed(
+                    endpoint, started, _Failure("invalid_body", f"invalid body: {exc}")
+                )
+            self._observe(endpoint, str(status), started)
+            return result
+        self._observe(endpoint, str(status), started)
+        return self._http_failure(endpoint, status, body, retry_header, date_header)
+
+    def _http_failure(
+        self,
+        endpoint: str,
+        status: int,
+        body: bytes,
+        retry_header: str | None,
+        date_header: str | None,
+    ) -> _Failure:
+        """Classify a non-2xx answer: raise for the final ones, describe the retryable ones."""
+        try:
+            upstream_code = error_code(decode_json(body))
+        except InvalidBody:
+            upstream_code = None
+        reason = f"HTTP {status}" + (
+            f" (code {upstream_code})" if upstream_code is not None else ""
+        )
+        if status == 401:
+            self._token.invalidate()
+            raise AuthError(endpoint, reason, upstream_code)
+        if status == 404:
+            raise NotFoundError(endpoint, reason, upstream_code)
+        if status not in RETRYABLE_STATUSES and not 500 <= status < 600:
+            raise UpstreamError(endpoint, reason, status)
+        retry_after = None
+        if status in (429, 503) and retry_header is not None:
+            retry_after = parse_retry_after(retry_header, now=_response_now(date_header))
+        return _Failure(str(status), reason, status, retry_after)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        length = response.content_length
+        # A declared length of an uncompressed body is checked up front and read in one go;
+        # anything else is counted as it arrives (a compressed length says nothing of the
+        # decoded size).
+        if length is not None and not response.headers.get("Content-Encoding"):
+            if length > self.max_body_bytes:
+                raise _BodyTooLarge
+            return await response.read()
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _failed(self, endpoint: str, started: float, failure: _Failure) -> _Failure:
+        self._observe(endpoint, failure.code, started)
+        return failure
+
+    def _observe(self, endpoint: str, code: str, started: float) -> None:
+        self._metrics.observe_request(endpoint, code, max(0.0, self._monotonic() - started))
+        if self.budget.recovering:
+            self._metrics.budget_requests_per_hour = self.budget.effective_rate_per_hour
+
+    def _auth_headers(self, endpoint: str) -> dict[str, str]:
+        try:
+            token = self._token.get()
+        except TokenUnavailable as exc:
+            raise TokenUnavailable(endpoint, exc.reason) from None
+        if token != self._headers_token:
+            self._headers = {"Authorization": f"Bearer {token}"}
+            self._headers_token = token
+        return self._headers
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._max_concurrency)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+
+def _next_page(
+    page: Page[Any], number: int, count: int, fetched: int, limit: int
+) -> tuple[bool, int]:
+    """Whether another page follows, and the ``limit`` to ask for it.
+
+    ``hasNextPage`` decides when present; else ``totalDocs`` against the effective page size
+    (the response's ``limit``, else what has been fetched); else a short page ends the list.
+    When upstream serves fewer items than asked, later pages ask for that many, so both
+    sides compute the same offsets.
+    """
+    if count == 0:
+        return False, limit
+    served = page.limit if page.limit is not None and page.limit > 0 else None
+    if page.has_next_page is not None:
+        more = page.has_next_page
+    elif page.total_docs is not None:
+        more = number * served < page.total_docs if served else fetched < page.total_docs
+    else:
+        more = count >= (served or limit)
+    if served is not None and served < limit:
+        limit = served
+    elif served is None and more and count < limit:
+        limit = count
+    return more, limit
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _device_key(device: Device) -> str:
+    return device.id
+
+
+def _batch_key(batch: Batch) -> str:
+    return batch.id
+
+
+def _action_key(action: Action) -> str:
+    return action.cmd_id
