@@ -1,0 +1,459 @@
+"""The /metrics body, rendered once per change into cached bytes.
+
+A scrape serves bytes that already exist. ``refresh()`` re-renders only what moved since the
+previous call: sample lines are cached per device and per family group (device info, poll
+status, command data), keyed by the generations FleetState keeps for them, and a body is one
+``b"".join`` of cached chunks. Gauge, counter and histogram sample lines are the same in the
+text format 0.0.4 and in OpenMetrics 1.0, so both bodies share the chunks and differ only in
+their HELP/TYPE headers and the closing ``# EOF``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import generate_latest as generate_text
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.utils import floatToGoString
+
+from exporter.histogram import Histogram
+from exporter.selfmetrics import SelfMetrics
+from exporter.state import DeviceGenerations, DeviceView, FleetState
+
+CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+# Upstream strings become label values; bound them so one bad value cannot bloat a scrape.
+MAX_LABEL_VALUE = 1024
+TRUNCATED = "...[truncated]"
+GZIP_LEVEL = 6
+
+
+# --- negotiation --------------------------------------------------------------------------
+
+
+def _version_at_least_1(parameters: Sequence[str]) -> bool | None:
+    """Whether a ``version=`` parameter is >= 1.0.0; None when there is none."""
+    for token in parameters:
+        key, sep, value = token.strip().partition("=")
+        if sep and key == "version":
+            parts = []
+            for part in value.split("."):
+                if not part.isdigit():
+                    return False
+                parts.append(int(part))
+            return tuple(parts) >= (1, 0, 0)
+    return None
+
+
+def wants_openmetrics(accept_header: str | None) -> bool:
+    """Same choice as ``prometheus_client.exposition.choose_encoder``: the first
+    ``application/openmetrics-text`` entry without a version or with version >= 1.0.0 wins,
+    unless a ``text/plain`` entry with version >= 1.0.0 comes first; q-values are ignored."""
+    for accepted in (accept_header or "").split(","):
+        media, *parameters = accepted.split(";")
+        media = media.strip()
+        if media == "application/openmetrics-text":
+            if _version_at_least_1(parameters) in (None, True):
+                return True
+        elif media == "text/plain" and _version_at_least_1(parameters):
+            return False
+    return False
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def escape_label_value(value: str) -> str:
+    if len(value) > MAX_LABEL_VALUE:
+        value = value[:MAX_LABEL_VALUE] + TRUNCATED
+    if "\\" in value or '"' in value or "\n" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+_NOT_LABEL_CHAR = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def label_name(name: str) -> str | None:
+    """A valid label name for a free-form key, or None when it cannot be one."""
+    clean = _NOT_LABEL_CHAR.sub("_", name)
+    if not clean or clean[0].isdigit():
+        clean = "_" + clean
+    return None if clean.startswith("__") else clean
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f'{name}="{escape_label_value(value)}"' for name, value in pairs)
+
+
+def _histogram_lines(name: str, labels: str, histogram: Histogram) -> list[str]:
+    """``_bucket`` lines (cumulative, ``+Inf`` last), ``_sum`` and ``_count`` of one series."""
+    prefix = labels + "," if labels else ""
+    bounds = [*histogram.buckets, math.inf]
+    lines = [
+        f'{name}_bucket{{{prefix}le="{floatToGoString(bound)}"}} {count}\n'
+        for bound, count in zip(bounds, histogram.cumulative(), strict=True)
+    ]
+    braces = f"{{{labels}}}" if labels else ""
+    lines.append(f"{name}_sum{braces} {format_value(float(histogram.sum))}\n")
+    lines.append(f"{name}_count{braces} {histogram.count}\n")
+    return lines
+
+
+# --- families -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str  # counters without ``_total``
+    type: str
+    help: str
+
+    def header(self, *, openmetrics: bool) -> bytes:
+        name = self.name
+        if self.type == "counter" and not openmetrics:
+            name += "_total"  # the text format names a counter family by its sample
+        return f"# HELP {name} {self.help}\n# TYPE {name} {self.type}\n".encode()
+
+
+ACTIONS = Family(
+    "applivery_windows_command_actions",
+    "gauge",
+    "Actions in each status in a watched command batch, as of its last successful poll.",
+)
+TRANSITIONS = Family(
+    "applivery_windows_command_action_transitions",
+    "counter",
+    "Actions seen entering a status since the exporter started.",
+)
+LATENCY = Family(
+    "applivery_windows_command_ack_latency_seconds",
+    "histogram",
+    "receivedAt minus sentAt of each action, observed once when the device answers.",
+)
+OLDEST_PENDING = Family(
+    "applivery_windows_command_oldest_pending_sent_timestamp_seconds",
+    "gauge",
+    "sentAt (or batch creation) of the oldest action of the device still pending.",
+)
+DEVICE_INFO = Family(
+    "applivery_windows_device_info", "gauge", "Watched device: name, labels and identifiers."
+)
+COMMAND_INFO = Family("applivery_windows_command_info", "gauge", "Name of a command batch.")
+TARGET_UP = Family(
+    "applivery_exporter_target_up", "gauge", "1 when the last poll of the device succeeded."
+)
+LAST_SUCCESS = Family(
+    "applivery_exporter_last_success_timestamp_seconds",
+    "gauge",
+    "When the last successful poll of the device finished.",
+)
+API_REQUESTS = Family(
+    "applivery_exporter_api_requests",
+    "counter",
+    "Upstream API requests by endpoint and HTTP code (or timeout, connection, invalid_body).",
+)
+API_DURATION = Family(
+    "applivery_exporter_api_request_duration_seconds",
+    "histogram",
+    "Duration of upstream API requests.",
+)
+BUDGET = Family(
+    "applivery_exporter_api_budget_requests_per_hour",
+    "gauge",
+    "Request budget the scheduler currently keeps under.",
+)
+ROUND = Family(
+    "applivery_exporter_poll_round_duration_seconds", "gauge", "Duration of the last poll round."
+)
+PARSE_PROBLEMS = Family(
+    "applivery_exporter_parse_problems",
+    "counter",
+    "Upstream data problems by kind, counted once per affected action or response.",
+)
+RELOAD_OK = Family(
+    "applivery_exporter_config_last_reload_successful",
+    "gauge",
+    "1 when the last configuration reload succeeded.",
+)
+BUILD_INFO = Family("applivery_exporter_build_info", "gauge", "Exporter version.")
+
+
+# --- per-device chunks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunks:
+    """Rendered sample lines of one device, one bytes object per family."""
+
+    generations: DeviceGenerations
+    info: bytes
+    up: bytes
+    last_success: bytes
+    actions: bytes
+    oldest: bytes
+    command_info: bytes
+
+
+def _info_lines(organization: str, view: DeviceView) -> bytes:
+    pairs = [("organization", organization), ("device", view.device), ("name", view.name or "")]
+    taken = {name for name, _ in pairs}
+    for key, value in [*view.labels.items(), *view.info.items()]:
+        name = label_name(key)
+        if name is not None and name not in taken:
+            taken.add(name)
+            pairs.append((name, value))
+    return f"{DEVICE_INFO.name}{{{_labels(pairs)}}} 1\n".encode(errors="replace")
+
+
+def _status_lines(view: DeviceView) -> tuple[bytes, bytes]:
+    device = f'device="{escape_label_value(view.device)}"'
+    up = f"{TARGET_UP.name}{{{device}}} {1 if view.up else 0}\n".encode(errors="replace")
+    if view.last_success is None:
+        return up, b""
+    line = f"{LAST_SUCCESS.name}{{{device}}} {format_value(view.last_success)}\n"
+    return up, line.encode(errors="replace")
+
+
+def _command_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, bytes]:
+    base = _labels((("organization", organization), ("device", view.device)))
+    actions: list[str] = []
+    infos: list[str] = []
+    for batch in view.batches:
+        labels = f'{base},command="{escape_label_value(batch.id)}"'
+        for status, status_class, count in batch.counts:
+            actions.append(
+                f'{ACTIONS.name}{{{labels},status="{escape_label_value(status)}",'
+                f'status_class="{status_class}"}} {count}\n'
+            )
+        if batch.name is not None:
+            infos.append(
+                f'{COMMAND_INFO.name}{{{labels},name="{escape_label_value(batch.name)}"}} 1\n'
+            )
+    oldest = ""
+    if view.oldest_pending is not None:
+        oldest = f"{OLDEST_PENDING.name}{{{base}}} {format_value(view.oldest_pending)}\n"
+    return (
+        "".join(actions).encode(errors="replace"),
+        oldest.encode(errors="replace"),
+        "".join(infos).encode(errors="replace"),
+    )
+
+
+def _render_device(
+    organization: str,
+    state: FleetState,
+    device: str,
+    generations: DeviceGenerations,
+    previous: _Chunks | None,
+) -> _Chunks:
+    old = previous.generations if previous is not None else None
+    commands_moved = previous is None or old is None or old.commands != generations.commands
+    view = state.device_view(device, with_batches=commands_moved)
+    if previous is not None and old is not None and old.info == generations.info:
+        info = previous.info
+    else:
+        info = _info_lines(organization, view)
+    if previous is not None and old is not None and old.status == generations.status:
+        up, last_success = previous.up, previous.last_success
+    else:
+        up, last_success = _status_lines(view)
+    if previous is not None and not commands_moved:
+        actions, oldest, command_info = previous.actions, previous.oldest, previous.command_info
+    else:
+        actions, oldest, command_info = _command_lines(organization, view)
+    return _Chunks(generations, info, up, last_success, actions, oldest, command_info)
+
+
+# --- fleet-wide and self-metrics sections -------------------------------------------------
+
+
+def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes]:
+    """Sample lines of the transition counter and of the latency histogram."""
+    org = f'organization="{escape_label_value(organization)}"'
+    transitions = [
+        f'{TRANSITIONS.name}_total{{{org},status="{escape_label_value(status)}",'
+        f'status_class="{status_class}"}} {count}\n'
+        for status, status_class, count in state.transitions()
+    ]
+    latency: list[str] = []
+    for status_class, histogram in sorted(state.latency().items()):
+        latency += _histogram_lines(LATENCY.name, f'{org},status_class="{status_class}"', histogram)
+    return "".join(transitions).encode(errors="replace"), "".join(latency).encode(errors="replace")
+
+
+def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> bytes:
+    out: list[bytes] = []
+
+    def family(fam: Family, lines: Iterable[str]) -> None:
+        out.append(fam.header(openmetrics=openmetrics))
+        out.append("".join(lines).encode(errors="replace"))
+
+    family(
+        API_REQUESTS,
+        (
+            f'{API_REQUESTS.name}_total{{endpoint="{escape_label_value(endpoint)}",'
+            f'code="{escape_label_value(code)}"}} {count}\n'
+            for (endpoint, code), count in sorted(metrics.api_requests.items())
+        ),
+    )
+    durations: list[str] = []
+    for endpoint, histogram in sorted(metrics.api_durations.items()):
+        durations += _histogram_lines(
+            API_DURATION.name, f'endpoint="{escape_label_value(endpoint)}"', histogram
+        )
+    family(API_DURATION, durations)
+    family(BUDGET, [f"{BUDGET.name} {format_value(float(metrics.budget_requests_per_hour))}\n"])
+    family(ROUND, [f"{ROUND.name} {format_value(float(metrics.poll_round_seconds))}\n"])
+    family(
+        PARSE_PROBLEMS,
+        (
+            f'{PARSE_PROBLEMS.name}_total{{kind="{escape_label_value(kind)}"}} {count}\n'
+            for kind, count in sorted(metrics.parse_problems.items())
+        ),
+    )
+    family(RELOAD_OK, [f"{RELOAD_OK.name} {1 if metrics.config_reload_successful else 0}\n"])
+    family(BUILD_INFO, [f'{BUILD_INFO.name}{{version="{escape_label_value(version)}"}} 1\n'])
+    return b"".join(out)
+
+
+def _extras(registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
+    if not openmetrics:
+        return generate_text(registry)
+    body = generate_openmetrics(registry)
+    return body.removesuffix(b"# EOF\n")
+
+
+def default_registry() -> CollectorRegistry:
+    """Process and platform metrics, as a prometheus_client exporter would show them."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+# --- the exposition -----------------------------------------------------------------------
+
+
+class Exposition:
+    def __init__(
+        self,
+        state: FleetState,
+        metrics: SelfMetrics,
+        *,
+        version: str,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._version = version
+        self._registry = registry if registry is not None else default_registry()
+        self._chunks: dict[str, _Chunks] = {}
+        self._order: list[str] = []
+        self._state_generation = -1
+        self._counters_generation = -1
+        self._metrics_generation = -1
+        self._fleet = (b"", b"")
+        self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
+        # Replaced as a whole, never mutated: a thread reading them sees one consistent body.
+        self._bodies: Mapping[bool, bytes] = {False: b"", True: b""}
+        self._gzipped: dict[bool, tuple[bytes, bytes]] = {}
+        self._gzip_locks = {False: threading.Lock(), True: threading.Lock()}
+        self.refresh()
+
+    def refresh(self) -> bool:
+        state, metrics = self._state, self._metrics
+        state_moved = state.generation != self._state_generation
+        metrics_moved = metrics.generation != self._metrics_generation
+        if not (state_moved or metrics_moved):
+            return False
+        if state_moved:
+            self._refresh_devices()
+            if state.counters_generation != self._counters_generation:
+                self._fleet = _fleet_sections(state.organization, state)
+                self._counters_generation = state.counters_generation
+            self._state_generation = state.generation
+        if metrics_moved:
+            self._metrics_generation = metrics.generation
+            self._self_sections = {
+                om: _self_section(metrics, self._version, openmetrics=om) for om in (False, True)
+            }
+        previous = self._bodies
+        self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
+        return self._bodies[False] != previous[False]
+
+    def _refresh_devices(self) -> None:
+        state = self._state
+        watched = state.watched()
+        if len(watched) != len(self._order) or set(watched) != set(self._order):
+            self._order = sorted(watched)
+            for gone in self._chunks.keys() - set(watched):
+                del self._chunks[gone]
+        organization = state.organization
+        for device in self._order:
+            generations = state.device_generations(device)
+            previous = self._chunks.get(device)
+            if previous is None or previous.generations != generations:
+                self._chunks[device] = _render_device(
+                    organization, state, device, generations, previous
+                )
+
+    def _assemble(self, *, openmetrics: bool) -> bytes:
+        chunks = [self._chunks[device] for device in self._order]
+        transitions, latency = self._fleet
+        parts: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
+        parts += [c.actions for c in chunks]
+        parts += [TRANSITIONS.header(openmetrics=openmetrics), transitions]
+        parts += [LATENCY.header(openmetrics=openmetrics), latency]
+        parts.append(OLDEST_PENDING.header(openmetrics=openmetrics))
+        parts += [c.oldest for c in chunks]
+        parts.append(DEVICE_INFO.header(openmetrics=openmetrics))
+        parts += [c.info for c in chunks]
+        parts.append(COMMAND_INFO.header(openmetrics=openmetrics))
+        parts += [c.command_info for c in chunks]
+        parts.append(TARGET_UP.header(openmetrics=openmetrics))
+        parts += [c.up for c in chunks]
+        parts.append(LAST_SUCCESS.header(openmetrics=openmetrics))
+        parts += [c.last_success for c in chunks]
+        parts.append(self._self_sections[openmetrics])
+        parts.append(_extras(self._registry, openmetrics=openmetrics))
+        if openmetrics:
+            parts.append(b"# EOF\n")
+        return b"".join(parts)
+
+    def body(self, *, openmetrics: bool) -> bytes:
+        return self._bodies[openmetrics]
+
+    def gzip_body(self, *, openmetrics: bool) -> bytes:
+        """gzip of the current body, compressed once per change. Safe from any thread: it
+        compresses an immutable bytes object and swaps the cache entry in one assignment."""
+        plain = self._bodies[openmetrics]
+        cached = self._gzipped.get(openmetrics)
+        if cached is not None and cached[0] is plain:
+            return cached[1]
+        with self._gzip_locks[openmetrics]:
+            cached = self._gzipped.get(openmetrics)
+            if cached is not None and cached[0] is plain:
+                return cached[1]
+            compressed = gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0)
+            self._gzipped[openmetrics] = (plain, compressed)
+            return compressed
