@@ -1,0 +1,439 @@
+"""Tolerant decoding of upstream records: timestamps, statuses, summaries, envelopes, pages."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from exporter.records import (
+    SCHEMA,
+    TIMESTAMP,
+    UNKNOWN_STATUS,
+    Action,
+    InvalidBody,
+    decode_action,
+    decode_batch,
+    decode_device,
+    decode_json,
+    decode_page,
+    decode_summary,
+    envelope_data,
+    error_code,
+    parse_timestamp,
+)
+from exporter.statuses import KNOWN_STATUSES
+
+REFERENCE = Path(__file__).parents[2] / "shared" / "reference" / "actions-endpoint.txt"
+MOMENT = datetime(2026, 2, 10, 10, 5, 0, tzinfo=UTC).timestamp()
+
+
+def reference_example() -> dict:
+    """The 200 example body of the upstream reference page, as printed there."""
+    text = REFERENCE.read_text(encoding="utf-8")
+    start = text.index('{\n    "status": true')
+    document, _ = json.JSONDecoder().raw_decode(text, start)
+    return document
+
+
+# --- timestamps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-02-10T10:05:00Z",
+        "2026-02-10T10:05:00.000Z",
+        "2026-02-10T10: 05: 00.000Z",  # the docs' example style
+        " 2026-02-10T10:05:00Z\n",
+        "2026-02-10T10:05:00+00:00",
+        "2026-02-10T12:05:00+02:00",
+        "2026-02-10T05:05:00.000-05:00",
+        "2026-02-10T10:05:00z",
+        "2026-02-10T10:05:00",  # no zone: upstream times are UTC
+    ],
+)
+def test_timestamp_forms_name_the_same_moment(text: str) -> None:
+    assert parse_timestamp(text) == MOMENT
+
+
+def test_timestamp_keeps_fractions() -> None:
+    assert parse_timestamp("2026-02-10T10:05:00.250Z") == MOMENT + 0.25
+
+
+def test_timestamp_epoch_numbers_in_seconds_or_milliseconds() -> None:
+    assert parse_timestamp(int(MOMENT)) == MOMENT
+    assert parse_timestamp(MOMENT * 1000) == MOMENT
+    assert parse_timestamp(int(MOMENT * 1000) + 500) == MOMENT + 0.5
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_absent_timestamp_is_none(value: object) -> None:
+    assert parse_timestamp(value) is None
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2026-13-40T99:00:00Z", True, [], {"$date": 1}])
+def test_garbage_timestamp_raises_value_error(value: object) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        parse_timestamp(value)
+
+
+def test_offset_without_z_is_honoured() -> None:
+    expected = datetime(2026, 2, 10, 10, 5, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    assert parse_timestamp("2026-02-10T10:05:00+05:30") == expected.timestamp()
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+def test_reference_example_decodes_exactly() -> None:
+    document = reference_example()
+    page = decode_page(envelope_data(document), decode_action)
+    assert page.total_docs == 42
+    assert page.problems == ()
+    [action] = page.items
+    assert action == Action(
+        cmd_id="cmd-550e8400-e29b-41d4",
+        status="Acknowledged",
+        status_code=200,
+        sent_at=MOMENT,
+        received_at=MOMENT + 15,
+        canceled_at=MOMENT + 60,
+    )
+    assert action.received_at is not None and action.sent_at is not None
+    assert action.received_at - action.sent_at == 15
+    assert not action.problems
+
+
+def test_pending_action_without_answer_fields() -> None:
+    action = decode_action({"cmdId": "a1", "status": "Pending"})
+    assert action == Action(cmd_id="a1", status="Pending")
+    assert not action.problems
+
+
+def test_null_answer_fields_are_absent_not_problems() -> None:
+    action = decode_action(
+        {
+            "cmdId": "a1",
+            "status": "Awaiting",
+            "statusCode": None,
+            "sentAt": "2026-02-10T10:05:00Z",
+            "receivedAt": None,
+            "canceledAt": None,
+        }
+    )
+    assert action is not None
+    assert (action.sent_at, action.received_at, action.status_code) == (MOMENT, None, None)
+    assert not action.problems
+
+
+def test_unknown_status_is_kept_as_is_and_named() -> None:
+    action = decode_action({"cmdId": "a1", "status": "BrandNewStatus", "statusCode": 200})
+    assert action is not None
+    assert action.status == "BrandNewStatus"
+    assert action.problems == {UNKNOWN_STATUS}
+
+
+@pytest.mark.parametrize("status", KNOWN_STATUSES)
+def test_every_known_status_decodes_without_problem(status: str) -> None:
+    action = decode_action({"cmdId": "a1", "status": status})
+    assert action is not None and action.status == status and not action.problems
+
+
+def test_bad_timestamp_blanks_that_field_only() -> None:
+    action = decode_action(
+        {
+            "cmdId": "a1",
+            "status": "Acknowledged",
+            "sentAt": "soon",
+            "receivedAt": "2026-02-10T10:05:00Z",
+        }
+    )
+    assert action is not None
+    assert action.sent_at is None
+    assert action.received_at == MOMENT
+    assert action.status == "Acknowledged"
+    assert action.problems == {TIMESTAMP}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected_code", "problems"),
+    [
+        ({"statusCode": "404"}, 404, set()),
+        ({"statusCode": 404.0}, 404, set()),
+        ({"statusCode": "n/a"}, None, {SCHEMA}),
+        ({"statusCode": True}, None, {SCHEMA}),
+        ({"statusCode": [200]}, None, {SCHEMA}),
+    ],
+)
+def test_status_code_types(raw: dict, expected_code: int | None, problems: set[str]) -> None:
+    action = decode_action({"cmdId": "a1", "status": "CommandNotFound", **raw})
+    assert action is not None
+    assert action.status_code == expected_code
+    assert action.problems == problems
+
+
+@pytest.mark.parametrize("status", [None, 7, "", ["Acknowledged"]])
+def test_missing_or_mistyped_status_becomes_unknown(status: object) -> None:
+    raw = {"cmdId": "a1"} if status is None else {"cmdId": "a1", "status": status}
+    action = decode_action(raw)
+    assert action is not None
+    assert action.status == "Unknown"
+    assert action.problems == {SCHEMA}
+
+
+def test_numeric_cmd_id_is_kept_as_text() -> None:
+    action = decode_action({"cmdId": 17, "status": "Pending"})
+    assert action is not None and action.cmd_id == "17"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "a1",
+        [],
+        {},
+        {"cmdId": ""},
+        {"cmdId": None},
+        {"cmdId": True, "status": "Pending"},
+        {"status": "Pending"},
+    ],
+)
+def test_action_without_usable_cmd_id_is_undecodable(raw: object) -> None:
+    assert decode_action(raw) is None
+
+
+def test_several_problems_on_one_action_are_all_named() -> None:
+    action = decode_action(
+        {"cmdId": "a1", "status": "NewThing", "statusCode": "x", "receivedAt": "never"}
+    )
+    assert action is not None
+    assert action.problems == {UNKNOWN_STATUS, SCHEMA, TIMESTAMP}
+
+
+# --- batches and summaries --------------------------------------------------------------------
+
+
+def test_summary_as_list_of_counts() -> None:
+    problems: set[str] = set()
+    summary = decode_summary(
+        [{"status": "Pending", "count": 2}, {"status": "Acknowledged", "count": 3}], problems
+    )
+    assert summary == (("Acknowledged", 3), ("Pending", 2))
+    assert not problems
+
+
+def test_summary_as_map() -> None:
+    problems: set[str] = set()
+    assert decode_summary({"Pending": 1, "Acknowledged": 4}, problems) == (
+        ("Acknowledged", 4),
+        ("Pending", 1),
+    )
+    assert not problems
+
+
+def test_summary_count_under_another_name_and_repeated_statuses_merge() -> None:
+    problems: set[str] = set()
+    summary = decode_summary(
+        [{"status": "Pending", "total": 2}, {"status": "Pending", "value": "3"}], problems
+    )
+    assert summary == (("Pending", 5),)
+    assert not problems
+
+
+def test_summary_with_unknown_status_keeps_it() -> None:
+    problems: set[str] = set()
+    summary = decode_summary([{"status": "Mystery", "count": 1}], problems)
+    assert summary == (("Mystery", 1),)
+    assert problems == {UNKNOWN_STATUS}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [{"status": "Pending"}],
+        [{"status": 3, "count": 1}],
+        [{"status": "Pending", "count": -1}],
+        ["Pending"],
+        {"Pending": "lots"},
+    ],
+)
+def test_summary_bad_entries_are_skipped_as_schema_problems(raw: object) -> None:
+    problems: set[str] = set()
+    assert decode_summary(raw, problems) == ()
+    assert problems == {SCHEMA}
+
+
+def test_summary_of_wrong_type_is_none() -> None:
+    problems: set[str] = set()
+    assert decode_summary("Pending: 3", problems) is None
+    assert problems == {SCHEMA}
+
+
+def test_absent_summary_is_none_without_problem() -> None:
+    batch = decode_batch({"id": "65f0c0ffee65f0c0ffee1001"})
+    assert batch is not None and batch.summary is None and not batch.problems
+
+
+def test_batch_fields_and_finished() -> None:
+    batch = decode_batch(
+        {
+            "id": "65f0c0ffee65f0c0ffee1001",
+            "name": "encryption",
+            "winDeviceId": "65f0c0ffee65f0c0ffee0001",
+            "summary": [{"status": "Acknowledged", "count": 2}, {"status": "Cancel", "count": 1}],
+            "createdAt": "2026-02-10T10:05:00.000Z",
+            "updatedAt": "2026-02-10T10:06:00.000Z",
+        }
+    )
+    assert batch is not None
+    assert (batch.id, batch.name, batch.device_id) == (
+        "65f0c0ffee65f0c0ffee1001",
+        "encryption",
+        "65f0c0ffee65f0c0ffee0001",
+    )
+    assert (batch.created_at, batch.updated_at) == (MOMENT, MOMENT + 60)
+    assert batch.finished
+    pending = decode_batch({"id": "b", "summary": [{"status": "Awaiting", "count": 1}]})
+    assert pending is not None and not pending.finished
+    unknown_summary = decode_batch({"id": "b"})
+    assert unknown_summary is not None and not unknown_summary.finished
+
+
+def test_batch_with_mistyped_name_keeps_text_and_names_problem() -> None:
+    batch = decode_batch({"id": "b", "name": 12, "createdAt": "later"})
+    assert batch is not None
+    assert batch.name == "12"
+    assert batch.created_at is None
+    assert batch.problems == {SCHEMA, TIMESTAMP}
+
+
+@pytest.mark.parametrize("raw", [None, [], {"name": "x"}, {"id": 5}, {"id": ""}])
+def test_batch_without_id_is_undecodable(raw: object) -> None:
+    assert decode_batch(raw) is None
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+def test_device_fields() -> None:
+    device = decode_device(
+        {
+            "id": "65f0c0ffee65f0c0ffee0001",
+            "displayName": "reception-pc",
+            "tags": ["kiosk", "madrid"],
+            "winId": "WIN-1",
+            "state": "ACTIVE",
+            "summary": {"name": "other", "serialNumber": "SN1", "imei": "3520"},
+            "lastStatusReportTime": "2026-02-10T10:05:00Z",
+        }
+    )
+    assert device is not None
+    assert device.id == "65f0c0ffee65f0c0ffee0001"
+    assert device.name == "reception-pc"
+    assert (device.serial, device.imei, device.win_id, device.state) == (
+        "SN1",
+        "3520",
+        "WIN-1",
+        "ACTIVE",
+    )
+    assert device.tags == ("kiosk", "madrid")
+    assert device.last_status_report == MOMENT
+    assert not device.problems
+
+
+def test_device_name_falls_back_to_summary_and_bad_tags_are_a_problem() -> None:
+    device = decode_device({"id": "d1", "summary": {"name": "kiosk-7"}, "tags": "kiosk"})
+    assert device is not None
+    assert device.name == "kiosk-7"
+    assert device.tags == ()
+    assert device.problems == {SCHEMA}
+
+
+# --- envelopes and pages ----------------------------------------------------------------------
+
+
+def test_page_of_mongoose_envelope() -> None:
+    body = json.dumps(
+        {
+            "status": True,
+            "data": {
+                "items": [{"cmdId": "a", "status": "Pending"}],
+                "totalDocs": 7,
+                "page": 2,
+                "limit": 1,
+                "hasNextPage": True,
+            },
+        }
+    )
+    page = decode_page(envelope_data(decode_json(body)), decode_action)
+    assert [a.cmd_id for a in page.items] == ["a"]
+    assert (page.total_docs, page.page, page.limit, page.has_next_page) == (7, 2, 1, True)
+
+
+def test_page_as_bare_array() -> None:
+    page = decode_page(envelope_data({"status": True, "data": [{"cmdId": "a"}]}), decode_action)
+    assert [a.cmd_id for a in page.items] == ["a"]
+    assert (page.total_docs, page.has_next_page) == (None, None)
+
+
+def test_page_with_top_level_items() -> None:
+    document = {"items": [{"cmdId": "a", "status": "Pending"}], "totalDocs": 1}
+    page = decode_page(envelope_data(document), decode_action)
+    assert [a.cmd_id for a in page.items] == ["a"]
+    assert page.total_docs == 1
+
+
+def test_undecodable_items_are_dropped_and_counted_as_schema() -> None:
+    data = {"items": [{"cmdId": "a", "status": "Pending"}, {"status": "Pending"}, 5]}
+    page = decode_page(data, decode_action)
+    assert [a.cmd_id for a in page.items] == ["a"]
+    assert page.problems == (SCHEMA, SCHEMA)
+
+
+def test_page_meta_of_wrong_types_is_ignored() -> None:
+    page = decode_page(
+        {"items": [], "totalDocs": "12", "hasNextPage": "yes", "limit": None}, decode_action
+    )
+    assert (page.total_docs, page.has_next_page, page.limit) == (12, None, None)
+
+
+@pytest.mark.parametrize("data", [None, "items", {"items": {}}, {"docs": []}])
+def test_data_without_items_array_is_invalid(data: object) -> None:
+    with pytest.raises(InvalidBody):
+        decode_page(data, decode_action)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"status": False, "error": {"code": 4004, "message": "Invalid Token"}},
+        {"status": True},
+        [1, 2],
+        "ok",
+    ],
+)
+def test_envelopes_without_data_are_invalid(document: object) -> None:
+    with pytest.raises(InvalidBody):
+        envelope_data(document)
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html>502</html>", b'{"status": true, "data": {', b"", b"\xff\xfe{}"]
+)
+def test_non_json_body_is_invalid(body: bytes) -> None:
+    with pytest.raises(InvalidBody):
+        decode_json(body)
+
+
+def test_error_code_of_failure_envelopes() -> None:
+    assert (
+        error_code({"status": False, "error": {"code": 3001, "message": "Entity not found"}})
+        == 3001
+    )
+    assert error_code({"status": False, "error": {"code": "4002"}}) == 4002
+    assert error_code({"status": False, "error": "boom"}) is None
+    assert error_code(["error"]) is None
