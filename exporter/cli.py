@@ -1,0 +1,333 @@
+"""Command line, wiring and the process lifecycle (signals, reload, --demo).
+
+The only module that knows every other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from exporter import __version__, logs
+from exporter.client import ApiClient, ApiError, TokenSource
+from exporter.config import Config, ConfigError, load_config, parse_config, resolve_token
+from exporter.exposition import Exposition
+from exporter.scheduler import Scheduler, Shard
+from exporter.selfmetrics import SelfMetrics
+from exporter.server import Hooks, make_app
+from exporter.state import FleetState
+
+log = structlog.get_logger("exporter")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="applivery-mdm-exporter",
+        description="Prometheus exporter for Applivery MDM Windows command batches.",
+    )
+    parser.add_argument("--config.file", dest="config_file", default="config.yaml")
+    parser.add_argument("--config.check", dest="config_check", action="store_true",
+                        help="validate the config and exit 0 (valid) or 2 (invalid)")
+    parser.add_argument("--config.check-api", dest="config_check_api", action="store_true",
+                        help="with --config.check: also make one authenticated API call")
+    parser.add_argument("--web.listen-address", dest="listen", default=":10190")
+    parser.add_argument("--web.config.file", dest="web_config", default=None)
+    parser.add_argument("--log.level", dest="log_level", default="info", choices=logs.LEVELS)
+    parser.add_argument("--log.format", dest="log_format", default="console", choices=logs.FORMATS)
+    parser.add_argument("--shard", dest="shard", default=None, help="INDEX/TOTAL, e.g. 0/3")
+    parser.add_argument("--demo", action="store_true",
+                        help="run the built-in simulator and the exporter against it")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--web.listen-address must be HOST:PORT or :PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(slots=True)
+class Exporter:
+    """Everything one running exporter is made of."""
+
+    config: Config
+    metrics: SelfMetrics
+    state: FleetState
+    exposition: Exposition
+    client: ApiClient
+    scheduler: Scheduler
+    config_path: str | None
+
+
+def build_exporter(
+    config: Config,
+    token: TokenSource,
+    *,
+    config_path: str | None,
+    shard: Shard | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Exporter:
+    metrics = SelfMetrics()
+    state = FleetState(
+        organization=config.organization,
+        latency_buckets=config.metrics.latency_buckets,
+        metrics=metrics,
+        clock=clock,
+    )
+    share = 1 / shard.total if shard else 1.0
+    api = config.api
+    client = ApiClient(
+        base_url=api.base_url,
+        organization=config.organization,
+        token=token,
+        metrics=metrics,
+        timeout_seconds=api.timeout_seconds,
+        max_concurrency=api.max_concurrency,
+        requests_per_hour=api.requests_per_hour * share,
+        page_size=api.page_size,
+        max_pages=api.max_pages,
+        max_body_bytes=api.max_body_bytes,
+    )
+    metrics.budget_requests_per_hour = api.requests_per_hour * share
+    scheduler = Scheduler(config, client, state, metrics, shard=shard, clock=clock)
+    exposition = Exposition(state, metrics, version=__version__)
+    return Exporter(config, metrics, state, exposition, client, scheduler, config_path)
+
+
+def token_source(config: Config) -> TokenSource:
+    spec = resolve_token(config.api, os.environ)
+    return TokenSource(path=spec.path, value=spec.value)
+
+
+async def _reload(exporter: Exporter) -> str | None:
+    """Validate the file first; on any problem keep the running config."""
+    if exporter.config_path is None:
+        return "no config file to reload (demo mode)"
+    try:
+        config = load_config(exporter.config_path)
+        token_source(config)
+    except ConfigError as exc:
+        exporter.metrics.config_reload_successful = False
+        exporter.metrics.touch()
+        log.error("config_reload_failed", problems=list(exc.problems))
+        return str(exc)
+    exporter.scheduler.reload(config)
+    exporter.config = config
+    exporter.metrics.config_reload_successful = True
+    exporter.metrics.touch()
+    log.info("config_reloaded", devices=len(exporter.scheduler.targets))
+    return None
+
+
+async def _refresh_loop(exporter: Exporter, changed: asyncio.Event) -> None:
+    """Re-render after each round, and at least every REFRESH_SECONDS for self-metrics."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=REFRESH_SECONDS)
+        changed.clear()
+        exporter.exposition.refresh()
+
+
+async def serve(
+    exporter: Exporter,
+    listen: str,
+    *,
+    ssl_context: object | None = None,
+    started: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    host, port = parse_listen(listen)
+    stop = stop or asyncio.Event()
+    changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    pending: set[asyncio.Task[str | None]] = set()
+
+    def on_reload_signal() -> None:
+        # Keep a reference: the loop holds tasks only weakly.
+        task = loop.create_task(_reload(exporter))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+
+    exporter.exposition.refresh()
+    hooks = Hooks(
+        exposition=exporter.exposition,
+        state=exporter.state,
+        ready=lambda: exporter.scheduler.ready,
+        reload=lambda: _reload(exporter),
+        version=__version__,
+        organization=lambda: exporter.config.organization,
+    )
+    runner = web.AppRunner(make_app(hooks), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
+    await site.start()
+    log.info("listening", address=f"{host}:{port}", version=__version__)
+    if started is not None:
+        started(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
+    tasks = [
+        asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
+        asyncio.create_task(_refresh_loop(exporter, changed)),
+    ]
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        await exporter.client.close()
+        await runner.cleanup()
+    return EXIT_OK
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+
+
+async def _check_api(config: Config, token: TokenSource) -> int:
+    metrics = SelfMetrics()
+    async with ApiClient(
+        base_url=config.api.base_url,
+        organization=config.organization,
+        token=token,
+        metrics=metrics,
+        timeout_seconds=config.api.timeout_seconds,
+        max_attempts=1,
+    ) as client:
+        try:
+            if config.devices:
+                await client.list_batches(config.devices[0].id, max_items=1)
+            else:
+                await client.list_devices()
+        except ApiError as exc:
+            print(f"api: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    print("api: authenticated call succeeded")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        return asyncio.run(run_demo(args.listen))
+    try:
+        config = load_config(args.config_file)
+        token = token_source(config)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_USAGE
+    if args.config_check:
+        if args.config_check_api:
+            return asyncio.run(_check_api(config, token))
+        print(f"{args.config_file}: config is valid")
+        return EXIT_OK
+    shard = Shard.parse(args.shard) if args.shard else None
+    exporter = build_exporter(config, token, config_path=args.config_file, shard=shard)
+    return asyncio.run(serve(exporter, args.listen))
+
+
+DEMO_CONFIG = """
+organization: demo
+api:
+  base_url: {base_url}
+  requests_per_hour: 36000
+  page_size: 50
+poll:
+  interval_seconds: 5
+devices:
+  - id: {first_device}
+    name: reception-pc
+    labels: {{site: madrid}}
+discovery:
+  devices: {{refresh_seconds: 60}}
+  batches: {{max_age: 7d, max_per_device: 10}}
+"""
+
+
+async def run_demo(listen: str) -> int:
+    """The simulator in accelerated time and the exporter against it, in one process."""
+    from exporter.simulator import Simulator  # only the demo needs it
+
+    sim = Simulator(seed=7, devices=12, organization="demo", speed=30.0,
+                    faults="latency=0.3:0.05,error500=0.02")
+    sim_runner = web.AppRunner(sim.app(), access_log=None)
+    await sim_runner.setup()
+    sim_site = web.TCPSite(sim_runner, "127.0.0.1", 0)
+    await sim_site.start()
+    port = sim_runner.addresses[0][1]
+    base_url = f"http://127.0.0.1:{port}/v1"
+    config = parse_config(
+        DEMO_CONFIG.format(base_url=base_url, first_device=sim.fleet.device_ids()[0]),
+        source="<demo>",
+    )
+    # The exporter reads watermarks on the simulator's time line (it runs 30x faster).
+    exporter = build_exporter(
+        config, TokenSource(value=sim.token), config_path=None, clock=sim.clock.now
+    )
+
+    def started(url: str) -> None:
+        print(
+            f"Demo: simulated Applivery API at {base_url} (12 devices, 30x time).\n"
+            f"  metrics:      {url}/metrics\n"
+            f"  landing page: {url}/\n"
+            "Ctrl-C to stop.",
+            flush=True,
+        )
+
+    try:
+        return await serve(exporter, listen, started=started)
+    finally:
+        await sim_runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.shard:
+            Shard.parse(args.shard)
+        parse_listen(args.listen)
+    except (UsageError, ValueError) as exc:
+        print(f"applivery-mdm-exporter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(args.log_level, args.log_format)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        log.error("fatal", reason=str(exc))
+        return EXIT_FAILURE
+
+
+__all__ = ["build_exporter", "main", "parse_config", "serve"]

@@ -1,0 +1,128 @@
+"""The HTTP side: /metrics, health, readiness, reload and the landing page.
+
+Nothing here calls the upstream API: a scrape serves the bytes the exposition rendered
+last, so its cost does not depend on the fleet or on how the upstream behaves.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from exporter.exposition import (
+    CONTENT_TYPE_OPENMETRICS,
+    CONTENT_TYPE_TEXT,
+    Exposition,
+    wants_openmetrics,
+)
+from exporter.state import FleetState
+
+ReloadFn = Callable[[], Awaitable[str | None]]  # None on success, else the reason
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the routes need from the rest of the process."""
+
+    exposition: Exposition
+    state: FleetState
+    ready: Callable[[], bool]
+    reload: ReloadFn
+    version: str
+    organization: Callable[[], str]
+
+
+HOOKS = web.AppKey("hooks", Hooks)
+
+
+def _accepts_gzip(request: web.Request) -> bool:
+    return "gzip" in request.headers.get("Accept-Encoding", "").lower()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    exposition = request.app[HOOKS].exposition
+    openmetrics = wants_openmetrics(request.headers.get("Accept"))
+    content_type = CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT
+    headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    if _accepts_gzip(request):
+        headers["Content-Encoding"] = "gzip"
+        body = exposition.gzip_body(openmetrics=openmetrics)
+    else:
+        body = exposition.body(openmetrics=openmetrics)
+    return web.Response(body=body, headers=headers)
+
+
+async def healthy(_: web.Request) -> web.Response:
+    return web.Response(text="Healthy.\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    if request.app[HOOKS].ready():
+        return web.Response(text="Ready.\n")
+    return web.Response(status=503, text="Not ready: the first poll round is not complete.\n")
+
+
+async def reload(request: web.Request) -> web.Response:
+    problem = await request.app[HOOKS].reload()
+    if problem is None:
+        return web.Response(text="Reloaded.\n")
+    return web.Response(status=500, text=f"Reload failed, old config kept:\n{problem}\n")
+
+
+def _ago(moment: float | None) -> str:
+    if moment is None:
+        return "never"
+    return f"{max(0.0, time.time() - moment):.0f}s ago"
+
+
+CLASSES = ("pending", "success", "canceled", "error", "unknown")
+
+
+def _device_rows(state: FleetState) -> str:
+    rows = []
+    for device in sorted(state.watched()):
+        view = state.device_view(device)
+        result = "up" if view.up else f"down: {view.last_error or 'not polled yet'}"
+        counts = "".join(f"<td>{view.class_counts.get(c, 0)}</td>" for c in CLASSES)
+        rows.append(
+            f"<tr><td>{html.escape(device)}</td><td>{html.escape(view.name or '')}</td>"
+            f"<td>{_ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}</tr>"
+        )
+    return "\n".join(rows)
+
+
+async def landing(request: web.Request) -> web.Response:
+    hooks = request.app[HOOKS]
+    head = "".join(f"<th>{c}</th>" for c in CLASSES)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Applivery MDM exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head>
+<body><h1>Applivery MDM exporter</h1>
+<p>Version {html.escape(hooks.version)} &middot; organization
+{html.escape(hooks.organization())}</p>
+<ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
+<li><a href="/-/ready">Readiness</a></li></ul>
+<h2>Watched devices</h2>
+<table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
+</tr></thead><tbody>
+{_device_rows(hooks.state)}
+</tbody></table></body></html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def make_app(hooks: Hooks) -> web.Application:
+    app = web.Application()
+    app[HOOKS] = hooks
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    app.router.add_post("/-/reload", reload)
+    app.router.add_put("/-/reload", reload)
+    app.router.add_get("/", landing)
+    return app
