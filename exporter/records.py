@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from exporter.statuses import is_known, is_pending
+from exporter.statuses import STATUS_CLASS, is_known, is_pending
 
 TIMESTAMP = "timestamp"
 UNKNOWN_STATUS = "unknown_status"
@@ -305,32 +305,50 @@ def decode_batch(raw: Any) -> Batch | None:
     )
 
 
+def _when(raw: dict[str, Any], key: str, problems: set[str]) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    try:
+        if value.__class__ is str:
+            return _parse_iso(value) if value else None
+        return parse_timestamp(value)
+    except (ValueError, TypeError, OverflowError):
+        problems.add(TIMESTAMP)
+        return None
+
+
 def decode_action(raw: Any) -> Action | None:
     """One action; ``None`` only when it has no usable ``cmdId``."""
     if not isinstance(raw, dict):
         return None
     cmd_id = raw.get("cmdId")
-    if isinstance(cmd_id, int) and not isinstance(cmd_id, bool):
+    if cmd_id.__class__ is not str:
+        if not isinstance(cmd_id, int) or isinstance(cmd_id, bool):
+            return None
         cmd_id = str(cmd_id)
-    if not isinstance(cmd_id, str) or not cmd_id:
+    if not cmd_id:
         return None
     problems: set[str] = set()
     status = raw.get("status")
-    if not isinstance(status, str) or not status:
+    if status.__class__ is not str or not status:
         problems.add(SCHEMA)
         status = "Unknown"
-    elif not is_known(status):
+    elif status not in STATUS_CLASS:
         problems.add(UNKNOWN_STATUS)
     code = raw.get("statusCode")
-    status_code = _int(code)
-    if code is not None and status_code is None:
-        problems.add(SCHEMA)
+    if code is None or code.__class__ is int:
+        status_code = code
+    else:
+        status_code = _int(code)
+        if status_code is None:
+            problems.add(SCHEMA)
     return Action(
-        cmd_id=cmd_id,
-        status=status,
-        status_code=status_code,
-        sent_at=_timestamp(raw, "sentAt", problems),
-        received_at=_timestamp(raw, "receivedAt", problems),
-        canceled_at=_timestamp(raw, "canceledAt", problems),
-        problems=frozenset(problems) if problems else NO_PROBLEMS,
+        cmd_id,
+        status,
+        status_code,
+        _when(raw, "sentAt", problems),
+        _when(raw, "receivedAt", problems),
+        _when(raw, "canceledAt", problems),
+        frozenset(problems) if problems else NO_PROBLEMS,
     )
