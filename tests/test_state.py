@@ -213,7 +213,9 @@ def test_canceled_on_first_sight_uses_canceled_at(state: FleetState) -> None:
 
 
 def test_final_to_final_counts_the_new_status_and_latency_once(state: FleetState) -> None:
-    state.apply_actions(DEVICE, batch(created=START - 10), [action("1", "Awaiting", sent=START - 5)])
+    state.apply_actions(
+        DEVICE, batch(created=START - 10), [action("1", "Awaiting", sent=START - 5)]
+    )
     state.apply_actions(
         DEVICE, batch(), [action("1", "UnexpectedError", sent=START - 5, received=START + 15)]
     )
@@ -322,7 +324,9 @@ def test_history_batch_from_summary_counts_nothing(state: FleetState) -> None:
 
 
 def test_history_batch_that_changes_later_follows_first_sight(state: FleetState) -> None:
-    history = batch({"Acknowledged": 1, "CommandNotFound": 1}, created=START - 50, updated=START - 9)
+    history = batch(
+        {"Acknowledged": 1, "CommandNotFound": 1}, created=START - 50, updated=START - 9
+    )
     state.apply_summary(DEVICE, history)
     changed = batch({"Acknowledged": 2}, created=START - 50, updated=START + 80)
     assert state.needs_actions(DEVICE, changed)
@@ -355,7 +359,9 @@ def test_history_batch_that_changes_later_follows_first_sight(state: FleetState)
         (batch(None), batch(None), True),
     ],
 )
-def test_needs_actions(state: FleetState, first: Batch | None, again: Batch, expected: bool) -> None:
+def test_needs_actions(
+    state: FleetState, first: Batch | None, again: Batch, expected: bool
+) -> None:
     if first is not None:
         status = first.summary[0][0] if first.summary else "Pending"
         state.apply_actions(DEVICE, first, [action("1", status)])
