@@ -1,0 +1,58 @@
+# syntax=docker/dockerfile:1.7
+# Build:  docker build --build-arg VERSION=0.1.0 -t applivery-mdm-exporter:0.1.0 .
+# Run:    see docs/deploy.md (read-only root, config and token mounted, non-root user).
+
+# ---- build: turn the project and its dependencies into wheels ---------------------------------
+FROM python:3.12.11-slim-bookworm AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /src
+# Only what the package build reads: the metadata (readme included) and the package itself.
+COPY pyproject.toml README.md ./
+COPY exporter/ exporter/
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# ---- runtime: wheels installed offline, no compilers, no build context ------------------------
+FROM python:3.12.11-slim-bookworm
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="applivery-mdm-exporter" \
+      org.opencontainers.image.description="Prometheus exporter for Applivery MDM Windows command batches and actions" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="python:3.12.11-slim-bookworm"
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# The wheels come in through a bind mount, so they never become a layer of this image;
+# --no-index guarantees nothing is fetched or compiled here.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/*.whl \
+    && groupadd --system --gid 10190 exporter \
+    && useradd --system --uid 10190 --gid 10190 --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin exporter
+
+# Bytecode was compiled at install time; at run time nothing is written outside /tmp, so the
+# root filesystem can be mounted read-only.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    HEALTHCHECK_URL=http://127.0.0.1:10190/-/healthy
+
+# Expected mounts: /etc/applivery-mdm-exporter/config.yaml (read-only),
+# /run/secrets/applivery-token (the API token), a tmpfs at /tmp.
+USER 10190:10190
+EXPOSE 10190
+
+# No curl in the image: the health check is a one-line urllib call (any non-2xx or a refused
+# connection raises, and the exit status becomes 1).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=4).close()"]
+
+ENTRYPOINT ["applivery-mdm-exporter"]
+CMD ["--config.file=/etc/applivery-mdm-exporter/config.yaml", "--web.listen-address=:10190", "--log.format=json"]
