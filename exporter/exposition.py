@@ -32,7 +32,9 @@ CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset
 # Upstream strings become label values; bound them so one bad value cannot bloat a scrape.
 MAX_LABEL_VALUE = 1024
 TRUNCATED = "...[truncated]"
-GZIP_LEVEL = 6
+# Level 1: on a 12 MB body of 74k series, 2.4x faster than level 6 for a body 14% larger
+# (bench/exposition.py); the CPU of the exporter matters more than scrape bandwidth.
+GZIP_LEVEL = 1
 
 
 # --- negotiation --------------------------------------------------------------------------
@@ -213,6 +215,9 @@ class _Chunks:
     oldest: bytes
     command_info: bytes
 
+    def lines(self) -> tuple[bytes, ...]:
+        return (self.info, self.up, self.last_success, self.actions, self.oldest, self.command_info)
+
 
 def _info_lines(organization: str, view: DeviceView) -> bytes:
     pairs = [("organization", organization), ("device", view.device), ("name", view.name or "")]
@@ -374,6 +379,7 @@ class Exposition:
         self._metrics_generation = -1
         self._fleet = (b"", b"")
         self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
+        self._extras: Mapping[bool, bytes] = {False: b"", True: b""}
         # Replaced as a whole, never mutated: a thread reading them sees one consistent body.
         self._bodies: Mapping[bool, bytes] = {False: b"", True: b""}
         self._gzipped: dict[bool, tuple[bytes, bytes]] = {}
@@ -386,36 +392,49 @@ class Exposition:
         metrics_moved = metrics.generation != self._metrics_generation
         if not (state_moved or metrics_moved):
             return False
+        changed = False
         if state_moved:
-            self._refresh_devices()
+            changed |= self._refresh_devices()
             if state.counters_generation != self._counters_generation:
-                self._fleet = _fleet_sections(state.organization, state)
+                fleet = _fleet_sections(state.organization, state)
+                changed |= fleet != self._fleet
+                self._fleet = fleet
                 self._counters_generation = state.counters_generation
             self._state_generation = state.generation
         if metrics_moved:
             self._metrics_generation = metrics.generation
-            self._self_sections = {
+            sections = {
                 om: _self_section(metrics, self._version, openmetrics=om) for om in (False, True)
             }
-        previous = self._bodies
-        self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
-        return self._bodies[False] != previous[False]
+            changed |= sections != self._self_sections
+            self._self_sections = sections
+        extras = {om: _extras(self._registry, openmetrics=om) for om in (False, True)}
+        changed |= extras != self._extras
+        self._extras = extras
+        if changed:
+            self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
+        return changed
 
-    def _refresh_devices(self) -> None:
+    def _refresh_devices(self) -> bool:
+        """Re-render the devices whose generations moved; True when any bytes changed."""
         state = self._state
         watched = state.watched()
+        changed = False
         if len(watched) != len(self._order) or set(watched) != set(self._order):
+            changed = True
             self._order = sorted(watched)
             for gone in self._chunks.keys() - set(watched):
                 del self._chunks[gone]
         organization = state.organization
+        chunks = self._chunks
         for device in self._order:
             generations = state.device_generations(device)
-            previous = self._chunks.get(device)
+            previous = chunks.get(device)
             if previous is None or previous.generations != generations:
-                self._chunks[device] = _render_device(
-                    organization, state, device, generations, previous
-                )
+                fresh = _render_device(organization, state, device, generations, previous)
+                changed = changed or previous is None or fresh.lines() != previous.lines()
+                chunks[device] = fresh
+        return changed
 
     def _assemble(self, *, openmetrics: bool) -> bytes:
         chunks = [self._chunks[device] for device in self._order]
@@ -435,7 +454,7 @@ class Exposition:
         parts.append(LAST_SUCCESS.header(openmetrics=openmetrics))
         parts += [c.last_success for c in chunks]
         parts.append(self._self_sections[openmetrics])
-        parts.append(_extras(self._registry, openmetrics=openmetrics))
+        parts.append(self._extras[openmetrics])
         if openmetrics:
             parts.append(b"# EOF\n")
         return b"".join(parts)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from exporter.histogram import Histogram
 from exporter.records import PROBLEM_KINDS, Action, Batch
@@ -81,8 +82,7 @@ class DeviceView:
     batches: tuple[BatchView, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceGenerations:
+class DeviceGenerations(NamedTuple):
     """When each exported part of a device last changed (values of ``FleetState.generation``)."""
 
     info: int
