@@ -21,6 +21,7 @@ docs/architecture.md):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +132,10 @@ class FleetState:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.organization = organization
-        self.latency_buckets = tuple(latency_buckets)
+        # Sorted, finite and unique: the renderer adds +Inf, and OpenMetrics rejects disorder.
+        self.latency_buckets = tuple(
+            sorted({float(b) for b in latency_buckets if math.isfinite(b)})
+        )
         self._metrics = metrics
         self._clock = clock
         self.generation = 0

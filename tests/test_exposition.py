@@ -190,7 +190,9 @@ def test_values_equal_the_scenario(
     assert len([k for k in got if k[0] == transitions]) == 65
 
 
-def test_formats_differ_only_where_the_specs_do(state: FleetState, clock: Clock, metrics) -> None:
+def test_formats_differ_only_where_the_specs_do(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
     scenario(state, clock, metrics)
     exposition = make(state, metrics)
     text = exposition.body(openmetrics=False).decode()
@@ -201,7 +203,9 @@ def test_formats_differ_only_where_the_specs_do(state: FleetState, clock: Clock,
     assert samples(text.encode(), openmetrics=False) == samples(om.encode(), openmetrics=True)
 
 
-def test_expired_and_unwatched_devices_leave(state: FleetState, clock: Clock, metrics) -> None:
+def test_expired_and_unwatched_devices_leave(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
     scenario(state, clock, metrics)
     exposition = make(state, metrics)
     clock.now = START + 1000
@@ -227,7 +231,9 @@ def test_expired_and_unwatched_devices_leave(state: FleetState, clock: Clock, me
     assert got[transitions] == 2  # counters stay when devices leave
 
 
-def test_default_registry_adds_process_and_platform_metrics(state: FleetState, metrics) -> None:
+def test_default_registry_adds_process_and_platform_metrics(
+    state: FleetState, metrics: SelfMetrics
+) -> None:
     exposition = Exposition(state, metrics, version="1.2.3")
     for openmetrics in (False, True):
         names = {
@@ -277,7 +283,9 @@ def test_hostile_label_values_are_escaped(
 # --- caching and incremental refresh --------------------------------------------------------
 
 
-def test_refresh_only_when_something_changed(state: FleetState, clock: Clock, metrics) -> None:
+def test_refresh_only_when_something_changed(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
     exposition = make(state, metrics)
     body = exposition.body(openmetrics=False)
     assert exposition.refresh() is False
@@ -295,7 +303,7 @@ def test_refresh_only_when_something_changed(state: FleetState, clock: Clock, me
 STATUSES = ["Pending", "Awaiting", "Acknowledged", "NotSupported", "Cancel", "Mystery"]
 
 
-def random_step(rng: random.Random, state: FleetState, clock: Clock, metrics) -> None:
+def random_step(rng: random.Random, state: FleetState, clock: Clock, metrics: SelfMetrics) -> None:
     clock.now += rng.uniform(0, 30)
     device = rng.choice([DEV_A, DEV_B, "65f0c0ffee65f0c0ffee0003"])
     roll = rng.random()
@@ -419,7 +427,9 @@ def test_wants_openmetrics(accept: str | None, expected: bool) -> None:
 
 
 @pytest.mark.integration
-def test_promtool_check_metrics_is_clean(state: FleetState, clock: Clock, metrics) -> None:
+def test_promtool_check_metrics_is_clean(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed")

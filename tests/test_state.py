@@ -607,3 +607,10 @@ def test_memory_per_tracked_action(metrics: SelfMetrics) -> None:
     per_action = used / tracked
     print(f"\nFleetState memory: {per_action:.0f} bytes per tracked action (36-char cmdIds)")
     assert per_action <= 600
+
+
+def test_latency_buckets_are_sorted_unique_and_finite(metrics: SelfMetrics) -> None:
+    fleet = FleetState(
+        organization="acme", latency_buckets=[60, 1, 5, 5, float("inf")], metrics=metrics
+    )
+    assert fleet.latency_buckets == (1.0, 5.0, 60.0)
