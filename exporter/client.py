@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -465,15 +466,22 @@ class ApiClient:
                     total = page.total_docs
                 elif page.total_docs != total:
                     consistent = False
-            for item in page.items:
-                if stop is not None and stop(item):
-                    return _Pass(seen, problems, consistent)
-                item_key = key(item)
-                if item_key in seen:
+            if stop is None and max_items is None:
+                # The common case in bulk: a later copy is the fresher one, its slot stays.
+                keyed = dict(zip(map(key, page.items), page.items, strict=True))
+                if len(keyed) != len(page.items) or not seen.keys().isdisjoint(keyed):
                     consistent = False
-                seen[item_key] = item  # a later copy is the fresher one; the slot stays put
-                if max_items is not None and len(seen) >= max_items:
-                    return _Pass(seen, problems, consistent)
+                seen.update(keyed)
+            else:
+                for item in page.items:
+                    if stop is not None and stop(item):
+                        return _Pass(seen, problems, consistent)
+                    item_key = key(item)
+                    if item_key in seen:
+                        consistent = False
+                    seen[item_key] = item
+                    if max_items is not None and len(seen) >= max_items:
+                        return _Pass(seen, problems, consistent)
             count = len(page.items) + len(page.problems)
             fetched += count
             more, limit = _next_page(page, number, count, fetched, limit)
@@ -679,13 +687,6 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _device_key(device: Device) -> str:
-    return device.id
-
-
-def _batch_key(batch: Batch) -> str:
-    return batch.id
-
-
-def _action_key(action: Action) -> str:
-    return action.cmd_id
+_device_key: Callable[[Device], str] = attrgetter("id")
+_batch_key: Callable[[Batch], str] = attrgetter("id")
+_action_key: Callable[[Action], str] = attrgetter("cmd_id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -105,6 +106,24 @@ def test_reference_example_decodes_exactly() -> None:
     assert action.received_at is not None and action.sent_at is not None
     assert action.received_at - action.sent_at == 15
     assert not action.problems
+
+
+def test_decoded_action_is_an_ordinary_frozen_record() -> None:
+    raw = {
+        "cmdId": "a1",
+        "status": "Acknowledged",
+        "statusCode": 200,
+        "sentAt": "2026-02-10T10:05:00Z",
+        "receivedAt": "2026-02-10T10:05:15Z",
+    }
+    decoded = decode_action(raw)
+    built = Action("a1", "Acknowledged", 200, MOMENT, MOMENT + 15, None)
+    assert decoded == built
+    assert hash(decoded) == hash(built)
+    assert repr(decoded) == repr(built)
+    assert dataclasses.replace(built, status="Cancel") != decoded
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.status = "Cancel"  # type: ignore[misc, union-attr]
 
 
 def test_pending_action_without_answer_fields() -> None:
