@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -149,7 +150,13 @@ async def _refresh_loop(exporter: Exporter, changed: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout=REFRESH_SECONDS)
         changed.clear()
-        exporter.exposition.refresh()
+        if exporter.exposition.refresh():
+            # Compress ahead of the next scrape, off the loop (zlib releases the GIL).
+            loop = asyncio.get_running_loop()
+            for openmetrics in (True, False):
+                await loop.run_in_executor(
+                    None, partial(exporter.exposition.gzip_body, openmetrics=openmetrics)
+                )
 
 
 async def serve(
@@ -167,9 +174,15 @@ async def serve(
 
     pending: set[asyncio.Task[str | None]] = set()
 
+    async def reload_now() -> str | None:
+        problem = await _reload(exporter)
+        exporter.exposition.refresh()  # the reload's outcome shows on the very next scrape
+        changed.set()
+        return problem
+
     def on_reload_signal() -> None:
         # Keep a reference: the loop holds tasks only weakly.
-        task = loop.create_task(_reload(exporter))
+        task = loop.create_task(reload_now())
         pending.add(task)
         task.add_done_callback(pending.discard)
 
@@ -184,7 +197,7 @@ async def serve(
         exposition=exporter.exposition,
         state=exporter.state,
         ready=lambda: exporter.scheduler.ready,
-        reload=lambda: _reload(exporter),
+        reload=reload_now,
         version=__version__,
         organization=lambda: exporter.config.organization,
     )

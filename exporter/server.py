@@ -6,10 +6,12 @@ last, so its cost does not depend on the fleet or on how the upstream behaves.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 
@@ -50,7 +52,11 @@ async def metrics(request: web.Request) -> web.Response:
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
     if _accepts_gzip(request):
         headers["Content-Encoding"] = "gzip"
-        body = exposition.gzip_body(openmetrics=openmetrics)
+        # Compressing a large body takes tens of ms; zlib releases the GIL, so a thread keeps
+        # the loop free. Usually the refresh loop has already filled this cache.
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, partial(exposition.gzip_body, openmetrics=openmetrics)
+        )
     else:
         body = exposition.body(openmetrics=openmetrics)
     return web.Response(body=body, headers=headers)

@@ -1,0 +1,201 @@
+"""The exporter as a user runs it: real processes, real ports, real signals."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+
+TOKEN = "cli-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def fetch(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def valid_config(tmp_path: Path, base_url: str = "http://127.0.0.1:1/v1") -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"organization: demo\napi:\n  base_url: {base_url}\npoll:\n  interval_seconds: 2\n"
+        "discovery:\n  devices: {refresh_seconds: 60}\n"
+    )
+    return path
+
+
+def test_config_check_accepts_a_valid_config(tmp_path):
+    result = run_cli("--config.file", str(valid_config(tmp_path)), "--config.check",
+                     env={"APPLIVERY_API_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_invalid_config_exits_2_with_key_paths_and_no_traceback(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("organization: x\napi:\n  timeout_seconds: -1\npoll:\n  intervall_seconds: 5\n")
+    for extra in ([], ["--config.check"]):
+        result = run_cli("--config.file", str(path), *extra, env={"APPLIVERY_API_TOKEN": TOKEN})
+        assert result.returncode == 2
+        assert "api.timeout_seconds" in result.stderr
+        assert "poll.intervall_seconds" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_token_is_a_config_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "APPLIVERY_API_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.file", str(valid_config(tmp_path)),
+         "--config.check"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert "APPLIVERY_API_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--no-such-flag"], ["--shard", "3/3"], ["--web.listen-address", "nowhere"]]
+)
+def test_bad_usage_exits_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_runs_against_the_simulator_reloads_and_stops_cleanly(tmp_path):
+    sim_port, port = free_port(), free_port()
+    with process("-m", "exporter.simulator", "--port", str(sim_port), "--token", TOKEN,
+                 "--devices", "5", "--speed", "60") as simulator:
+        base_url = f"http://127.0.0.1:{sim_port}/v1"
+        wait_for(lambda: fetch(f"{base_url}/organizations/demo/mdm/windows/enterprise/devices")[0]
+                 == 401, what="simulator")
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
+        config = valid_config(tmp_path, base_url)
+        config.write_text(
+            config.read_text().replace("api:\n", f"api:\n  token_file: {token_file}\n")
+        )
+        with process("-m", "exporter", "--config.file", str(config), "--web.listen-address",
+                     f"127.0.0.1:{port}", "--log.format", "json") as exporter:
+            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda: fetch(f"{url}/-/healthy")[0] == 200, what="healthy")
+            wait_for(lambda: fetch(f"{url}/-/ready")[0] == 200, what="ready")
+
+            status, headers, body = fetch(
+                f"{url}/metrics",
+                {
+                    "Accept": "application/openmetrics-text; version=1.0.0",
+                    "Accept-Encoding": "gzip",
+                },
+            )
+            assert status == 200
+            assert headers["Content-Encoding"] == "gzip"
+            assert headers["Content-Type"].startswith("application/openmetrics-text")
+            text = gzip.decompress(body).decode()
+            names = {f.name for f in openmetrics_families(text)}
+            assert "applivery_windows_command_actions" in names
+            assert "applivery_exporter_target_up" in names
+
+            status, _, page = fetch(f"{url}/")
+            assert status == 200 and b"Watched devices" in page
+
+            os.kill(exporter.pid, signal.SIGHUP)
+            status, _, _ = fetch(f"{url}/-/reload", method="POST")
+            assert status == 200
+            config.write_text("organization: [broken\n")
+            status, _, body = fetch(f"{url}/-/reload", method="POST")
+            assert status == 500 and b"config.yaml" in body
+            _, _, metrics_text = fetch(f"{url}/metrics")
+            assert b"\napplivery_exporter_config_last_reload_successful 0" in metrics_text
+
+            exporter.send_signal(signal.SIGTERM)
+            assert exporter.wait(timeout=10) == 0
+            logs = exporter.stderr.read()
+            assert TOKEN not in logs
+            assert "poll_round" in logs
+        simulator.send_signal(signal.SIGTERM)
+        assert simulator.wait(timeout=10) == 0
+
+
+def test_demo_serves_changing_metrics_and_stops_on_sigterm():
+    port = free_port()
+    with process("-m", "exporter", "--demo", "--web.listen-address", f"127.0.0.1:{port}") as demo:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: fetch(f"{url}/-/ready")[0] == 200, what="demo ready")
+        _, _, first = fetch(f"{url}/metrics")
+        assert b"applivery_windows_command_actions{" in first
+
+        def transitions_counted() -> bool:
+            body = fetch(f"{url}/metrics")[2]
+            return b"applivery_windows_command_action_transitions_total{" in body
+
+        wait_for(transitions_counted, timeout=40, what="status transitions in the demo")
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=10) == 0
+        assert f"{url}/metrics" in demo.stdout.read()

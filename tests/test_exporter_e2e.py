@@ -1,0 +1,297 @@
+"""The exporter end to end against the simulator served by a real aiohttp server.
+
+Expected values always come from the simulator's ground truth (its grouped counts, the
+events it applied), never from the exporter itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.cli import Exporter, _reload, build_exporter
+from exporter.client import TokenSource
+from exporter.config import parse_config
+from exporter.simulator import Simulator
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def config_yaml(base_url: str, **overrides: object) -> str:
+    document: dict[str, object] = {
+        "organization": "demo",
+        "api": {"base_url": base_url, "requests_per_hour": 1_000_000, "page_size": 100},
+        "poll": {"interval_seconds": 60},
+        "discovery": {
+            "devices": {"refresh_seconds": 1},
+            "batches": {"max_age": "3650d", "max_per_device": 1000},
+        },
+    }
+    document.update(overrides)
+    return yaml.safe_dump(document)
+
+
+def make_exporter(
+    sim: Simulator,
+    base_url: str,
+    *,
+    path: Path | None = None,
+    token: TokenSource | None = None,
+    **overrides: object,
+) -> Exporter:
+    text = config_yaml(base_url, **overrides)
+    if path is not None:
+        path.write_text(text)
+    config = parse_config(text)
+    return build_exporter(
+        config,
+        token or TokenSource(value=sim.token),
+        config_path=str(path) if path else None,
+        clock=sim.clock.now,
+    )
+
+
+def samples(exporter: Exporter) -> Samples:
+    exporter.exposition.refresh()
+    text = exporter.exposition.body(openmetrics=False).decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def select(found: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    wanted = set(labels.items())
+    return {key: value for (n, key), value in found.items() if n == name and wanted <= key}
+
+
+def command_gauges(found: Samples) -> dict[tuple[str, str], dict[str, int]]:
+    """(device, command) -> {status: count} as exported."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for key, value in select(found, "applivery_windows_command_actions").items():
+        labels = dict(key)
+        if value:
+            out.setdefault((labels["device"], labels["command"]), {})[labels["status"]] = int(value)
+    return out
+
+
+def truth_gauges(sim: Simulator) -> dict[tuple[str, str], dict[str, int]]:
+    out = {}
+    for device in sim.fleet.device_ids():
+        for batch in sim.fleet.batch_ids(device):
+            counts = {s: n for s, n in sim.fleet.grouped_counts(device, batch).items() if n}
+            if counts:
+                out[(device, batch)] = counts
+    return out
+
+
+def exported_transitions(found: Samples) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for key, value in select(found, "applivery_windows_command_action_transitions_total").items():
+        if value:
+            counts[dict(key)["status"]] += int(value)
+    return counts
+
+
+def exported_latency_count(found: Samples) -> int:
+    return int(sum(select(found, "applivery_windows_command_ack_latency_seconds_count").values()))
+
+
+@pytest.fixture
+async def simulator(aiohttp_server):
+    sim = Simulator(seed=11, devices=6, speed=0, max_limit=7, batches_per_device=4)
+    server = await aiohttp_server(sim.app())
+    return sim, str(server.make_url("/v1"))
+
+
+async def poll(exporter: Exporter, rounds: int = 1) -> None:
+    for _ in range(rounds):
+        await exporter.scheduler.run_round()
+
+
+async def test_gauges_equal_simulator_counts_after_first_round(simulator):
+    sim, url = simulator
+    exporter = make_exporter(sim, url)
+    try:
+        await poll(exporter)
+        assert exporter.scheduler.ready
+        assert command_gauges(samples(exporter)) == truth_gauges(sim)
+    finally:
+        await exporter.client.close()
+
+
+async def test_explicit_devices_and_commands_by_serial(simulator):
+    sim, url = simulator
+    device = sim.fleet.device_ids()[0]
+    serial = sim.fleet.device(device).serial
+    chosen = sim.fleet.batch_ids(device)[:2]
+    exporter = make_exporter(
+        sim, url, devices=[{"id": serial, "name": "front-desk", "commands": chosen}], discovery={}
+    )
+    try:
+        await poll(exporter)
+        found = samples(exporter)
+        expected = {
+            (serial, b): {s: n for s, n in sim.fleet.grouped_counts(device, b).items() if n}
+            for b in chosen
+        }
+        assert command_gauges(found) == expected
+        info = select(found, "applivery_windows_device_info", device=serial)
+        assert [dict(k)["name"] for k in info] == ["front-desk"]
+    finally:
+        await exporter.client.close()
+
+
+async def test_transitions_and_latency_count_each_change_once(simulator):
+    sim, url = simulator
+    watermark = sim.clock.now()
+    exporter = make_exporter(sim, url)
+    try:
+        await poll(exporter)
+        assert exported_transitions(samples(exporter)) == Counter()  # history is not counted
+        for step in range(14):
+            sim.advance(900)
+            if step == 4:
+                sim.faults.set("error500=0.3,throttle=0.1:0,shifting_pages=0.5,doc_timestamps")
+            if step == 9:
+                sim.faults.clear()
+            await poll(exporter, rounds=2 if step % 3 == 0 else 1)  # re-polls change nothing
+        await poll(exporter)
+        found = samples(exporter)
+        events = sim.fleet.events_since(watermark)
+        assert events, "the simulated fleet should have changed"
+        assert exported_transitions(found) == Counter(e.status for e in events)
+        assert exported_latency_count(found) == len(sim.fleet.acks_since(watermark))
+        assert command_gauges(found) == truth_gauges(sim)
+    finally:
+        await exporter.client.close()
+
+
+async def test_restart_counts_only_what_happens_after_it(simulator):
+    sim, url = simulator
+    first = make_exporter(sim, url)
+    await poll(first)
+    sim.advance(3600)
+    await poll(first)
+    await first.client.close()
+
+    restarted_at = sim.clock.now()
+    second = make_exporter(sim, url)
+    try:
+        await poll(second)
+        assert exported_transitions(samples(second)) == Counter()  # no spike after restart
+        sim.advance(3600)
+        await poll(second)
+        events = sim.fleet.events_since(restarted_at)
+        assert exported_transitions(samples(second)) == Counter(e.status for e in events)
+    finally:
+        await second.client.close()
+
+
+async def test_reload_keeps_counters_of_unchanged_devices(simulator, tmp_path, monkeypatch):
+    sim, url = simulator
+    monkeypatch.setenv("APPLIVERY_API_TOKEN", sim.token)
+    watermark = sim.clock.now()
+    path = tmp_path / "config.yaml"
+    exporter = make_exporter(sim, url, path=path)
+    try:
+        await poll(exporter)
+        sim.advance(1800)
+        await poll(exporter)
+        # The same watch list, reworded: counters and watermarks must survive.
+        path.write_text(config_yaml(url, poll={"interval_seconds": 30}))
+        assert await _reload(exporter) is None
+        sim.advance(1800)
+        await poll(exporter)
+        found = samples(exporter)
+        assert exported_transitions(found) == Counter(
+            e.status for e in sim.fleet.events_since(watermark)
+        )
+        assert select(found, "applivery_exporter_config_last_reload_successful") == {
+            frozenset(): 1.0
+        }
+
+        path.write_text("organization: [not, valid\n")
+        problem = await _reload(exporter)
+        assert problem and "config.yaml" in problem
+        found = samples(exporter)
+        assert select(found, "applivery_exporter_config_last_reload_successful") == {
+            frozenset(): 0.0
+        }
+        assert command_gauges(found) == truth_gauges(sim)  # still running on the old config
+    finally:
+        await exporter.client.close()
+
+
+async def test_batch_deleted_upstream_leaves_metrics(simulator):
+    sim, url = simulator
+    device = sim.fleet.device_ids()[1]
+    gone = sim.fleet.batch_ids(device)[0]
+    kept = sim.fleet.batch_ids(device)[1]
+    exporter = make_exporter(
+        sim, url, devices=[{"id": device, "commands": [gone, kept]}], discovery={}
+    )
+    try:
+        await poll(exporter)
+        assert (device, gone) in command_gauges(samples(exporter))
+        sim.fleet.delete_batch(device, gone)
+        await poll(exporter)
+        found = samples(exporter)
+        assert (device, gone) not in command_gauges(found)
+        assert (device, kept) in command_gauges(found)
+        # A missing batch does not mark its device down.
+        assert select(found, "applivery_exporter_target_up", device=device) == {
+            frozenset({("device", device)}): 1.0
+        }
+    finally:
+        await exporter.client.close()
+
+
+async def test_revoked_token_turns_targets_down_and_recovery_needs_no_restart(
+    simulator, tmp_path
+):
+    sim, url = simulator
+    token_file = tmp_path / "token"
+    token_file.write_text(sim.token + "\n")
+    exporter = make_exporter(sim, url, token=TokenSource(path=str(token_file)))
+    try:
+        await poll(exporter)
+        sim.token = "rotated-token"  # the old one is revoked upstream
+        await poll(exporter)
+        ups = select(samples(exporter), "applivery_exporter_target_up")
+        assert ups and set(ups.values()) == {0.0}
+        gauges_while_down = command_gauges(samples(exporter))
+        assert gauges_while_down == truth_gauges(sim)  # last values stay until stale_after
+
+        token_file.write_text("rotated-token\n")
+        await poll(exporter)
+        ups = select(samples(exporter), "applivery_exporter_target_up")
+        assert set(ups.values()) == {1.0}
+        assert sim.stats.counts[("commands", 401)] > 0
+    finally:
+        await exporter.client.close()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="Debian promtool not installed")
+async def test_promtool_check_metrics_is_clean_on_a_real_scrape(simulator):
+    sim, url = simulator
+    exporter = make_exporter(sim, url)
+    try:
+        await poll(exporter)
+        sim.advance(3600)
+        await poll(exporter)
+        exporter.exposition.refresh()
+        body = exporter.exposition.body(openmetrics=False)
+        result = subprocess.run(
+            ["promtool", "check", "metrics"], input=body, capture_output=True, check=False
+        )
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    finally:
+        await exporter.client.close()
