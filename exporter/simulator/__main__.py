@@ -1,0 +1,5 @@
+import sys
+
+from exporter.simulator.cli import main
+
+sys.exit(main())

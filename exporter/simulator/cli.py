@@ -1,0 +1,114 @@
+"""``applivery-mdm-simulator``: the simulator alone, as an HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from exporter.simulator.core import Simulator
+from exporter.simulator.faults import parse_spec
+
+DEFAULT_PORT = 10191
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="applivery-mdm-simulator",
+        description="A simulated Applivery MDM Windows command API (deterministic per seed).",
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--token", default="simulator-token")
+    parser.add_argument("--organization", default="demo")
+    parser.add_argument("--devices", type=_non_negative, default=20, metavar="N")
+    parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
+                        help="simulated seconds per real second (0: time stands still)")
+    parser.add_argument("--faults", type=_faults, default="", metavar="SPEC",
+                        help="comma-separated kind[=probability][:argument]")
+    parser.add_argument("--max-limit", type=_positive, default=100, metavar="N",
+                        help="largest page size served")
+    parser.add_argument("--control", action="store_true",
+                        help="enable the /_simulator/* control endpoint")
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _speed(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _faults(text: str) -> str:
+    try:
+        parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+async def serve(args: argparse.Namespace) -> int:
+    sim = Simulator(
+        seed=args.seed,
+        devices=args.devices,
+        organization=args.organization,
+        token=args.token,
+        speed=args.speed,
+        faults=args.faults,
+        control=args.control,
+        max_limit=args.max_limit,
+    )
+    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port).start()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"Simulated Applivery API at http://{host}:{args.port}/v1", flush=True)
+        print(f"  organization: {args.organization}", flush=True)
+        print(f"  token:        {args.token}", flush=True)
+        print(f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
+              + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
+              + (", control: /_simulator" if args.control else ""), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"applivery-mdm-simulator: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

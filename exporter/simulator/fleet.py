@@ -1,0 +1,716 @@
+"""The simulated fleet: devices, command batches and actions living on one event heap.
+
+Pure of HTTP. Everything that happens to the fleet is an event on a heap ordered by
+(time, sequence): batch creations, device check-ins (OMA-DM sessions), device answers and
+administrator cancellations. :meth:`Fleet.run_until` applies events in that order, each at
+its own timestamp, so nothing is ever visible before the moment it carries, and a fixed seed
+gives the same history whatever the real-time pace of the requests.
+
+History is made by the same machinery: the builder pushes the creation of every historical
+batch and runs the heap up to the start. While building, a device checks in only when it has
+work (check-ins are memoryless, so the first check-in after a creation is drawn then);
+afterwards every online device checks in on its own schedule.
+
+Action path: ``Pending`` → ``Awaiting`` (``sentAt`` = check-in) → a final status
+(``receivedAt`` a few seconds later, or at a later check-in), or → ``Cancel`` by the
+administrator (``canceledAt``) from either pending status. Device-side cancellations
+(``OperationCanceled``…) are answers: they carry both ``receivedAt`` and ``canceledAt``.
+
+All timestamps are whole milliseconds, as upstream serialises them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import heapq
+import itertools
+import math
+import random
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from exporter.simulator import catalog
+from exporter.simulator.catalog import Config
+from exporter.simulator.clock import SimClock
+from exporter.simulator.faults import Faults
+from exporter.simulator.validation import parse_commands
+from exporter.statuses import PENDING_STATUSES, StatusClass, classify
+
+PENDING = "Pending"
+AWAITING = "Awaiting"
+
+DAY = 86400.0
+HOUR = 3600.0
+MINUTE = 60.0
+
+HISTORY_DAYS = 14.0
+STUCK_SHARE = 0.04  # actions a device leaves unanswered until a later session
+DEVICE_CANCEL_SHARE = 0.01
+ACTION_CANCEL_SHARE = 0.01
+BATCH_CANCEL_SHARE = 0.02
+MIN_INTERVAL = 30.0  # seconds between two sessions of one device, at least
+MAX_ANSWER_DELAY = 120.0
+_DELAY_MU, _DELAY_SIGMA = math.log(2.0), 0.9  # lognormal answer delay: median 2 s
+
+# Heap event kinds.
+_CREATE, _CHECKIN, _ANSWER, _CANCEL_ACTION, _CANCEL_BATCH, _ARRIVAL = range(6)
+
+_CUM_ERROR_WEIGHTS = tuple(itertools.accumulate(catalog.ERROR_WEIGHTS))
+
+
+class Event(NamedTuple):
+    """An action entering a status (ground truth for tests)."""
+
+    time: float
+    device_id: str
+    batch_id: str
+    cmd_id: str
+    status: str
+    status_class: str
+
+
+class Device:
+    __slots__ = (
+        "batches", "enrolled", "error_share", "id", "imei", "index", "inflight", "json",
+        "last_report", "mean_interval", "name", "next_checkin", "offline_since", "open",
+        "os", "segment", "serial", "tags", "user", "win_id",
+    )
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        # Batches with actions that can still change, in creation order (a dict as an ordered set).
+        self.open: dict[Batch, None] = {}
+        self.inflight: set[Action] = set()  # answers on their way
+        self.next_checkin: float | None = None
+        self.last_report: float | None = None
+        self.offline_since: float | None = None
+        self.json: bytes | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.offline_since is None
+
+
+class Batch:
+    __slots__ = (
+        "actions", "created", "deleted", "device", "error_ratio", "id", "json", "name",
+        "open_count", "updated",
+    )
+
+    def __init__(self, batch_id: str, device: Device, name: str, created: float) -> None:
+        self.id = batch_id
+        self.device = device
+        self.name = name
+        self.created = created
+        self.updated = created
+        self.actions: list[Action] = []
+        self.open_count = 0
+        self.error_ratio: float | None = None  # set for bursts: resolve mostly into errors
+        self.deleted = False
+        self.json: bytes | None = None
+
+    def touch(self, moment: float) -> None:
+        if moment > self.updated:
+            self.updated = moment
+        self.json = None
+
+
+class Action:
+    __slots__ = (
+        "_cmd_id", "batch", "canceled", "code", "config", "data", "index", "json", "received",
+        "sent", "status",
+    )
+
+    def __init__(self, batch: Batch, index: int, config: Config) -> None:
+        self.batch = batch
+        self.index = index
+        self.config = config
+        self.status = PENDING
+        self.code: int | None = None
+        self.sent: float | None = None
+        self.received: float | None = None
+        self.canceled: float | None = None
+        self.data: tuple[tuple[str, str], ...] | None = None  # device results, once answered
+        self.json: bytes | None = None
+        self._cmd_id: str | None = None
+
+    @property
+    def cmd_id(self) -> str:
+        # Derived on demand: a fleet of millions of actions keeps no strings it never serves.
+        if self._cmd_id is None:
+            self._cmd_id = _cmd_id(self.batch.id, self.index)
+        return self._cmd_id
+
+    @property
+    def key(self) -> str:
+        """Stable identity for per-entity fault decisions."""
+        return f"{self.batch.id}/{self.index}"
+
+    @property
+    def final(self) -> bool:
+        return self.status not in PENDING_STATUSES
+
+
+def _cmd_id(batch_id: str, index: int) -> str:
+    # Shaped like upstream's "cmd-550e8400-e29b-41d4", fixed by the batch and position.
+    digest = hashlib.blake2b(f"{batch_id}/{index}".encode(), digest_size=8).hexdigest()
+    return f"cmd-{digest[:8]}-{digest[8:12]}-{digest[12:16]}"
+
+
+def millis(moment: float) -> float:
+    """``moment`` truncated to whole milliseconds (never after it)."""
+    return math.floor(moment * 1000.0) / 1000.0
+
+
+class UnknownEntity(LookupError):
+    """No such device, or no such batch on that device."""
+
+
+class Fleet:
+    """Devices, batches and actions of one organization, and the events that move them."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        devices: int,
+        clock: SimClock,
+        faults: Faults,
+        batches_per_device: int = 5,
+        actions_per_batch: tuple[int, int] = (3, 12),
+        record_events: bool = True,
+        new_batches_per_device_hour: float = 0.25,
+    ) -> None:
+        low, high = actions_per_batch
+        if devices < 0 or batches_per_device < 0 or not 1 <= low <= high:
+            raise ValueError("devices, batches_per_device and actions_per_batch out of range")
+        self.clock = clock
+        self.faults = faults
+        self.record_events = record_events
+        self._actions_per_batch = (low, high)
+        self._arrival_rate = new_batches_per_device_hour / HOUR
+        self._rng = random.Random(f"{seed}/fleet")
+        self._heap: list[tuple[float, int, int, object, object]] = []
+        self._seq = itertools.count()
+        self._lazy = True  # building history: devices check in only when they have work
+        self._history_end = clock.start
+        self._events: list[tuple[float, Action, str]] = []
+        self._acks: list[tuple[float, float, Action]] = []
+        self._devices: list[Device] = []
+        self._lookup: dict[str, Device] = {}
+        self._batches: dict[str, Batch] = {}
+        self._oid_counter = self._rng.getrandbits(24)
+        self._oid_process = tuple(self._rng.getrandbits(40) for _ in range(3))
+        self.organization_id = self._object_id(clock.start - 900 * DAY)
+        self.enterprise_id = self._object_id(clock.start - 899 * DAY)
+        self.now = clock.start
+        self._build(devices, batches_per_device)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> Sequence[Device]:
+        return self._devices
+
+    def device_ids(self) -> list[str]:
+        self.sync()
+        return [device.id for device in self._devices]
+
+    def device(self, key: str) -> Device:
+        """A device by its 24-hex id, serial number or IMEI."""
+        device = self._lookup.get(key) or self._lookup.get(key.lower())
+        if device is None:
+            raise UnknownEntity(key)
+        return device
+
+    def find_device(self, key: str) -> Device | None:
+        try:
+            return self.device(key)
+        except UnknownEntity:
+            return None
+
+    def batch(self, device: Device, batch_id: str) -> Batch:
+        batch = self._batches.get(batch_id.lower())
+        if batch is None or batch.device is not device:
+            raise UnknownEntity(batch_id)
+        return batch
+
+    def batch_ids(self, device_id: str) -> list[str]:
+        self.sync()
+        return [batch.id for batch in self.device(device_id).batches]
+
+    def grouped_counts(self, device_id: str, batch_id: str) -> dict[str, int]:
+        """Actions per status as the API serves them (``unknown_status`` renames included)."""
+        self.sync()
+        batch = self.batch(self.device(device_id), batch_id)
+        return dict(Counter(self.shown_status(action) for action in batch.actions))
+
+    def shown_status(self, action: Action, status: str | None = None) -> str:
+        status = action.status if status is None else status
+        if not self.faults.data_active:
+            return status
+        return self.faults.shown_status(action.key, status, status not in PENDING_STATUSES)
+
+    def events_since(self, moment: float) -> list[Event]:
+        """Every status an action entered at a time after ``moment``, in time order."""
+        self.sync()
+        start = bisect_right(self._events, moment, key=lambda event: event[0])
+        events = []
+        for when, action, status in self._events[start:]:
+            shown = self.shown_status(action, status)
+            batch = action.batch
+            events.append(
+                Event(when, batch.device.id, batch.id, action.cmd_id, shown, classify(shown).value)
+            )
+        return events
+
+    def acks_since(self, moment: float) -> list[tuple[float, str]]:
+        """(receivedAt − sentAt, status class) of every answer received after ``moment``."""
+        self.sync()
+        start = bisect_right(self._acks, moment, key=lambda ack: ack[0])
+        return [
+            (latency, classify(self.shown_status(action)).value)
+            for _, latency, action in self._acks[start:]
+        ]
+
+    # --- changes from outside --------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Apply everything due up to the clock's present."""
+        self.run_until(self.clock.now())
+
+    def run_until(self, moment: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= moment:
+            when, _, kind, subject, extra = heapq.heappop(heap)
+            self._apply(when, kind, subject, extra)
+        if moment > self.now:
+            self.now = moment
+
+    def create_batch(
+        self,
+        device_id: str,
+        commands: list[dict[str, object]] | list[Config],
+        name: str | None = None,
+        *,
+        error_ratio: float | None = None,
+    ) -> str:
+        """Create a batch now, all actions ``Pending`` (what ``POST .../commands`` does).
+
+        ``commands`` are create-body items (``{"config": {...}}``) or config tuples.
+        ``error_ratio`` makes the batch resolve at the next check-in, that share into errors.
+        """
+        if all(isinstance(command, tuple) for command in commands):
+            configs: list[Config] = list(commands)  # type: ignore[arg-type]
+        else:
+            configs = parse_commands(commands)
+        self.sync()
+        device = self.device(device_id)
+        batch = self._create(
+            device, millis(self.now), configs, name or _default_name(configs), error_ratio
+        )
+        return batch.id
+
+    def create_random_batch(
+        self, device_id: str, *, error_ratio: float | None = None
+    ) -> str:
+        self.sync()
+        configs, name = self._random_commands()
+        batch = self._create(
+            self.device(device_id), millis(self.now), configs, name, error_ratio
+        )
+        return batch.id
+
+    def delete_batch(self, device_id: str, batch_id: str) -> None:
+        """Upstream deletion: the batch and its actions are gone (pending events fizzle)."""
+        self.sync()
+        device = self.device(device_id)
+        batch = self.batch(device, batch_id)
+        batch.deleted = True
+        device.batches.remove(batch)
+        device.open.pop(batch, None)
+        device.inflight.difference_update(batch.actions)
+        del self._batches[batch.id]
+
+    def random_device(self) -> Device:
+        return self._rng.choice(self._devices)
+
+    # --- building --------------------------------------------------------------------------
+
+    def _build(self, count: int, batches_per_device: int) -> None:
+        # Millions of live objects and no garbage: collector passes would only cost time.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._build_history(count, batches_per_device)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _build_history(self, count: int, batches_per_device: int) -> None:
+        start = self.now
+        for index in range(count):
+            device = self._new_device(index, start)
+            self._devices.append(device)
+            self._plan_history(device, start, batches_per_device)
+        self.run_until(start)
+        self._lazy = False
+        self._events.sort(key=_first)
+        self._acks.sort(key=_first)
+        for device in self._devices:
+            self._settle_last_report(device, start)
+            if device.online and device.next_checkin is None:
+                self._schedule_checkin(device, start)
+        if self._devices and self._arrival_rate > 0:
+            self._schedule_arrival(start)
+
+    def _new_device(self, index: int, start: float) -> Device:
+        rng = self._rng
+        device = Device()
+        device.index = index
+        device.enrolled = millis(start - rng.uniform(20.0, 500.0) * DAY)
+        device.id = self._object_id(device.enrolled)
+        site, site_code, segment = rng.choice(_SITES)
+        role, role_code = _pick_weighted(rng, _ROLES)
+        device.name = f"{site_code}-{role_code}-{index + 1:04d}"
+        tags = [site, role]
+        if rng.random() < 0.1:
+            tags.append("pilot")
+        device.tags = tuple(tags)
+        device.segment = segment
+        device.serial = self._unique(lambda: _serial(rng))
+        device.imei = self._unique(lambda: _imei(rng)) if rng.random() < 0.35 else None
+        device.win_id = _guid(rng)
+        device.os = rng.choice(_OS_VERSIONS)
+        device.user = _user(rng) if role in ("laptop", "desktop") else None
+        device.mean_interval, offline_since = _schedule_profile(rng, start)
+        if offline_since is not None:
+            offline_since = max(offline_since, device.enrolled + DAY)
+        device.offline_since = offline_since
+        device.error_share = _error_share(rng)
+        for key in (device.id, device.serial, device.imei):
+            if key is not None:
+                self._lookup[key] = device
+        return device
+
+    def _unique(self, make: object) -> str:
+        while True:
+            value = make()  # type: ignore[operator]
+            if value not in self._lookup:
+                return value
+
+    def _plan_history(self, device: Device, start: float, count: int) -> None:
+        rng = self._rng
+        earliest = max(device.enrolled, start - HISTORY_DAYS * DAY)
+        span = start - earliest
+        # Denser towards the present, so that some recent batches are still pending.
+        for _ in range(count):
+            created = millis(start - span * rng.random() ** 2)
+            self._push(created, _CREATE, device, None)
+
+    def _settle_last_report(self, device: Device, start: float) -> None:
+        """The last session before the start, consistent with what it sent and did not send."""
+        bound = start if device.online else device.offline_since
+        assert bound is not None
+        for batch in device.open:
+            if any(action.status == PENDING for action in batch.actions):
+                bound = min(bound, batch.created)
+                break
+        drawn = millis(bound - self._rng.expovariate(1.0 / device.mean_interval))
+        candidates = [drawn, device.enrolled]
+        if device.last_report is not None:
+            candidates.append(device.last_report)
+        device.last_report = max(candidates)
+        device.json = None
+
+    # --- the event heap --------------------------------------------------------------------
+
+    def _push(self, when: float, kind: int, subject: object, extra: object) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, subject, extra))
+
+    def _apply(self, when: float, kind: int, subject: object, extra: object) -> None:
+        if kind == _ANSWER:
+            self._answer(when, subject, extra)  # type: ignore[arg-type]
+        elif kind == _CHECKIN:
+            self._checkin(when, subject)  # type: ignore[arg-type]
+        elif kind == _CREATE:
+            configs, name = self._random_commands()
+            self._create(subject, when, configs, name, None)  # type: ignore[arg-type]
+        elif kind == _CANCEL_ACTION:
+            self._cancel(when, subject)  # type: ignore[arg-type]
+        elif kind == _CANCEL_BATCH:
+            for action in subject.actions:  # type: ignore[attr-defined]
+                self._cancel(when, action)
+        elif kind == _ARRIVAL:
+            device = self.random_device()
+            configs, name = self._random_commands()
+            self._create(device, when, configs, name, None)
+            self._schedule_arrival(when)
+
+    def _schedule_checkin(self, device: Device, after: float) -> None:
+        interval = max(MIN_INTERVAL, self._rng.expovariate(1.0 / device.mean_interval))
+        device.next_checkin = millis(after + interval)
+        self._push(device.next_checkin, _CHECKIN, device, None)
+
+    def _schedule_arrival(self, after: float) -> None:
+        rate = self._arrival_rate * len(self._devices)
+        self._push(millis(after + self._rng.expovariate(rate)), _ARRIVAL, None, None)
+
+    def _create(
+        self,
+        device: Device,
+        when: float,
+        configs: Sequence[Config],
+        name: str,
+        error_ratio: float | None,
+    ) -> Batch:
+        batch = Batch(self._object_id(when), device, name, when)
+        batch.error_ratio = error_ratio
+        batch.actions = [Action(batch, index, config) for index, config in enumerate(configs)]
+        batch.open_count = len(batch.actions)
+        device.batches.append(batch)
+        device.open[batch] = None
+        self._batches[batch.id] = batch
+        if self.record_events:
+            self._events.extend((when, action, PENDING) for action in batch.actions)
+        if error_ratio is None:
+            self._plan_cancellations(batch, when)
+        if self._lazy and device.next_checkin is None:
+            self._schedule_checkin(device, when)
+        return batch
+
+    def _plan_cancellations(self, batch: Batch, when: float) -> None:
+        rng = self._rng
+        if rng.random() < BATCH_CANCEL_SHARE:
+            self._push(millis(when + rng.expovariate(1.0 / (2 * HOUR))), _CANCEL_BATCH, batch, None)
+        for action in batch.actions:
+            if rng.random() < ACTION_CANCEL_SHARE:
+                moment = millis(when + rng.expovariate(1.0 / HOUR))
+                self._push(moment, _CANCEL_ACTION, action, None)
+
+    def _checkin(self, when: float, device: Device) -> None:
+        device.next_checkin = None
+        if device.offline_since is not None and when >= device.offline_since:
+            return
+        device.last_report = when
+        device.json = None
+        rng = self._rng
+        waiting = False
+        # While history is built nobody can look, so answers due before the start need no
+        # trip through the heap (the event log is sorted once at the end of the build).
+        direct: list[tuple[float, Action, tuple[str, int | None]]] = []
+        for batch in device.open:
+            changed = False
+            burst = batch.error_ratio is not None
+            for action in batch.actions:
+                if action.status == PENDING:
+                    self._enter(action, when, AWAITING)
+                    action.sent = when
+                    changed = True
+                if action.status != AWAITING or action in device.inflight:
+                    continue
+                if not burst and rng.random() < STUCK_SHARE:
+                    waiting = True
+                    continue
+                outcome = self._outcome(device, batch, action)
+                delay = min(MAX_ANSWER_DELAY, math.exp(_DELAY_MU + _DELAY_SIGMA * rng.gauss()))
+                answered = millis(when + 0.05 + delay)
+                if self._lazy and answered <= self._history_end:
+                    direct.append((answered, action, outcome))
+                else:
+                    device.inflight.add(action)
+                    self._push(answered, _ANSWER, action, outcome)
+            if changed:
+                batch.touch(when)
+        for answered, action, outcome in direct:
+            self._answer(answered, action, outcome)
+        if not self._lazy or waiting:
+            self._schedule_checkin(device, when)
+
+    def _outcome(self, device: Device, batch: Batch, action: Action) -> tuple[str, int | None]:
+        rng = self._rng
+        share = device.error_share if batch.error_ratio is None else batch.error_ratio
+        draw = rng.random()
+        if draw < share:
+            status = rng.choices(catalog.ERROR_STATUSES, cum_weights=_CUM_ERROR_WEIGHTS)[0]
+        elif batch.error_ratio is None and draw < share + DEVICE_CANCEL_SHARE:
+            status = rng.choice(catalog.DEVICE_CANCELS)
+        else:
+            status = _success(rng, action.config)
+        return status, catalog.status_code(status)
+
+    def _answer(self, when: float, action: Action, outcome: tuple[str, int | None]) -> None:
+        device = action.batch.device
+        device.inflight.discard(action)
+        if action.batch.deleted or action.status != AWAITING:
+            return  # canceled meanwhile, or gone
+        status, code = outcome
+        action.code = code
+        action.received = when
+        if classify(status) is StatusClass.CANCELED:
+            action.canceled = when
+        else:
+            action.data = _results(action.config, status)
+        self._enter(action, when, status)
+        if self.record_events and action.sent is not None:
+            self._acks.append((when, when - action.sent, action))
+        self._close(action, when)
+
+    def _cancel(self, when: float, action: Action) -> None:
+        if action.batch.deleted or action.status not in PENDING_STATUSES:
+            return
+        action.batch.device.inflight.discard(action)
+        action.canceled = when
+        self._enter(action, when, catalog.ADMIN_CANCEL)
+        self._close(action, when)
+
+    def _enter(self, action: Action, when: float, status: str) -> None:
+        action.status = status
+        action.json = None
+        if self.record_events:
+            self._events.append((when, action, status))
+
+    def _close(self, action: Action, when: float) -> None:
+        batch = action.batch
+        batch.touch(when)
+        batch.open_count -= 1
+        if batch.open_count == 0:
+            batch.device.open.pop(batch, None)
+
+    # --- drawing ---------------------------------------------------------------------------
+
+    def _random_commands(self) -> tuple[list[Config], str]:
+        rng = self._rng
+        low, high = self._actions_per_batch
+        count = rng.randint(low, high)
+        pool = catalog.COMMANDS
+        if count <= len(pool):
+            configs = rng.sample(pool, count)
+        else:
+            configs = [rng.choice(pool) for _ in range(count)]
+        return configs, rng.choice(catalog.BATCH_NAMES)
+
+    def _object_id(self, moment: float) -> str:
+        """A Mongo ObjectId: creation second, process id, counter."""
+        self._oid_counter = (self._oid_counter + 1) & 0xFFFFFF
+        process = self._oid_process[self._oid_counter % len(self._oid_process)]
+        return f"{int(moment) & 0xFFFFFFFF:08x}{process:010x}{self._oid_counter:06x}"
+
+
+def _first(item: tuple[float, object, object]) -> float:
+    return item[0]
+
+
+def _default_name(configs: Sequence[Config]) -> str:
+    path, action, _, _ = configs[0]
+    leaf = path.rstrip("/").rsplit("/", 1)[-1]
+    more = f" (+{len(configs) - 1} more)" if len(configs) > 1 else ""
+    return f"{action} {leaf}{more}"
+
+
+def _success(rng: random.Random, config: Config) -> str:
+    action = config[1]
+    if action == "Delete" and rng.random() < 0.25:
+        return "DeleteWithoutArchive"
+    draw = rng.random()
+    if draw < 0.003:
+        return "ConflictDetectedResolvedServerCommandWinning"
+    if draw < 0.005:
+        return "AuthenticationAccepted"
+    return "Acknowledged"
+
+
+def _results(config: Config, status: str) -> tuple[tuple[str, str], ...]:
+    """What the device returned: the node value for a successful Get, nothing otherwise."""
+    if config[1] == "Get" and classify(status) is StatusClass.SUCCESS:
+        fmt = config[3]
+        return (("format", fmt), ("value", catalog.GET_RESULTS.get(fmt, "")))
+    return ()
+
+
+# --- device profiles ---------------------------------------------------------------------------
+
+_SITES = (
+    ("madrid", "MAD", 1), ("barcelona", "BCN", 2), ("london", "LON", 3),
+    ("new-york", "NYC", 4), ("berlin", "BER", 5),
+)
+_ROLES = (
+    ("laptop", "LT", 0.55), ("desktop", "DT", 0.25), ("kiosk", "KSK", 0.12), ("pos", "POS", 0.08),
+)
+_OS_VERSIONS = (
+    ("10.0.22631.4460", "Windows 11 23H2"),
+    ("10.0.26100.2314", "Windows 11 24H2"),
+    ("10.0.26100.3194", "Windows 11 24H2"),
+    ("10.0.19045.5131", "Windows 10 22H2"),
+)
+_FIRST = ("Ana", "Luis", "Marta", "John", "Priya", "Jonas", "Chen", "Lucia", "Omar", "Sofia")
+_LAST = ("Garcia", "Smith", "Muller", "Rossi", "Khan", "Lopez", "Novak", "Kim", "Silva", "Weber")
+_ALNUM = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def _pick_weighted(
+    rng: random.Random, table: tuple[tuple[str, str, float], ...]
+) -> tuple[str, str]:
+    draw = rng.random() * sum(weight for _, _, weight in table)
+    for name, code, weight in table:
+        draw -= weight
+        if draw < 0:
+            return name, code
+    return table[-1][0], table[-1][1]
+
+
+def _serial(rng: random.Random) -> str:
+    style = rng.random()
+    if style < 0.4:  # Dell service tag
+        return "".join(rng.choice(_ALNUM) for _ in range(7))
+    if style < 0.7:  # HP
+        return "5CG" + "".join(rng.choice(_ALNUM) for _ in range(7))
+    if style < 0.9:  # Lenovo
+        return "PF" + "".join(rng.choice(_ALNUM) for _ in range(6))
+    return "".join(rng.choice("0123456789") for _ in range(12))  # Surface
+
+
+def _imei(rng: random.Random) -> str:
+    body = "35" + "".join(rng.choice("0123456789") for _ in range(12))
+    total = 0
+    for position, char in enumerate(reversed(body)):
+        digit = int(char)
+        if position % 2 == 0:  # doubled digits, counted from the check digit's left
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return body + str((10 - total % 10) % 10)
+
+
+def _guid(rng: random.Random) -> str:
+    text = f"{rng.getrandbits(128):032X}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def _user(rng: random.Random) -> tuple[str, str, str]:
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    email = f"{first.lower()}.{last.lower()}@example.com"
+    return f"{rng.getrandbits(96):024x}", email, f"{first} {last}"
+
+
+def _schedule_profile(rng: random.Random, start: float) -> tuple[float, float | None]:
+    """(mean seconds between sessions, moment the device went offline or None)."""
+    draw = rng.random()
+    if draw < 0.75:
+        return rng.uniform(5, 60) * MINUTE, None
+    if draw < 0.90:
+        return rng.uniform(2, 12) * HOUR, None
+    if draw < 0.97:
+        return rng.uniform(1, 3) * DAY, None
+    return rng.uniform(5, 60) * MINUTE, millis(start - rng.uniform(3, 30) * DAY)
+
+
+def _error_share(rng: random.Random) -> float:
+    draw = rng.random()
+    if draw < 0.8:
+        return rng.uniform(0.02, 0.08)
+    if draw < 0.95:
+        return rng.uniform(0.1, 0.25)
+    return rng.uniform(0.4, 0.7)  # a device with a broken policy stack

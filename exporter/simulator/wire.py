@@ -1,0 +1,210 @@
+"""Upstream's JSON: envelopes, pages, and the device, batch and action documents.
+
+Compact JSON as an Express ``res.json`` sends it. Each entity keeps its serialised bytes
+until it changes, so a page is a join of cached fragments. Data faults (doc-style
+timestamps, unknown status names, missing fields) render the entities they pick afresh;
+every other entity still comes from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from exporter.simulator.faults import Faults
+from exporter.simulator.fleet import Action, Batch, Device, Fleet
+from exporter.statuses import KNOWN_STATUSES, PENDING_STATUSES
+
+_ENUM_ORDER = {status: index for index, status in enumerate(KNOWN_STATUSES)}
+
+# Optional fields the missing_fields fault may drop, per entity.
+ACTION_OPTIONAL = ("statusCode", "sentAt", "config", "data")
+BATCH_OPTIONAL = ("summary", "updatedAt", "name")
+DEVICE_OPTIONAL = ("displayName", "tags", "summary", "lastStatusReportTime", "mdmUser")
+
+
+def dumps(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def iso(moment: float) -> str:
+    """Canonical ISO-8601 UTC with milliseconds: ``2026-02-10T10:05:00.000Z``."""
+    seconds, millis = divmod(round(moment * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def doc_iso(moment: float) -> str:
+    """The docs' malformed style: ``2026-02-10T10: 05: 00.000Z``."""
+    return iso(moment).replace(":", ": ")
+
+
+def success(data: bytes) -> bytes:
+    return b'{"status":true,"data":' + data + b"}"
+
+
+def failure(code: int, message: str) -> bytes:
+    return dumps({"status": False, "error": {"code": code, "message": message}})
+
+
+def page(items: Iterable[bytes], total: int, number: int, limit: int) -> bytes:
+    """A mongoose-paginate page (``docs`` renamed ``items``) inside the success envelope."""
+    pages = max(1, -(-total // limit))
+    has_prev, has_next = number > 1, number < pages
+    meta = dumps({
+        "totalDocs": total,
+        "limit": limit,
+        "totalPages": pages,
+        "page": number,
+        "pagingCounter": (number - 1) * limit + 1,
+        "hasPrevPage": has_prev,
+        "hasNextPage": has_next,
+        "prevPage": number - 1 if has_prev else None,
+        "nextPage": number + 1 if has_next else None,
+    })
+    return success(b'{"items":[' + b",".join(items) + b"]," + meta[1:])
+
+
+class Renderer:
+    """Serialises fleet entities as upstream does, applying the data faults in force."""
+
+    def __init__(self, fleet: Fleet, faults: Faults) -> None:
+        self._fleet = fleet
+        self._faults = faults
+
+    # --- actions ---------------------------------------------------------------------------
+
+    def action(self, action: Action) -> bytes:
+        if self._faults.data_active:
+            key = action.key
+            if self._picked(key):
+                return dumps(self._action_document(action, key))
+        if action.json is None:
+            action.json = dumps(self._action_document(action, None))
+        return action.json
+
+    def _action_document(self, action: Action, key: str | None) -> dict[str, Any]:
+        stamp, dropped = self._view(key, ACTION_OPTIONAL)
+        status = action.status
+        if key is not None:
+            status = self._faults.shown_status(key, status, status not in PENDING_STATUSES)
+        path, verb, value, _ = action.config
+        config = {"path": path, "action": verb}
+        if value is not None:
+            config["value"] = value
+        document: dict[str, Any] = {"cmdId": action.cmd_id, "status": status, "config": config}
+        if action.data is not None:
+            document["data"] = [dict(action.data)] if action.data else []
+        if action.code is not None:
+            document["statusCode"] = action.code
+        if action.sent is not None:
+            document["sentAt"] = stamp(action.sent)
+        if action.received is not None:
+            document["receivedAt"] = stamp(action.received)
+        if action.canceled is not None:
+            document["canceledAt"] = stamp(action.canceled)
+        if dropped:
+            document.pop(dropped, None)
+        return document
+
+    # --- batches ---------------------------------------------------------------------------
+
+    def batch(self, batch: Batch) -> bytes:
+        if self._faults.data_active:
+            return dumps(self._batch_document(batch, batch.id))
+        if batch.json is None:
+            batch.json = dumps(self._batch_document(batch, None))
+        return batch.json
+
+    def _batch_document(self, batch: Batch, key: str | None) -> dict[str, Any]:
+        stamp, dropped = self._view(key, BATCH_OPTIONAL)
+        if key is None:
+            counts = Counter(action.status for action in batch.actions)
+        else:
+            counts = Counter(self._fleet.shown_status(action) for action in batch.actions)
+        document: dict[str, Any] = {
+            "id": batch.id,
+            "name": batch.name,
+            "winDeviceId": batch.device.id,
+            "summary": [
+                {"status": status, "count": counts[status]}
+                for status in sorted(counts, key=_summary_order)
+            ],
+            "createdAt": stamp(batch.created),
+            "updatedAt": stamp(batch.updated),
+        }
+        if dropped:
+            document.pop(dropped, None)
+        return document
+
+    # --- devices ---------------------------------------------------------------------------
+
+    def device(self, device: Device) -> bytes:
+        if self._faults.data_active and self._picked(device.id):
+            return dumps(self._device_document(device, device.id))
+        if device.json is None:
+            device.json = dumps(self._device_document(device, None))
+        return device.json
+
+    def _device_document(self, device: Device, key: str | None) -> dict[str, Any]:
+        stamp, dropped = self._view(key, DEVICE_OPTIONAL)
+        fleet = self._fleet
+        version, version_name = device.os
+        user = None
+        if device.user is not None:
+            user_id, email, name = device.user
+            user = {"id": user_id, "email": email, "displayName": name}
+        document: dict[str, Any] = {
+            "id": device.id,
+            "organizationId": fleet.organization_id,
+            "winEnterpriseId": fleet.enterprise_id,
+            "mdmUser": user,
+            "displayName": device.name,
+            "tags": list(device.tags),
+            "winId": device.win_id,
+            "state": "ACTIVE",
+            "summary": {
+                "name": device.name,
+                "osVersion": version,
+                "osVersionName": version_name,
+                "os": "Windows",
+                "serialNumber": device.serial,
+                "imei": device.imei,
+                "supervised": False,
+            },
+            "lastStatusReportTime": stamp(device.last_report) if device.last_report else None,
+            "type": "device",
+            "enrolledDate": stamp(device.enrolled),
+        }
+        if dropped:
+            document.pop(dropped, None)
+        return document
+
+    # --- data faults -----------------------------------------------------------------------
+
+    def _picked(self, key: str) -> bool:
+        faults = self._faults
+        return (
+            faults.stable("doc_timestamps", key)
+            or faults.stable("unknown_status", key)
+            or faults.stable("missing_fields", key)
+        )
+
+    def _view(
+        self, key: str | None, optional: tuple[str, ...]
+    ) -> tuple[Callable[[float], str], str | None]:
+        """(timestamp formatter, field to drop) for the entity ``key`` (None: plain)."""
+        if key is None:
+            return iso, None
+        faults = self._faults
+        stamp = doc_iso if faults.stable("doc_timestamps", key) else iso
+        dropped = None
+        if faults.stable("missing_fields", key):
+            dropped = faults.pick("missing_fields", key, optional)
+        return stamp, dropped
+
+
+def _summary_order(status: str) -> tuple[int, str]:
+    return _ENUM_ORDER.get(status, len(_ENUM_ORDER)), status
