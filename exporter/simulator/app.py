@@ -181,8 +181,12 @@ class Api:
     def _organization(self, request: web.Request) -> None:
         org = request.match_info["org"]
         if not ORGANIZATION_ID.match(org):
-            raise Problem(bad_request(f'"organizationId" with value "{org}" fails to match '
-                                      f"the required pattern: {ORGANIZATION_ID.pattern}"))
+            raise Problem(
+                bad_request(
+                    f'"organizationId" with value "{org}" fails to match '
+                    f"the required pattern: {ORGANIZATION_ID.pattern}"
+                )
+            )
         if org not in (self.sim.organization, self.fleet.organization_id):
             raise Problem(not_found())
 
@@ -190,8 +194,12 @@ class Api:
         self._organization(request)
         key = request.match_info["dev"]
         if not DEVICE_ID.match(key):
-            raise Problem(bad_request(f'"winDeviceId" with value "{key}" fails to match '
-                                      f"the required pattern: {DEVICE_ID.pattern}"))
+            raise Problem(
+                bad_request(
+                    f'"winDeviceId" with value "{key}" fails to match '
+                    f"the required pattern: {DEVICE_ID.pattern}"
+                )
+            )
         device = self.fleet.find_device(key)
         if device is None:
             raise Problem(not_found())
@@ -201,16 +209,26 @@ class Api:
         device = self._device(request)
         key = request.match_info["cmd"]
         if not COMMAND_ID.match(key):
-            raise Problem(bad_request(f'"winCommandId" with value "{key}" fails to match '
-                                      f"the required pattern: {COMMAND_ID.pattern}"))
+            raise Problem(
+                bad_request(
+                    f'"winCommandId" with value "{key}" fails to match '
+                    f"the required pattern: {COMMAND_ID.pattern}"
+                )
+            )
         try:
             return self.fleet.batch(device, key)
         except UnknownEntity:
             raise Problem(not_found()) from None
 
-    def _page(self, request: web.Request, route: str, items: Sequence[T],
-              fields: dict[str, Callable[[T], Any]], default_sort: str | None,
-              render: Callable[[T], bytes]) -> web.Response:
+    def _page(
+        self,
+        request: web.Request,
+        route: str,
+        items: Sequence[T],
+        fields: dict[str, Callable[[T], Any]],
+        default_sort: str | None,
+        render: Callable[[T], bytes],
+    ) -> web.Response:
         query = request.query
         try:
             page = parse_page(query.get("page"))
@@ -231,8 +249,11 @@ class Api:
         A walk sees the count only grow, so offsets shift the way a real insertion shifts
         them: items already seen come again, none is skipped.
         """
-        key = (route, request.path, *sorted(f"{k}={v}" for k, v in request.query.items()
-                                             if k != "page"))
+        key = (
+            route,
+            request.path,
+            *sorted(f"{k}={v}" for k, v in request.query.items() if k != "page"),
+        )
         if page == 1:
             self._shifts.pop(key, None)
             return 0
@@ -264,16 +285,18 @@ class Api:
 
     async def commands(self, request: web.Request) -> web.Response:
         device = self._device(request)
-        return self._page(request, "commands", device.batches, _BATCH_FIELDS, "createdAt:desc",
-                          self.render.batch)
+        return self._page(
+            request, "commands", device.batches, _BATCH_FIELDS, "createdAt:desc", self.render.batch
+        )
 
     async def command(self, request: web.Request) -> web.Response:
         return data_response(self.render.batch(self._batch(request)))
 
     async def actions(self, request: web.Request) -> web.Response:
         batch = self._batch(request)
-        return self._page(request, "actions", batch.actions, _ACTION_FIELDS, None,
-                          self.render.action)
+        return self._page(
+            request, "actions", batch.actions, _ACTION_FIELDS, None, self.render.action
+        )
 
     async def create(self, request: web.Request) -> web.Response:
         device = self._device(request)
@@ -455,12 +478,14 @@ class Control:
     async def stats(self, request: web.Request) -> web.Response:
         sim = self.sim
         sim.fleet.sync()
-        return web.json_response({
-            "now": sim.clock.now(),
-            "faults": sim.faults.spec,
-            "requests": sim.stats.as_json(),
-            "total": sim.stats.total(),
-        })
+        return web.json_response(
+            {
+                "now": sim.clock.now(),
+                "faults": sim.faults.spec,
+                "requests": sim.stats.as_json(),
+                "total": sim.stats.total(),
+            }
+        )
 
     async def advance(self, request: web.Request) -> web.Response:
         body = await self._json(request)
@@ -509,8 +534,7 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_get(BASE + "/devices/{dev}/commands", api.commands, name="commands")
     app.router.add_post(BASE + "/devices/{dev}/commands", api.create, name="create")
     app.router.add_get(BASE + "/devices/{dev}/commands/{cmd}", api.command, name="command")
-    app.router.add_get(BASE + "/devices/{dev}/commands/{cmd}/actions", api.actions,
-                       name="actions")
+    app.router.add_get(BASE + "/devices/{dev}/commands/{cmd}/actions", api.actions, name="actions")
     if sim.control:
         control = Control(sim)
         app.router.add_post("/_simulator/faults", control.faults)

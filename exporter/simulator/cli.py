@@ -27,14 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default="simulator-token")
     parser.add_argument("--organization", default="demo")
     parser.add_argument("--devices", type=_non_negative, default=20, metavar="N")
-    parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
-                        help="simulated seconds per real second (0: time stands still)")
-    parser.add_argument("--faults", type=_faults, default="", metavar="SPEC",
-                        help="comma-separated kind[=probability][:argument]")
-    parser.add_argument("--max-limit", type=_positive, default=100, metavar="N",
-                        help="largest page size served")
-    parser.add_argument("--control", action="store_true",
-                        help="enable the /_simulator/* control endpoint")
+    parser.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        metavar="X",
+        help="simulated seconds per real second (0: time stands still)",
+    )
+    parser.add_argument(
+        "--faults",
+        type=_faults,
+        default="",
+        metavar="SPEC",
+        help="comma-separated kind[=probability][:argument]",
+    )
+    parser.add_argument(
+        "--max-limit", type=_positive, default=100, metavar="N", help="largest page size served"
+    )
+    parser.add_argument(
+        "--control", action="store_true", help="enable the /_simulator/* control endpoint"
+    )
     return parser
 
 
@@ -86,9 +98,12 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"Simulated Applivery API at http://{host}:{args.port}/v1", flush=True)
         print(f"  organization: {args.organization}", flush=True)
         print(f"  token:        {args.token}", flush=True)
-        print(f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
-              + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
-              + (", control: /_simulator" if args.control else ""), flush=True)
+        print(
+            f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
+            + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
+            + (", control: /_simulator" if args.control else ""),
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
