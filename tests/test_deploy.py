@@ -621,6 +621,21 @@ def test_service_monitor_scrapes_the_metrics_port_of_the_service() -> None:
     assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
 
 
+def test_alert_rules_select_the_job_the_service_monitor_produces() -> None:
+    documents = rendered(BASE)
+    monitor, service = one(documents, "ServiceMonitor"), one(documents, "Service")
+    job_label = monitor["spec"].get("jobLabel")
+    # The operator names the job after the Service, or after the value of its jobLabel label.
+    job = service["metadata"]["labels"][job_label] if job_label else service["metadata"]["name"]
+    exprs = [
+        str(rule["expr"])
+        for group in one(documents, "PrometheusRule")["spec"]["groups"]
+        for rule in group["rules"]
+    ]
+    selected = set(re.findall(r'job\s*=~?\s*"([^"]*)"', " ".join(exprs)))
+    assert selected <= {job}
+
+
 # ---------------------------------------------------------------------------------------------
 # Kubernetes: the PrometheusRule carries the project's rule files
 # ---------------------------------------------------------------------------------------------
@@ -1030,11 +1045,12 @@ def http_status(url: str) -> int | None:
 
 
 def wait_for_status(url: str, process: subprocess.Popen[str], deadline: float) -> int | None:
-    """Poll until the URL answers 200, the process dies, or the deadline passes."""
+    """Poll until the URL answers 200 or a client error (no such route), the process dies,
+    or the deadline passes."""
     status = None
     while time.monotonic() < deadline and process.poll() is None:
         status = http_status(url)
-        if status == 200:
+        if status is not None and (status == 200 or 400 <= status < 500):
             break
         time.sleep(0.2)
     return status
