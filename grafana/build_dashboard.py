@@ -1,0 +1,640 @@
+"""Generate grafana/dashboards/applivery-mdm-exporter.json.
+
+    python grafana/build_dashboard.py          # rewrite the JSON
+    python grafana/build_dashboard.py --check  # exit 1 when the committed JSON is out of date
+
+The dashboard is code so that panel ids, grid positions, datasource references and the
+label filters of every query stay consistent; tests/test_dashboard.py checks the result.
+Queries read the exporter's metrics and the series of prometheus/recording.yml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUT = Path(__file__).resolve().parent / "dashboards" / "applivery-mdm-exporter.json"
+
+UID = "applivery-mdm-exporter"
+TITLE = "Applivery MDM / Windows commands"
+SCHEMA_VERSION = 39
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+# Label filters shared by the queries.
+SEL = 'job=~"$job", instance=~"$instance"'
+SEL_DEVICE = f'{SEL}, device=~"$device"'
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    expr: str
+    legend: str = ""
+    instant: bool = False
+    format: str = "time_series"
+
+
+@dataclass(frozen=True, slots=True)
+class Panel:
+    """A panel without id and position; ``width`` and ``height`` are grid units."""
+
+    type: str
+    title: str
+    description: str
+    queries: Sequence[Query]
+    width: int
+    height: int
+    field_config: Json = field(default_factory=dict)
+    options: Json = field(default_factory=dict)
+    extra: Json = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    title: str
+    panels: Sequence[Panel]
+
+
+# --- panel kinds -----------------------------------------------------------------------------
+
+
+def _defaults(unit: str, **custom: Any) -> Json:
+    return {
+        "defaults": {"unit": unit, "custom": custom, "color": {"mode": "palette-classic"}},
+        "overrides": [],
+    }
+
+
+def timeseries(
+    title: str,
+    description: str,
+    queries: Sequence[Query],
+    *,
+    unit: str,
+    width: int = 12,
+    height: int = 8,
+    stacked: bool = False,
+    log_scale: bool = False,
+    thresholds: Sequence[tuple[str, float | None]] = (),
+) -> Panel:
+    custom: Json = {
+        "drawStyle": "line",
+        "lineWidth": 1,
+        "fillOpacity": 20 if stacked else 0,
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"mode": "normal" if stacked else "none", "group": "A"},
+        "scaleDistribution": {"type": "log", "log": 10} if log_scale else {"type": "linear"},
+    }
+    config = _defaults(unit, **custom)
+    if thresholds:
+        config["defaults"]["custom"]["thresholdsStyle"] = {"mode": "dashed"}
+        config["defaults"]["thresholds"] = _thresholds(thresholds)
+    return Panel(
+        "timeseries",
+        title,
+        description,
+        queries,
+        width,
+        height,
+        config,
+        {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+    )
+
+
+def _thresholds(steps: Sequence[tuple[str, float | None]]) -> Json:
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
+
+
+def bargauge(
+    title: str,
+    description: str,
+    query: Query,
+    *,
+    unit: str,
+    thresholds: Sequence[tuple[str, float | None]],
+    width: int = 8,
+    height: int = 9,
+) -> Panel:
+    config = _defaults(unit)
+    config["defaults"]["color"] = {"mode": "thresholds"}
+    config["defaults"]["thresholds"] = _thresholds(thresholds)
+    return Panel(
+        "bargauge",
+        title,
+        description,
+        [query],
+        width,
+        height,
+        config,
+        {
+            "displayMode": "gradient",
+            "orientation": "horizontal",
+            "showUnfilled": True,
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        },
+    )
+
+
+def stat(
+    title: str,
+    description: str,
+    queries: Sequence[Query],
+    *,
+    width: int = 6,
+    height: int = 8,
+    mappings: Sequence[Json] = (),
+    thresholds: Sequence[tuple[str, float | None]] = (("green", None),),
+) -> Panel:
+    config = _defaults("none")
+    config["defaults"]["color"] = {"mode": "thresholds"}
+    config["defaults"]["thresholds"] = _thresholds(thresholds)
+    config["defaults"]["mappings"] = list(mappings)
+    return Panel(
+        "stat",
+        title,
+        description,
+        queries,
+        width,
+        height,
+        config,
+        {
+            "colorMode": "value",
+            "graphMode": "none",
+            "justifyMode": "auto",
+            "textMode": "value_and_name",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        },
+    )
+
+
+def table(
+    title: str, description: str, query: Query, *, rename: Json, width: int = 8, height: int = 9
+) -> Panel:
+    return Panel(
+        "table",
+        title,
+        description,
+        [query],
+        width,
+        height,
+        _defaults("none", align="auto"),
+        {"showHeader": True, "sortBy": [{"displayName": "Error actions", "desc": True}]},
+        {
+            "transformations": [
+                {
+                    "id": "organize",
+                    "options": {"excludeByName": {"Time": True}, "renameByName": rename},
+                }
+            ]
+        },
+    )
+
+
+def heatmap(
+    title: str, description: str, query: Query, *, width: int = 12, height: int = 9
+) -> Panel:
+    return Panel(
+        "heatmap",
+        title,
+        description,
+        [query],
+        width,
+        height,
+        {"defaults": {"custom": {"scaleDistribution": {"type": "linear"}}}, "overrides": []},
+        {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {
+                "mode": "scheme",
+                "scheme": "Oranges",
+                "scale": "exponential",
+                "exponent": 0.5,
+                "steps": 64,
+                "reverse": False,
+            },
+            "yAxis": {"axisPlacement": "left", "unit": "s"},
+            "rowsFrame": {"layout": "auto"},
+            "tooltip": {"show": True, "yHistogram": False},
+            "legend": {"show": True},
+            "filterValues": {"le": 1e-9},
+            "showValue": "never",
+        },
+        # MDM answers are minutes to hours apart: finer buckets in time are mostly empty.
+        {"interval": "5m"},
+    )
+
+
+# --- the dashboard ---------------------------------------------------------------------------
+
+
+def _error_devices_query() -> str:
+    errors = (
+        "topk(10, sum by (job, instance, device) ("
+        "instance_device_status_class:applivery_windows_command_actions:sum"
+        f'{{status_class="error", {SEL_DEVICE}}}) > 0)'
+    )
+    names = f"max by (job, instance, device, name) (applivery_windows_device_info{{{SEL}}})"
+    # Devices without an info series keep their row, just without a name.
+    return (
+        f"({errors} * on (job, instance, device) group_left (name) {names})"
+        f" or on (job, instance, device) {errors}"
+    )
+
+
+def rows() -> list[Row]:
+    commands = Row(
+        "Windows commands",
+        [
+            timeseries(
+                "Actions by status class",
+                "Actions of the watched command batches per status class, as of each batch's "
+                "last successful poll.",
+                [
+                    Query(
+                        "sum by (status_class) ("
+                        "instance_device_status_class:applivery_windows_command_actions:sum"
+                        f"{{{SEL_DEVICE}}})",
+                        "{{status_class}}",
+                    )
+                ],
+                unit="short",
+                stacked=True,
+            ),
+            timeseries(
+                "Error ratio of finished actions",
+                "Share of actions leaving the pending class (success, canceled, error, unknown) "
+                "that ended in error. AppliveryCommandErrorRatioHigh fires above 25 % over 1h "
+                "with at least 20 finished actions.",
+                [
+                    Query(
+                        "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m"
+                        f"{{{SEL}}}",
+                        "5m {{instance}}",
+                    ),
+                    Query(
+                        "instance:applivery_windows_command_action_errors_per_final:ratio_rate1h"
+                        f"{{{SEL}}}",
+                        "1h {{instance}}",
+                    ),
+                ],
+                unit="percentunit",
+                thresholds=(("green", None), ("orange", 0.25), ("red", 0.5)),
+            ),
+            bargauge(
+                "Transitions per status (top 10)",
+                "Actions seen entering each status during the selected time range.",
+                Query(
+                    "topk(10, sum by (status, status_class) (increase("
+                    f"applivery_windows_command_action_transitions_total{{{SEL}}}[$__range])))",
+                    "{{status}} ({{status_class}})",
+                    instant=True,
+                ),
+                unit="short",
+                thresholds=(("blue", None),),
+            ),
+            table(
+                "Devices with most error actions",
+                "Devices whose watched batches hold the most actions in an error status now.",
+                Query(_error_devices_query(), instant=True, format="table"),
+                rename={"device": "Device", "name": "Name", "Value": "Error actions"},
+            ),
+            bargauge(
+                "Oldest pending action age",
+                "How long the oldest action still pending on each device has waited. Devices "
+                "answer on their next OMA-DM session; AppliveryActionsStuckPending fires after "
+                "24h.",
+                Query(
+                    "topk(10, time() - "
+                    "applivery_windows_command_oldest_pending_sent_timestamp_seconds"
+                    f"{{{SEL_DEVICE}}})",
+                    "{{device}}",
+                    instant=True,
+                ),
+                unit="s",
+                thresholds=(("green", None), ("orange", 28800), ("red", 86400)),
+            ),
+        ],
+    )
+    quantile_rule = (
+        "instance_quantile:applivery_windows_command_ack_latency_seconds:histogram_quantile_rate1h"
+    )
+    latency = Row(
+        "Send-to-acknowledge latency",
+        [
+            heatmap(
+                "Send-to-acknowledge latency",
+                "receivedAt minus sentAt of each answered action, per histogram bucket.",
+                Query(
+                    "sum by (le) (increase("
+                    f"applivery_windows_command_ack_latency_seconds_bucket{{{SEL}}}[$__interval]))",
+                    "{{le}}",
+                    format="heatmap",
+                ),
+            ),
+            timeseries(
+                "Latency p50 / p95 / p99 (1h)",
+                "Quantiles of the send-to-acknowledge latency over the last hour, all classes.",
+                [
+                    Query(f'{quantile_rule}{{quantile="{q}", {SEL}}}', f"p{p} {{{{instance}}}}")
+                    for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))
+                ],
+                unit="s",
+                log_scale=True,
+                height=9,
+            ),
+        ],
+    )
+    health = Row(
+        "Exporter health",
+        [
+            stat(
+                "Targets up",
+                "Exporters scraped successfully, and devices whose last poll succeeded out of "
+                "those watched.",
+                [
+                    Query(f"sum(up{{{SEL}}})", "exporters up", instant=True),
+                    Query(
+                        f"sum(applivery_exporter_target_up{{{SEL_DEVICE}}})",
+                        "devices up",
+                        instant=True,
+                    ),
+                    Query(
+                        f"count(applivery_exporter_target_up{{{SEL_DEVICE}}})",
+                        "devices watched",
+                        instant=True,
+                    ),
+                ],
+            ),
+            timeseries(
+                "API requests by code",
+                "Upstream API requests per second by HTTP code (or timeout, connection, "
+                "invalid_body).",
+                [
+                    Query(
+                        "sum by (code) ("
+                        f"instance_code:applivery_exporter_api_requests:rate5m{{{SEL}}})",
+                        "{{code}}",
+                    )
+                ],
+                unit="reqps",
+                width=6,
+            ),
+            timeseries(
+                "Request budget",
+                "Requests per hour: sent in the last hour, the current pace, and the budget the "
+                "scheduler keeps under (it shrinks while upstream throttles).",
+                [
+                    Query(
+                        f"sum(instance:applivery_exporter_api_requests:rate1h{{{SEL}}}) * 3600",
+                        "used (last hour)",
+                    ),
+                    Query(
+                        f"sum(instance:applivery_exporter_api_requests:rate5m{{{SEL}}}) * 3600",
+                        "pace (5m)",
+                    ),
+                    Query(
+                        f"sum(applivery_exporter_api_budget_requests_per_hour{{{SEL}}})", "budget"
+                    ),
+                ],
+                unit="short",
+                width=6,
+            ),
+            timeseries(
+                "Poll round duration",
+                "Duration of the last poll round; rounds longer than poll.interval_seconds "
+                "leave data older than configured.",
+                [Query(f"applivery_exporter_poll_round_duration_seconds{{{SEL}}}", "{{instance}}")],
+                unit="s",
+                width=6,
+            ),
+            timeseries(
+                "Parse problems",
+                "Upstream data the exporter could not fully understand, by kind.",
+                [
+                    Query(
+                        "sum by (kind) (increase("
+                        f"applivery_exporter_parse_problems_total{{{SEL}}}[$__rate_interval]))",
+                        "{{kind}}",
+                    )
+                ],
+                unit="short",
+                width=8,
+            ),
+            bargauge(
+                "Time since last successful poll",
+                "Devices whose last successful poll is the oldest.",
+                Query(
+                    "topk(10, time() - "
+                    f"applivery_exporter_last_success_timestamp_seconds{{{SEL_DEVICE}}})",
+                    "{{device}}",
+                    instant=True,
+                ),
+                unit="s",
+                thresholds=(("green", None), ("orange", 300), ("red", 900)),
+                height=8,
+            ),
+            stat(
+                "Last config reload",
+                "Whether the last configuration reload succeeded, per exporter.",
+                [
+                    Query(
+                        f"applivery_exporter_config_last_reload_successful{{{SEL}}}",
+                        "{{instance}}",
+                        instant=True,
+                    )
+                ],
+                width=8,
+                mappings=(
+                    {
+                        "type": "value",
+                        "options": {
+                            "0": {"text": "failed", "color": "red"},
+                            "1": {"text": "ok", "color": "green"},
+                        },
+                    },
+                ),
+            ),
+        ],
+    )
+    return [commands, latency, health]
+
+
+def _layout(row_list: Sequence[Row]) -> Iterator[Json]:
+    """Panels with ids and grid positions: rows of full width, panels left to right."""
+    ids = iter(range(1, 1000))
+    y = 0
+    for row in row_list:
+        yield {
+            "type": "row",
+            "id": next(ids),
+            "title": row.title,
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+        y += 1
+        x = 0
+        line_height = 0
+        for panel in row.panels:
+            if x + panel.width > 24:
+                y += line_height
+                x, line_height = 0, 0
+            grid = {"h": panel.height, "w": panel.width, "x": x, "y": y}
+            yield _panel_json(panel, next(ids), grid)
+            x += panel.width
+            line_height = max(line_height, panel.height)
+        y += line_height
+
+
+def _panel_json(panel: Panel, panel_id: int, grid: Json) -> Json:
+    targets = []
+    for ref, query in zip("ABCDEFGH", panel.queries, strict=False):
+        target: Json = {
+            "datasource": DATASOURCE,
+            "refId": ref,
+            "expr": query.expr,
+            "legendFormat": query.legend or "__auto",
+            "range": not query.instant,
+            "instant": query.instant,
+            "format": query.format,
+            "editorMode": "code",
+        }
+        targets.append(target)
+    return {
+        "type": panel.type,
+        "id": panel_id,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": grid,
+        "fieldConfig": panel.field_config,
+        "options": panel.options,
+        "targets": targets,
+        **panel.extra,
+    }
+
+
+def _query_variable(name: str, label: str, query: str, *, multi: bool) -> Json:
+    variable: Json = {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": f"{name}-variable"},
+        "refresh": 2,
+        "sort": 1,
+        "regex": "",
+        "hide": 0,
+        "multi": multi,
+        "includeAll": multi,
+        "current": {},
+        "options": [],
+    }
+    if multi:
+        variable["allValue"] = ".+"
+    return variable
+
+
+def templating() -> Json:
+    return {
+        "list": [
+            {
+                "type": "datasource",
+                "name": "datasource",
+                "label": "Data source",
+                "query": "prometheus",
+                "regex": "",
+                "hide": 0,
+                "refresh": 1,
+                "current": {},
+                "options": [],
+            },
+            _query_variable(
+                "job", "Job", "label_values(applivery_exporter_build_info, job)", multi=False
+            ),
+            _query_variable(
+                "instance",
+                "Instance",
+                'label_values(applivery_exporter_build_info{job=~"$job"}, instance)',
+                multi=True,
+            ),
+            _query_variable(
+                "device",
+                "Device",
+                f"label_values(applivery_exporter_target_up{{{SEL}}}, device)",
+                multi=True,
+            ),
+        ]
+    }
+
+
+def dashboard() -> Json:
+    return {
+        "uid": UID,
+        "title": TITLE,
+        "description": "Windows MDM command batches, per-action results and the health of "
+        "applivery-mdm-exporter.",
+        "tags": ["applivery", "mdm", "windows"],
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "timezone": "browser",
+        "time": {"from": "now-24h", "to": "now"},
+        "refresh": "1m",
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "weekStart": "",
+        "links": [],
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "templating": templating(),
+        "panels": list(_layout(rows())),
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail when the JSON is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        if current != text:
+            print(f"{OUTPUT} is out of date: run python grafana/build_dashboard.py")
+            return 1
+        return 0
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
