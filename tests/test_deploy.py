@@ -262,6 +262,8 @@ def test_runtime_stage_installs_prebuilt_wheels_without_compilers() -> None:
 def test_base_images_are_pinned_to_a_patch_release() -> None:
     images = [i.args.split()[0] for i in INSTRUCTIONS if i.keyword == "FROM"]
     assert len(images) >= 2, "multi-stage: build and runtime"
+    # Wheels built for one Python (cp312, say) install only into the same Python.
+    assert len(set(images)) == 1, "build and runtime stages share one base image"
     for image in images:
         name, _, tag = image.partition(":")
         assert name == "python" and re.fullmatch(r"3\.1[1-9]\.\d+-slim-[a-z]+", tag), image
@@ -278,7 +280,12 @@ def test_image_labels_follow_oci_and_carry_the_package_version() -> None:
     (arg,) = [i for i in final("ARG") if i.args.startswith("VERSION=")]
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
     assert arg.args == f"VERSION={VERSION}"
-    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]["text"]
+    license_ = PYPROJECT["project"]["license"]
+    assert labels["org.opencontainers.image.licenses"] == (
+        license_["text"] if isinstance(license_, dict) else license_
+    )
+    (base,) = {i.args.split()[0] for i in INSTRUCTIONS if i.keyword == "FROM"}
+    assert labels["org.opencontainers.image.base.name"] == base
 
 
 def run_hadolint(source: str) -> subprocess.CompletedProcess[str]:
@@ -702,8 +709,8 @@ def test_base_runs_exactly_one_poller_replaced_without_overlap() -> None:
 def quantity(text: str | int) -> float:
     units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
-    assert match, text
-    return float(match[1]) * units.get(match[2], 1) if match[2] else float(match[1])
+    assert match and (not match[2] or match[2] in units), text
+    return float(match[1]) * units.get(match[2], 1)
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)
