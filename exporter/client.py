@@ -163,8 +163,8 @@ class TokenBucket:
     """Requests per hour with a small burst, plus a client-wide pause.
 
     Every attempt takes one token. A throttle answer (429, 503 with Retry-After) pauses every
-    caller until a shared moment, empties the bucket and halves the effective rate, which then
-    climbs back linearly over ``RECOVERY_SECONDS``.
+    caller until a shared moment, empties the bucket and halves the effective rate, which
+    climbs back linearly (by the full rate per ``RECOVERY_SECONDS``) once the pause is over.
     """
 
     def __init__(
@@ -188,6 +188,7 @@ class TokenBucket:
         self._factor = 1.0
         self._stamp = monotonic()
         self._not_before = self._stamp
+        self._last_throttle = float("-inf")
         self._lock = asyncio.Lock()
 
     @property
@@ -211,10 +212,12 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self._monotonic()
-        elapsed = now - self._stamp
+        # A pause freezes the bucket: no tokens pile up and the rate does not recover
+        # until it is over.
+        elapsed = now - max(self._stamp, self._not_before)
+        self._stamp = max(self._stamp, now)
         if elapsed <= 0:
             return
-        self._stamp = now
         # The factor of the start of the interval is the lower one: refilling with it errs
         # on the side of fewer requests.
         capacity = max(1.0, self.capacity * self._factor)
@@ -237,9 +240,17 @@ class TokenBucket:
                     return
                 await self._sleep((1.0 - self._tokens) / (self._per_second * self._factor))
 
-    def throttle(self, pause_seconds: float) -> None:
+    def throttle(self, pause_seconds: float, *, sent_at: float | None = None) -> None:
+        """Pause everyone for ``pause_seconds`` and halve the rate.
+
+        ``sent_at`` is when the throttled request went out: an answer to a request sent
+        before the last throttle tells of the same overload and changes nothing.
+        """
         self._refill()
         self.throttles += 1
+        if sent_at is not None and sent_at <= self._last_throttle:
+            return
+        self._last_throttle = self._stamp
         self._factor = max(MIN_RATE_FACTOR, self._factor / 2)
         self._tokens = min(self._tokens, 0.0)
         self._not_before = max(self._not_before, self._stamp + max(0.0, pause_seconds))
@@ -297,6 +308,7 @@ class _Failure:
     reason: str
     status: int | None = None
     retry_after: float | None = None
+    sent_at: float | None = None  # when the request went out (after its budget wait)
 
 
 @dataclass(slots=True)
@@ -517,7 +529,7 @@ class ApiClient:
             if failure.status == 429 or (failure.status == 503 and failure.retry_after is not None):
                 retry_after = failure.retry_after
                 pause = delay if retry_after is None else min(retry_after, RETRY_AFTER_CAP)
-                self.budget.throttle(pause)
+                self.budget.throttle(pause, sent_at=failure.sent_at)
                 self._metrics.budget_requests_per_hour = self.budget.effective_rate_per_hour
                 log.warning(
                     "api_throttled",
@@ -584,7 +596,7 @@ class ApiClient:
             self._observe(endpoint, str(status), started)
             return result
         self._observe(endpoint, str(status), started)
-        return self._http_failure(endpoint, status, body, retry_header, date_header)
+        return self._http_failure(endpoint, status, body, retry_header, date_header, started)
 
     def _http_failure(
         self,
@@ -593,6 +605,7 @@ class ApiClient:
         body: bytes,
         retry_header: str | None,
         date_header: str | None,
+        sent_at: float,
     ) -> _Failure:
         """Classify a non-2xx answer: raise for the final ones, describe the retryable ones."""
         try:
@@ -612,7 +625,7 @@ class ApiClient:
         retry_after = None
         if status in (429, 503) and retry_header is not None:
             retry_after = parse_retry_after(retry_header, now=_response_now(date_header))
-        return _Failure(str(status), reason, status, retry_after)
+        return _Failure(str(status), reason, status, retry_after, sent_at)
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         length = response.content_length

@@ -7,25 +7,40 @@ tiny apps for page shapes the simulator does not produce, and the simulator for 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
+import re
+import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 
 from exporter.client import (
+    BACKOFF_BASE,
+    RETRY_AFTER_CAP,
     ApiClient,
+    ApiError,
     AuthError,
+    NotFoundError,
     TokenBucket,
     TokenSource,
     TokenUnavailable,
+    UpstreamError,
     parse_retry_after,
 )
+from exporter.records import UNKNOWN_STATUS, Action
 from exporter.selfmetrics import SelfMetrics
+from exporter.simulator import Simulator
+from exporter.statuses import STATUS_CLASS
 
 TOKEN = "test-token-5f1b7d3c9a"
 ORG = "demo"
@@ -37,12 +52,15 @@ class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
         self.sleeps: list[float] = []
+        self.on_sleep: Callable[[], object] | None = None  # runs as each sleep begins
 
     def monotonic(self) -> float:
         return self.now
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep()
         self.now += max(0.0, seconds)
         await asyncio.sleep(0)
 
@@ -56,19 +74,22 @@ def make_client(
     **options: Any,
 ) -> ApiClient:
     clock = clock or FakeClock()
+    settings: dict[str, Any] = {
+        "organization": ORG,
+        "sleep": clock.sleep,
+        "monotonic": clock.monotonic,
+        "seed": 7,
+        **options,
+    }
     return ApiClient(
         base_url=base_url,
-        organization=options.pop("organization", ORG),
         token=token or TokenSource(value=TOKEN),
         metrics=metrics or SelfMetrics(),
-        sleep=clock.sleep,
-        monotonic=clock.monotonic,
-        seed=7,
-        **options,
+        **settings,
     )
 
 
-# --- Retry-After -------------------------------------------------------------------------------
+# --- Retry-After ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -96,7 +117,7 @@ def test_unreadable_retry_after_is_none(header: str | None) -> None:
     assert parse_retry_after(header, now=0.0) is None
 
 
-# --- the request budget --------------------------------------------------------------------------
+# --- the request budget -----------------------------------------------------------------------
 
 
 async def test_bucket_allows_its_burst_then_the_rate() -> None:
@@ -148,6 +169,21 @@ async def test_throttle_pauses_everyone_and_halves_the_rate_then_recovers() -> N
     assert not bucket.recovering
 
 
+async def test_answers_to_requests_sent_before_a_throttle_change_nothing() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(3600, monotonic=clock.monotonic, sleep=clock.sleep)
+    sent = clock.now
+    bucket.throttle(10, sent_at=sent)
+    clock.now += 4
+    bucket.throttle(10, sent_at=sent)  # in flight together with the first
+    assert bucket.effective_rate_per_hour == 1800
+    assert bucket.paused_for() == 6
+    bucket.throttle(10, sent_at=clock.now)  # sent after the first throttle: news
+    assert bucket.effective_rate_per_hour == 900
+    assert bucket.paused_for() == 10
+    assert bucket.throttles == 3
+
+
 async def test_repeated_throttles_keep_a_floor() -> None:
     clock = FakeClock()
     bucket = TokenBucket(3600, monotonic=clock.monotonic, sleep=clock.sleep)
@@ -161,7 +197,7 @@ def test_budget_must_be_positive() -> None:
         TokenBucket(0)
 
 
-# --- the token source --------------------------------------------------------------------------
+# --- the token source -------------------------------------------------------------------------
 
 
 def test_token_from_value_is_stripped() -> None:
@@ -223,7 +259,7 @@ def test_token_source_needs_a_path_or_a_value() -> None:
         TokenSource()
 
 
-# --- page shapes, against small apps of our own --------------------------------------------------
+# --- page shapes, against small apps of our own -----------------------------------------------
 
 ROOT = f"/v1/organizations/{ORG}/mdm/windows/enterprise"
 ACTIONS = ROOT + "/devices/{device}/commands/{batch}/actions"
@@ -311,3 +347,608 @@ async def test_endless_duplicates_return_the_union_without_looping(aiohttp_serve
         actions = await client.list_actions("d1", "b1")
     assert sorted(a.cmd_id for a in actions) == ["c000", "c001", "c002"]
     assert len(requests) <= 3 * 2
+
+
+# --- against the simulator --------------------------------------------------------------------
+
+START = 1_770_000_000.0
+
+
+class Simulated:
+    """A simulator behind a real aiohttp server, and a way to build clients for it."""
+
+    def __init__(self, sim: Simulator, base_url: str) -> None:
+        self.sim = sim
+        self.base_url = base_url
+        self.metrics = SelfMetrics()
+        self.clock = FakeClock()
+
+    def client(self, **options: Any) -> ApiClient:
+        options.setdefault("metrics", self.metrics)
+        options.setdefault("clock", self.clock)
+        return make_client(self.base_url, **options)
+
+    def served(self, route: str, status: int) -> int:
+        return self.sim.stats.counts[(route, status)]
+
+    def batch_with_actions(self, at_least: int = 1) -> tuple[str, str]:
+        for device in self.sim.fleet.device_ids():
+            for batch in self.sim.fleet.batch_ids(device):
+                if sum(self.sim.fleet.grouped_counts(device, batch).values()) >= at_least:
+                    return device, batch
+        raise AssertionError(f"no batch with {at_least} actions")
+
+
+async def simulated(aiohttp_server: Any, **options: Any) -> Simulated:
+    options = {"seed": 3, "devices": 6, "speed": 0, "start": START, **options}
+    sim = Simulator(organization=ORG, token=TOKEN, **options)
+    server = await aiohttp_server(sim.app())
+    return Simulated(sim, str(server.make_url("/v1")))
+
+
+@pytest.fixture
+async def sim(aiohttp_server: Any) -> Simulated:
+    return await simulated(aiohttp_server)
+
+
+def counts(actions: list[Action]) -> dict[str, int]:
+    return dict(Counter(action.status for action in actions))
+
+
+async def test_lists_every_device(sim: Simulated) -> None:
+    async with sim.client(page_size=4) as client:
+        devices = await client.list_devices()
+    assert [d.id for d in devices] == sim.sim.fleet.device_ids()
+    model = sim.sim.fleet.device(devices[0].id)
+    assert devices[0].name == model.name
+    assert devices[0].serial == model.serial
+
+
+async def test_lists_devices_by_tag_and_segment(sim: Simulated) -> None:
+    models = [sim.sim.fleet.device(d) for d in sim.sim.fleet.device_ids()]
+    tag = next(tag for model in models for tag in model.tags)
+    segment = models[0].segment
+    async with sim.client() as client:
+        tagged = await client.list_devices(tags=[tag])
+        in_segment = await client.list_devices(segment=segment)
+    assert {d.id for d in tagged} == {m.id for m in models if tag in m.tags}
+    assert {d.id for d in in_segment} == {m.id for m in models if m.segment == segment}
+
+
+async def test_batch_history_is_newest_first_with_summaries(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    async with sim.client(page_size=2) as client:
+        batches = await client.list_batches(device, max_items=100)
+    assert {b.id for b in batches} == set(sim.sim.fleet.batch_ids(device))
+    created = [b.created_at for b in batches]
+    assert created == sorted(created, reverse=True)
+    for batch in batches:
+        assert dict(batch.summary or ()) == sim.sim.fleet.grouped_counts(device, batch.id)
+        assert batch.device_id == device
+
+
+async def test_batch_history_stops_at_max_items_and_since(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    async with sim.client(page_size=2) as client:
+        everything = await client.list_batches(device, max_items=100)
+        first_two = await client.list_batches(device, max_items=2)
+        cutoff = everything[2].created_at
+        assert cutoff is not None
+        recent = await client.list_batches(device, max_items=100, since=cutoff)
+    assert first_two == everything[:2]
+    assert recent == [b for b in everything if b.created_at is not None and b.created_at >= cutoff]
+    assert len(recent) < len(everything)
+
+
+async def test_history_by_serial_number(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[1]
+    serial = sim.sim.fleet.device(device).serial
+    async with sim.client() as client:
+        batches = await client.list_batches(serial, max_items=100)
+    assert {b.id for b in batches} == set(sim.sim.fleet.batch_ids(device))
+
+
+async def test_batch_details_match_the_fleet(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    async with sim.client() as client:
+        batch = await client.get_batch(device, batch_id)
+    assert batch.id == batch_id
+    assert dict(batch.summary or ()) == sim.sim.fleet.grouped_counts(device, batch_id)
+
+
+async def test_actions_match_the_fleet(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions(3)
+    async with sim.client() as client:
+        actions = await client.list_actions(device, batch_id)
+    assert counts(actions) == sim.sim.fleet.grouped_counts(device, batch_id)
+    assert len({a.cmd_id for a in actions}) == len(actions)
+    for action in actions:
+        assert not action.problems
+        if action.received_at is not None and action.sent_at is not None:
+            assert action.received_at >= action.sent_at
+
+
+async def test_pages_to_the_end_when_upstream_caps_the_limit(aiohttp_server: Any) -> None:
+    sim = await simulated(aiohttp_server, max_limit=4, actions_per_batch=(17, 17))
+    device, batch_id = sim.batch_with_actions(17)
+    async with sim.client(page_size=100) as client:
+        actions = await client.list_actions(device, batch_id)
+    assert counts(actions) == sim.sim.fleet.grouped_counts(device, batch_id)
+    assert len({a.cmd_id for a in actions}) == 17
+    assert sim.served("actions", 200) == 5  # 4+4+4+4+1, no extra read
+
+
+@pytest.mark.parametrize("probability", [1.0, 0.5])
+async def test_shifting_pages_lose_and_duplicate_nothing(
+    aiohttp_server: Any, probability: float
+) -> None:
+    sim = await simulated(aiohttp_server, max_limit=3, actions_per_batch=(14, 14))
+    device, batch_id = sim.batch_with_actions(14)
+    expected = sim.sim.fleet.grouped_counts(device, batch_id)
+    sim.sim.faults.set(f"shifting_pages={probability}")
+    async with sim.client(page_size=3) as client:
+        for _ in range(3):
+            actions = await client.list_actions(device, batch_id)
+            assert len({a.cmd_id for a in actions}) == len(actions) == 14
+            assert counts(actions) == expected
+
+
+async def test_metrics_count_every_attempt_per_endpoint_and_code(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    async with sim.client(page_size=2) as client:
+        await client.list_devices()
+        await client.list_batches(device, max_items=100)
+        await client.get_batch(device, batch_id)
+        await client.list_actions(device, batch_id)
+        with pytest.raises(NotFoundError):
+            await client.get_batch(device, "0" * 24)
+    observed = sim.metrics.api_requests
+    for endpoint in ("devices", "commands", "command", "actions"):
+        assert observed[(endpoint, "200")] == sim.served(endpoint, 200) > 0
+        assert sim.metrics.api_durations[endpoint].count == sim.sim.stats.total(endpoint)
+    assert observed[("command", "404")] == sim.served("command", 404) == 1
+    assert sum(observed.values()) == sim.sim.stats.total()
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+def clear_after(sim: Simulated, sleeps: int) -> None:
+    """The fault ends as the client begins its ``sleeps``-th wait."""
+
+    def hook() -> None:
+        if len(sim.clock.sleeps) >= sleeps:
+            sim.sim.faults.clear()
+
+    sim.clock.on_sleep = hook
+
+
+async def test_server_errors_are_retried_with_backoff(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("error500")
+    clear_after(sim, 2)
+    async with sim.client() as client:
+        batch = await client.get_batch(device, batch_id)
+        assert client.budget.throttles == 0
+    assert batch.id == batch_id
+    assert sim.served("command", 500) == 2
+    assert sim.served("command", 200) == 1
+    assert sim.metrics.api_requests[("command", "500")] == 2
+    # Full jitter below a doubling ceiling.
+    assert len(sim.clock.sleeps) == 2
+    assert 0 <= sim.clock.sleeps[0] <= BACKOFF_BASE
+    assert 0 <= sim.clock.sleeps[1] <= 2 * BACKOFF_BASE
+
+
+@pytest.mark.parametrize(("fault", "status"), [("error500", 500), ("error503", 503)])
+async def test_server_errors_fail_after_max_attempts(
+    sim: Simulated, fault: str, status: int
+) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set(fault)
+    async with sim.client(max_attempts=3) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.get_batch(device, batch_id)
+        # A 503 without Retry-After is an outage, not a throttle.
+        assert client.budget.throttles == 0
+    assert caught.value.status == status
+    assert caught.value.endpoint == "command"
+    assert sim.served("command", status) == 3
+    assert sim.metrics.api_requests[("command", str(status))] == 3
+    assert len(sim.clock.sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "pause", "slack"),
+    [
+        ("throttle:7", 7, 0),
+        ("throttle_date:9", 9, 1),  # HTTP dates have whole seconds
+        ("error503:5", 5, 0),
+        ("throttle:4000", RETRY_AFTER_CAP, 0),
+    ],
+)
+async def test_retry_after_pauses_the_client_and_shrinks_its_rate(
+    sim: Simulated, spec: str, pause: float, slack: float
+) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set(spec)
+    clear_after(sim, 1)
+    async with sim.client() as client:
+        batch = await client.get_batch(device, batch_id)
+        assert client.budget.throttles == 1
+        assert client.budget.effective_rate_per_hour < 9000
+    assert batch.id == batch_id
+    assert sim.clock.sleeps[0] == pytest.approx(pause, abs=slack + 1e-6)
+    assert sim.metrics.budget_requests_per_hour < 9000
+    assert sim.sim.stats.total("command") == 2
+
+
+async def test_throttle_without_retry_after_backs_off(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("throttle_bare")
+    clear_after(sim, 1)
+    async with sim.client() as client:
+        await client.get_batch(device, batch_id)
+        assert client.budget.throttles == 1
+    assert sim.served("command", 429) == 1
+    assert sim.metrics.api_requests[("command", "429")] == 1
+    assert sim.clock.sleeps
+
+
+async def test_a_pause_holds_back_every_caller(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("throttle:20")
+    answered_during_pause: list[int] = []
+
+    def hook() -> None:
+        if len(sim.clock.sleeps) == 1:
+            answered_during_pause.append(
+                sim.sim.stats.total()
+                - sim.served("command", 429)
+                - sim.served("devices", 429)
+                - sim.served("actions", 429)
+            )
+            sim.sim.faults.clear()
+
+    sim.clock.on_sleep = hook
+    async with sim.client() as client:
+        await asyncio.gather(
+            client.get_batch(device, batch_id),
+            client.list_devices(),
+            client.list_actions(device, batch_id),
+        )
+        assert client.budget.throttles == 3
+        # One overload, one halving, however many requests were in flight.
+        assert 4500 <= client.budget.effective_rate_per_hour < 9000
+    assert sim.served("command", 429) == sim.served("devices", 429) == 1
+    assert sim.served("actions", 429) == 1
+    assert sim.clock.sleeps[0] == 20  # one shared pause ...
+    assert all(pause < 20 for pause in sim.clock.sleeps[1:])
+    assert answered_during_pause == [0]  # ... that every caller waited out
+
+
+async def test_connection_reset_is_retried(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("reset")
+    clear_after(sim, 1)
+    async with sim.client() as client:
+        await client.get_batch(device, batch_id)
+    assert sim.metrics.api_requests[("command", "connection")] == 1
+    assert sim.metrics.api_requests[("command", "200")] == 1
+
+
+@pytest.mark.parametrize("fault", ["invalid_json", "truncated_json"])
+async def test_undecodable_bodies_are_invalid_after_retries(sim: Simulated, fault: str) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set(fault)
+    async with sim.client(max_attempts=3) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.list_actions(device, batch_id)
+    assert "invalid body" in caught.value.reason
+    assert sim.served("actions", 200) == 3
+    assert sim.metrics.api_requests[("actions", "invalid_body")] == 3
+    assert sim.metrics.api_requests[("actions", "200")] == 0
+
+
+async def test_latency_is_measured(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("latency:0.05")
+    async with sim.client(monotonic=time.monotonic) as client:
+        await client.get_batch(device, batch_id)
+    histogram = sim.metrics.api_durations["command"]
+    assert histogram.count == 1
+    assert histogram.sum >= 0.05
+
+
+async def test_slow_body_ends_at_the_request_timeout(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("slow_body:100")
+    async with sim.client(timeout_seconds=0.2, max_attempts=2) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.get_batch(device, batch_id)
+    assert "timeout" in caught.value.reason
+    assert sim.metrics.api_requests[("command", "timeout")] == 2
+
+
+async def test_huge_body_is_refused_past_the_cap(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.faults.set("huge_body:1")
+    async with sim.client(max_body_bytes=256 * 1024) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.get_batch(device, batch_id)
+    assert caught.value.reason == "body too large"
+    assert sim.served("command", 200) == 1  # the same answer would come again: no retry
+    assert sim.metrics.api_requests[("command", "invalid_body")] == 1
+    async with sim.client(max_body_bytes=2 * 2**20) as client:
+        assert (await client.get_batch(device, batch_id)).id == batch_id
+
+
+async def test_doc_style_timestamps_decode_to_the_same_moments(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions(3)
+    async with sim.client() as client:
+        plain = await client.list_actions(device, batch_id)
+        sim.sim.faults.set("doc_timestamps")
+        documented = await client.list_actions(device, batch_id)
+        url = f"{sim.base_url}/organizations/{ORG}/mdm/windows/enterprise/devices/{device}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{url}/commands/{batch_id}/actions", headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as response,
+        ):
+            raw = await response.read()
+    assert re.search(rb'"sentAt":"\d{4}-\d\d-\d\dT\d\d: \d\d: ', raw)  # the fault is on
+    assert any(a.sent_at is not None for a in plain)
+    assert documented == plain
+
+
+async def test_unknown_statuses_are_kept_and_named(sim: Simulated) -> None:
+    sim.sim.faults.set("unknown_status")
+    async with sim.client() as client:
+        for device in sim.sim.fleet.device_ids():
+            for batch in await client.list_batches(device, max_items=100):
+                actions = await client.list_actions(device, batch.id)
+                assert counts(actions) == sim.sim.fleet.grouped_counts(device, batch.id)
+                assert dict(batch.summary or ()) == sim.sim.fleet.grouped_counts(device, batch.id)
+                unknown = [a for a in actions if a.status not in STATUS_CLASS]
+                for action in unknown:
+                    assert action.problems == {UNKNOWN_STATUS}
+                if unknown:
+                    assert UNKNOWN_STATUS in batch.problems
+                    return
+    raise AssertionError("the fault renamed no status")
+
+
+async def test_missing_fields_drop_no_record(sim: Simulated) -> None:
+    sim.sim.faults.set("missing_fields")
+    without_summary = without_code = 0
+    async with sim.client() as client:
+        devices = await client.list_devices()
+        assert len(devices) == len(sim.sim.fleet.device_ids())
+        for device in sim.sim.fleet.device_ids():
+            batches = await client.list_batches(device, max_items=100)
+            assert {b.id for b in batches} == set(sim.sim.fleet.batch_ids(device))
+            without_summary += sum(b.summary is None for b in batches)
+            for batch in batches:
+                actions = await client.list_actions(device, batch.id)
+                assert counts(actions) == sim.sim.fleet.grouped_counts(device, batch.id)
+                without_code += sum(
+                    a.status_code is None and a.received_at is not None for a in actions
+                )
+    assert without_summary and without_code  # the fault did drop fields
+
+
+# --- typed errors, the token ------------------------------------------------------------------
+
+
+async def test_invalid_token_is_an_auth_error_and_not_retried(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    sim.sim.token = "another-token"
+    async with sim.client() as client:
+        with pytest.raises(AuthError) as caught:
+            await client.get_batch(device, batch_id)
+    assert caught.value.code == 4004
+    assert sim.served("command", 401) == 1
+    assert sim.metrics.api_requests[("command", "401")] == 1
+    assert sim.clock.sleeps == []
+
+
+class BlankToken:
+    """A token source that yields nothing, so the header goes out without a token."""
+
+    def get(self) -> str:
+        return ""
+
+    def invalidate(self) -> None:
+        pass
+
+
+async def test_missing_token_is_an_auth_error_and_not_retried(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    async with sim.client(token=BlankToken()) as client:
+        with pytest.raises(AuthError) as caught:
+            await client.list_actions(device, batch_id)
+    assert caught.value.code == 4002
+    assert sim.served("actions", 401) == 1
+
+
+@pytest.mark.parametrize("unknown", ["device", "batch"])
+async def test_unknown_entity_is_not_found_and_not_retried(sim: Simulated, unknown: str) -> None:
+    device, batch_id = sim.batch_with_actions()
+    if unknown == "device":
+        device = "NOSUCHSERIAL42"
+    else:
+        batch_id = "0" * 24
+    async with sim.client() as client:
+        with pytest.raises(NotFoundError) as caught:
+            await client.list_actions(device, batch_id)
+    assert caught.value.code == 3001
+    assert sim.served("actions", 404) == 1
+    assert sim.clock.sleeps == []
+
+
+async def test_malformed_id_is_a_final_upstream_error(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    async with sim.client() as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.get_batch(device, "not-a-command-id")
+    assert caught.value.status == 400
+    assert sim.served("command", 400) == 1
+    assert sim.clock.sleeps == []
+
+
+async def test_rotated_token_file_takes_effect_without_restart(
+    sim: Simulated, tmp_path: Path
+) -> None:
+    device, batch_id = sim.batch_with_actions()
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    async with sim.client(token=TokenSource(path=str(path))) as client:
+        await client.get_batch(device, batch_id)
+        sim.sim.token = "rotated-token"
+        with pytest.raises(AuthError):
+            await client.get_batch(device, batch_id)
+        fresh = tmp_path / "token.new"
+        fresh.write_text("rotated-token\n")
+        os.replace(fresh, path)
+        assert (await client.get_batch(device, batch_id)).id == batch_id
+    assert sim.served("command", 200) == 2
+
+
+async def test_vanished_token_file_fails_before_any_request(sim: Simulated, tmp_path: Path) -> None:
+    device, batch_id = sim.batch_with_actions()
+    async with sim.client(token=TokenSource(path=str(tmp_path / "absent"))) as client:
+        with pytest.raises(TokenUnavailable) as caught:
+            await client.get_batch(device, batch_id)
+    assert caught.value.endpoint == "command"
+    assert sim.sim.stats.total() == 0
+
+
+async def test_the_token_never_reaches_logs_errors_or_metrics(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    output = io.StringIO()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=structlog.PrintLoggerFactory(file=output),
+        cache_logger_on_first_use=False,
+    )
+    errors: list[ApiError] = []
+    try:
+        async with sim.client(max_attempts=2) as client:
+            for spec in ("error500", "throttle:1", "reset", "invalid_json", "huge_body:1"):
+                sim.sim.faults.set(spec)
+                try:
+                    await client.get_batch(device, batch_id)
+                except ApiError as exc:
+                    errors.append(exc)
+            sim.sim.faults.clear()
+            sim.sim.token = "another-token"
+            with pytest.raises(AuthError) as caught:
+                await client.list_actions(device, batch_id)
+            errors.append(caught.value)
+            described = repr(client) + repr(client.budget)
+    finally:
+        structlog.reset_defaults()
+    logged = output.getvalue()
+    assert "api_retry" in logged and "api_throttled" in logged  # the capture works
+    assert TOKEN not in logged
+    assert len(errors) >= 4
+    for error in errors:
+        assert TOKEN not in str(error) and TOKEN not in repr(error)
+        assert all(TOKEN not in str(arg) for arg in error.args)
+    assert TOKEN not in described
+    assert all(TOKEN not in part for key in sim.metrics.api_requests for part in key)
+
+
+# --- the request budget, measured at the simulator --------------------------------------------
+
+
+async def test_budget_is_never_exceeded_in_a_burst(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    batch_ids = sim.sim.fleet.batch_ids(device)
+    start = sim.clock.now
+    rate = 360 / 3600  # one request every ten seconds; the bucket holds one
+    seen: list[tuple[float, int]] = []
+    sim.clock.on_sleep = lambda: seen.append((sim.clock.now, sim.sim.stats.total()))
+    calls = batch_ids * 3
+    async with sim.client(requests_per_hour=360, max_concurrency=4) as client:
+        await asyncio.gather(*(client.get_batch(device, b) for b in calls))
+        assert client.budget.spent == len(calls)
+    served = sim.sim.stats.total()
+    assert served == len(calls)
+    assert seen, "the budget never made anyone wait"
+    for now, count in seen:
+        assert count <= 1 + rate * (now - start) + 1e-9
+    assert sim.clock.now - start >= (served - 1) / rate - 1e-6
+
+
+# --- the session and concurrency, against small apps ------------------------------------------
+
+COMMAND = ROOT + "/devices/{device}/commands/{batch}"
+
+
+async def test_concurrency_is_bounded(aiohttp_server: Any) -> None:
+    in_flight = 0
+    peak = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return web.json_response({"status": True, "data": {"id": request.match_info["batch"]}})
+
+    app = web.Application()
+    app.router.add_get(COMMAND, handler)
+    server = await aiohttp_server(app)
+    async with make_client(str(server.make_url("/v1")), max_concurrency=3) as client:
+        batches = await asyncio.gather(*(client.get_batch("d1", f"{n:024x}") for n in range(12)))
+    assert [b.id for b in batches] == [f"{n:024x}" for n in range(12)]
+    assert peak == 3
+
+
+async def test_error_envelope_on_a_success_status_is_an_invalid_body(aiohttp_server: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"status": False, "error": {"code": 9, "message": "odd"}})
+
+    app = web.Application()
+    app.router.add_get(COMMAND, handler)
+    server = await aiohttp_server(app)
+    metrics = SelfMetrics()
+    async with make_client(str(server.make_url("/v1")), metrics=metrics, max_attempts=2) as client:
+        with pytest.raises(UpstreamError):
+            await client.get_batch("d1", "b1")
+    assert metrics.api_requests[("command", "invalid_body")] == 2
+
+
+async def test_streamed_body_without_length_is_capped(aiohttp_server: Any) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b'{"status":true,"data":{"id":"b1","name":"')
+        for _ in range(64):
+            await response.write(b"x" * 16384)
+        await response.write(b'"}}')
+        return response
+
+    app = web.Application()
+    app.router.add_get(COMMAND, handler)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("/v1"))
+    async with make_client(base, max_body_bytes=256 * 1024) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.get_batch("d1", "b1")
+    assert caught.value.reason == "body too large"
+    async with make_client(base, max_body_bytes=2 * 2**20) as client:
+        assert (await client.get_batch("d1", "b1")).id == "b1"
+
+
+async def test_a_given_session_is_used_and_left_open(sim: Simulated) -> None:
+    device, batch_id = sim.batch_with_actions()
+    async with aiohttp.ClientSession() as session:
+        async with sim.client(session=session) as client:
+            await client.get_batch(device, batch_id)
+        assert not session.closed
