@@ -1,0 +1,561 @@
+"""The Grafana dashboard: structure, variables, and the PromQL of every query.
+
+Also the home of two helpers other tests use:
+- ``grafana_queries(dashboard)``: every query of the dashboard with its template variables
+  substituted, ready to send to a real Prometheus;
+- ``promql_problems(expr)`` / ``metric_names(expr)``: a promtool-free PromQL sanity check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from promstack import ApiError, running_prometheus
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "applivery-mdm-exporter.json"
+GENERATOR_PATH = ROOT / "grafana" / "build_dashboard.py"
+RECORDING_RULES = ROOT / "prometheus" / "recording.yml"
+
+# The metric contract (docs: design.md, "Metrics" and "Exporter self-metrics").
+EXPORTER_METRICS: Mapping[str, str] = {
+    "applivery_windows_command_actions": "gauge",
+    "applivery_windows_command_action_transitions": "counter",
+    "applivery_windows_command_ack_latency_seconds": "histogram",
+    "applivery_windows_command_oldest_pending_sent_timestamp_seconds": "gauge",
+    "applivery_windows_device_info": "gauge",
+    "applivery_windows_command_info": "gauge",
+    "applivery_exporter_target_up": "gauge",
+    "applivery_exporter_last_success_timestamp_seconds": "gauge",
+    "applivery_exporter_api_requests": "counter",
+    "applivery_exporter_api_request_duration_seconds": "histogram",
+    "applivery_exporter_api_budget_requests_per_hour": "gauge",
+    "applivery_exporter_poll_round_duration_seconds": "gauge",
+    "applivery_exporter_parse_problems": "counter",
+    "applivery_exporter_config_last_reload_successful": "gauge",
+    "applivery_exporter_build_info": "gauge",
+}
+PROMETHEUS_METRICS = frozenset({"up"})
+
+# What a query may stand for when sent to Prometheus outside Grafana.
+DEFAULT_VARIABLES: Mapping[str, str] = {
+    "datasource": "prometheus",
+    "job": "applivery-mdm-exporter",
+    "instance": ".+",
+    "device": ".+",
+    "__range": "1h",
+    "__rate_interval": "1m",
+    "__interval": "1m",
+}
+GRAFANA_BUILTINS = frozenset({"__range", "__rate_interval", "__interval"})
+
+
+# --- metric names --------------------------------------------------------------------------
+
+
+def sample_names() -> frozenset[str]:
+    """Every series name the exporter exposes, with counter and histogram suffixes."""
+    names = set(PROMETHEUS_METRICS)
+    for name, kind in EXPORTER_METRICS.items():
+        if kind == "counter":
+            names.add(f"{name}_total")
+        elif kind == "histogram":
+            names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(name)
+    return frozenset(names)
+
+
+def recorded_names(path: Path = RECORDING_RULES) -> frozenset[str]:
+    document = yaml.safe_load(path.read_text())
+    return frozenset(
+        rule["record"]
+        for group in document["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    )
+
+
+# --- a small PromQL lexer --------------------------------------------------------------------
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+FUNCTIONS = _words(
+    """abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes
+    clamp clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year
+    days_in_month deg delta deriv exp floor histogram_count histogram_fraction
+    histogram_quantile histogram_sum holt_winters hour idelta increase irate label_join
+    label_replace last_over_time ln log10 log2 max_over_time min_over_time minute month pi
+    predict_linear present_over_time quantile_over_time rad rate resets round scalar sgn sin
+    sinh sort sort_desc sqrt stddev_over_time stdvar_over_time sum_over_time tan tanh time
+    timestamp vector year"""
+)
+AGGREGATIONS = _words(
+    "sum min max avg group stddev stdvar count count_values bottomk topk quantile"
+)
+GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+KEYWORDS = GROUPING | {"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"}
+MATCH_OPS = frozenset({"=", "!=", "=~", "!~"})
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+)
+   |(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+   |(?P<duration>(?:\d+(?:ms|s|m|h|d|w|y))+)(?![\w.])
+   |(?P<number>0x[0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+   |(?P<colon>:)
+   |(?P<ident>[a-zA-Z_][a-zA-Z0-9_:]*)
+   |(?P<op>==|!=|>=|<=|=~|!~|[-+*/%^<>=])
+   |(?P<open>[({\[])
+   |(?P<close>[)}\]])
+   |(?P<comma>,)
+    """,
+    re.VERBOSE,
+)
+_PAIRS = {"(": ")", "{": "}", "[": "]"}
+
+
+def _tokens(expr: str) -> Iterator[tuple[str, str]]:
+    position = 0
+    while position < len(expr):
+        match = _TOKEN.match(expr, position)
+        if match is None:
+            yield "bad", expr[position]
+            position += 1
+            continue
+        position = match.end()
+        kind = match.lastgroup or "bad"
+        if kind != "ws":
+            yield kind, match.group()
+
+
+class _Scan:
+    """One pass over the tokens. Brackets open contexts: call, paren, labels (after by,
+    without, on, ...), matchers ({...}) and range ([...])."""
+
+    def __init__(self, expr: str) -> None:
+        self.tokens = list(_tokens(expr))
+        self.problems: list[str] = []
+        self.metrics: set[str] = set()
+        self.stack: list[tuple[str, str]] = []  # (opening bracket, context)
+        self.ended = False  # the last token ended an operand: no operand may follow
+        self.aggregation_labels = False  # the open label list belongs to sum by (...) etc.
+        self.after_aggregation_labels = False  # such a list was just closed
+        if "$" in expr or "[[" in expr:
+            self.problems.append("unsubstituted template variable")
+        if not self.tokens:
+            self.problems.append("empty expression")
+        for index in range(len(self.tokens)):
+            self._token(index)
+        if self.stack:
+            self.problems.append(f"unclosed {self.stack[-1][0]!r}")
+        if self.tokens and not self.ended:
+            self.problems.append("expression ends without an operand")
+
+    def _at(self, index: int) -> tuple[str, str]:
+        return self.tokens[index] if 0 <= index < len(self.tokens) else ("edge", "")
+
+    def _token(self, index: int) -> None:
+        kind, text = self.tokens[index]
+        context = self.stack[-1][1] if self.stack else "top"
+        if kind == "bad":
+            self.problems.append(f"unexpected character {text!r}")
+        elif kind != "close" and context in {"matchers", "labels", "range"}:
+            self._inside(context, kind, text, self._at(index + 1))
+        elif kind == "close":
+            self._close(text)
+        else:
+            self._outside(index, kind, text)
+
+    def _inside(self, context: str, kind: str, text: str, following: tuple[str, str]) -> None:
+        if context == "matchers":
+            if kind == "ident" and not (following[0] == "op" and following[1] in MATCH_OPS):
+                self.problems.append(f"label {text!r} without a matcher")
+            elif kind == "op" and text not in MATCH_OPS:
+                self.problems.append(f"{text!r} is not a label matcher")
+            elif kind not in {"ident", "op", "string", "comma"}:
+                self.problems.append(f"unexpected {text!r} in label matchers")
+        elif context == "labels" and kind not in {"ident", "comma"}:
+            self.problems.append(f"unexpected {text!r} in a label list")
+        elif context == "range" and kind not in {"duration", "colon"}:
+            self.problems.append(f"{text!r} is not a duration")
+
+    def _outside(self, index: int, kind: str, text: str) -> None:
+        operand = kind in {"number", "string", "duration"} or (kind, text) == ("open", "(")
+        operand = operand or (kind == "ident" and text not in KEYWORDS)
+        if self.ended and operand:
+            self.problems.append(f"missing operator before {text!r}")
+        if kind == "ident":
+            self._ident(index, text)
+        elif kind == "open":
+            self._open(index, text)
+        elif kind == "op":
+            if not self.ended and text not in "+-":
+                self.problems.append(f"operator {text!r} without a left operand")
+            self.ended = False
+        elif kind == "comma":
+            if not self.stack or self.stack[-1][1] != "call":
+                self.problems.append("comma outside a function call")
+            self.ended = False
+        elif kind == "colon":
+            self.problems.append("colon outside a subquery range")
+        else:
+            self.ended = True
+
+    def _ident(self, index: int, text: str) -> None:
+        following = self._at(index + 1)
+        if text in {"by", "without"}:
+            previous = self._at(index - 1)
+            self.aggregation_labels = previous[0] == "ident" and previous[1] in AGGREGATIONS
+        if following == ("open", "("):
+            if text not in GROUPING | FUNCTIONS | AGGREGATIONS:
+                self.problems.append(f"unknown function {text!r}")
+            self.ended = False
+        elif text in AGGREGATIONS and following in {("ident", "by"), ("ident", "without")}:
+            self.ended = False
+        elif text in KEYWORDS:
+            self.ended = text in {"inf", "nan"}
+        else:
+            self.metrics.add(text)
+            self.ended = True
+
+    def _open(self, index: int, text: str) -> None:
+        previous = self._at(index - 1)
+        if text == "{":
+            context = "matchers"
+        elif text == "[":
+            context = "range"
+        elif previous[0] == "ident" and previous[1] in GROUPING:
+            context = "labels"
+        elif previous[0] == "ident" and previous[1] not in KEYWORDS:
+            context = "call"
+        elif previous == ("close", ")") and self.after_aggregation_labels:
+            context = "call"  # the argument list of sum by (job) (...)
+        else:
+            context = "paren"
+        self.stack.append((text, context))
+        self.ended = False
+
+    def _close(self, text: str) -> None:
+        if not self.stack or _PAIRS[self.stack[-1][0]] != text:
+            self.problems.append(f"unbalanced {text!r}")
+            self.ended = True
+            return
+        _, closed = self.stack.pop()
+        self.ended = closed != "labels"
+        self.after_aggregation_labels = closed == "labels" and self.aggregation_labels
+
+
+def promql_problems(expr: str) -> list[str]:
+    """Syntax problems a lightweight lexer can see; [] for a plausible expression."""
+    return _Scan(expr).problems
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric (and recorded series) names the expression selects."""
+    return _Scan(expr).metrics
+
+
+# --- dashboard helpers ------------------------------------------------------------------------
+
+
+def load_dashboard(path: Path = DASHBOARD_PATH) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows keep their panels inside
+
+
+def _variable_query(variable: Mapping[str, Any]) -> str:
+    query = variable.get("query", "")
+    return query.get("query", "") if isinstance(query, Mapping) else str(query)
+
+
+_LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.*),\s*(?P<label>\w+)\s*\)\s*$", re.S)
+_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+
+
+def substitute(text: str, values: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = next(group for group in match.groups() if group)
+        return values.get(name, match.group())
+
+    return _VARIABLE.sub(replace, text)
+
+
+def referenced_variables(text: str) -> set[str]:
+    return {next(g for g in m.groups() if g) for m in _VARIABLE.finditer(text)}
+
+
+def raw_queries(dashboard: Mapping[str, Any]) -> list[str]:
+    """Panel target expressions and the series selectors of label_values() variables."""
+    queries = [
+        target["expr"]
+        for panel in _panels(dashboard)
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") == "query":
+            match = _LABEL_VALUES.match(_variable_query(variable))
+            if match:
+                queries.append(match["selector"])
+    return queries
+
+
+def grafana_queries(
+    dashboard: Mapping[str, Any], values: Mapping[str, str] | None = None
+) -> list[str]:
+    """Every query of the dashboard with template variables substituted (DEFAULT_VARIABLES,
+    overridden by values): what Grafana would send to Prometheus."""
+    merged = {**DEFAULT_VARIABLES, **(values or {})}
+    return [substitute(query, merged) for query in raw_queries(dashboard)]
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_dashboard", GENERATOR_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return load_dashboard()
+
+
+def _content_panels(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in _panels(dashboard) if p.get("type") != "row"]
+
+
+# --- the PromQL checker itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        ("sum(rate(x_total[5m])", "unclosed"),
+        ("rate(x_total[5m]))", "unbalanced"),
+        ('x{job=~"$job"}', "unsubstituted"),
+        ("rate(x_total[five])", "not a duration"),
+        ("rates(x_total[5m])", "unknown function"),
+        ("x y", "missing operator"),
+        ("sum(x) sum(y)", "missing operator"),
+        ("x * / y", "without a left operand"),
+        ("x >", "ends without an operand"),
+        ('x{job "a"}', "without a matcher"),
+        ('x{job=="a"}', "not a label matcher"),
+        ("sum by (job, 5) (x)", "label list"),
+        ("", "empty"),
+    ],
+)
+def test_promql_checker_rejects_broken_queries(expr: str, problem: str) -> None:
+    assert any(problem in p for p in promql_problems(expr)), promql_problems(expr)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        'sum by (le) (increase(a_bucket{job=~"j", le!="1"}[1h]))',
+        "histogram_quantile(0.95, sum without (x) (rate(a_bucket[5m])))",
+        "(a or b * 0) / c",
+        "a * on (job, instance) group_left (name) max by (job, instance, name) (b)",
+        "a / on (job) (b > 0)",
+        'topk(10, time() - a{device=~".+"})',
+        "-a + 1e3 - inf",
+        "sum(rate(a_total[5m] offset 1h)) > bool 0",
+        "max_over_time(a[1h:5m])",
+        'level:metric:rate5m{code=~"429|503"} and b >= 20',
+    ],
+)
+def test_promql_checker_accepts_valid_queries(expr: str) -> None:
+    assert promql_problems(expr) == []
+
+
+def test_metric_names_ignore_functions_labels_and_keywords() -> None:
+    expr = (
+        'sum by (job) (rate(a_total{code="401"}[5m])) / on (job) group_left (name) '
+        "max by (job, name) (b:c:sum) and bool d"
+    )
+    assert metric_names(expr) == {"a_total", "b:c:sum", "d"}
+
+
+# --- the generator ---------------------------------------------------------------------------
+
+
+def test_committed_dashboard_is_what_the_generator_renders() -> None:
+    generator = _load_generator()
+    assert DASHBOARD_PATH.read_text() == generator.render(), (
+        "grafana/dashboards/applivery-mdm-exporter.json is out of date: "
+        "run python grafana/build_dashboard.py"
+    )
+
+
+# --- structure -------------------------------------------------------------------------------
+
+
+def test_dashboard_is_a_grafana_10_dashboard(dashboard: dict[str, Any]) -> None:
+    assert dashboard["schemaVersion"] >= 38
+    assert dashboard["uid"] and len(dashboard["uid"]) <= 40
+    assert dashboard["title"]
+    assert "id" not in dashboard or dashboard["id"] is None  # importable anywhere
+    assert {"from", "to"} <= dashboard["time"].keys()
+    assert isinstance(dashboard["templating"]["list"], list)
+
+
+def test_panel_ids_are_unique_positive_integers(dashboard: dict[str, Any]) -> None:
+    ids = [panel["id"] for panel in _panels(dashboard)]
+    assert all(isinstance(i, int) and i > 0 for i in ids)
+    assert len(ids) == len(set(ids))
+
+
+def test_panels_sit_on_the_grid_without_overlapping(dashboard: dict[str, Any]) -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in _panels(dashboard):
+        grid = panel["gridPos"]
+        assert all(isinstance(grid[k], int) for k in ("h", "w", "x", "y")), panel["title"]
+        assert grid["h"] > 0 and grid["w"] > 0
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = panel["title"]
+
+
+def test_every_panel_queries_the_datasource_variable(dashboard: dict[str, Any]) -> None:
+    expected = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in _content_panels(dashboard):
+        assert panel["datasource"] == expected, panel["title"]
+        assert panel["targets"], f"{panel['title']} has no query"
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == expected, panel["title"]
+            assert target["expr"].strip(), panel["title"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            assert variable["datasource"] == expected, variable["name"]
+
+
+def test_variables_datasource_job_instance_device(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance", "device"):
+        assert variables[name]["type"] == "query"
+    device = _LABEL_VALUES.match(_variable_query(variables["device"]))
+    assert device is not None
+    assert metric_names(substitute(device["selector"], DEFAULT_VARIABLES)) == {
+        "applivery_exporter_target_up"
+    }
+    assert device["label"] == "device"
+    for name in ("job", "instance"):
+        match = _LABEL_VALUES.match(_variable_query(variables[name]))
+        assert match is not None and match["label"] == name
+
+
+def test_every_referenced_variable_exists_and_every_variable_is_used(
+    dashboard: dict[str, Any],
+) -> None:
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+    text = json.dumps(dashboard["panels"]) + json.dumps(dashboard["templating"])
+    used = referenced_variables(text)
+    assert used - GRAFANA_BUILTINS <= defined
+    assert defined <= used
+
+
+def test_queries_use_only_exporter_metrics_and_recording_rules(dashboard: dict[str, Any]) -> None:
+    allowed = sample_names() | recorded_names()
+    for query in grafana_queries(dashboard):
+        unknown = metric_names(query) - allowed
+        assert not unknown, f"{query}: unknown metrics {sorted(unknown)}"
+
+
+def test_every_query_is_plausible_promql(dashboard: dict[str, Any]) -> None:
+    for query in grafana_queries(dashboard):
+        assert promql_problems(query) == [], query
+
+
+def test_queries_filter_by_the_selected_job_and_instance(dashboard: dict[str, Any]) -> None:
+    for panel in _content_panels(dashboard):
+        for target in panel["targets"]:
+            assert 'job=~"$job"' in target["expr"], panel["title"]
+            assert 'instance=~"$instance"' in target["expr"], panel["title"]
+
+
+def test_dashboard_covers_the_command_and_health_views(dashboard: dict[str, Any]) -> None:
+    by_type: dict[str, list[str]] = {}
+    for panel in _content_panels(dashboard):
+        by_type.setdefault(panel["type"], []).extend(t["expr"] for t in panel["targets"])
+    used = set().union(*(metric_names(q) for q in grafana_queries(dashboard)))
+    recorded = recorded_names()
+    # Every family of the contract that carries a time series worth plotting.
+    for base in (
+        "applivery_windows_command_actions",
+        "applivery_windows_command_action_transitions",
+        "applivery_windows_command_oldest_pending_sent_timestamp_seconds",
+        "applivery_windows_device_info",
+        "applivery_exporter_target_up",
+        "applivery_exporter_last_success_timestamp_seconds",
+        "applivery_exporter_api_requests",
+        "applivery_exporter_api_budget_requests_per_hour",
+        "applivery_exporter_poll_round_duration_seconds",
+        "applivery_exporter_parse_problems",
+        "applivery_exporter_config_last_reload_successful",
+    ):
+        assert any(base in name for name in used), f"no panel shows {base}"
+    heatmaps = by_type.get("heatmap", [])
+    assert any("applivery_windows_command_ack_latency_seconds_bucket" in q for q in heatmaps)
+    quantile_rules = {n for n in recorded if "histogram_quantile" in n}
+    assert quantile_rules & used, "no panel shows latency quantiles"
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert any(f'quantile="{quantile}"' in q for q in by_type.get("timeseries", []))
+    assert by_type.get("table"), "no table (devices with most errors)"
+
+
+def test_heatmap_targets_are_heatmap_formatted(dashboard: dict[str, Any]) -> None:
+    for panel in _content_panels(dashboard):
+        if panel["type"] == "heatmap":
+            assert panel["options"]["calculate"] is False
+            for target in panel["targets"]:
+                assert target["format"] == "heatmap"
+                assert "sum by (le)" in target["expr"]
+
+
+def test_grafana_queries_substitutes_every_variable(dashboard: dict[str, Any]) -> None:
+    queries = grafana_queries(dashboard, {"job": "other-job"})
+    assert len(queries) == len(raw_queries(dashboard))
+    assert all("$" not in q for q in queries)
+    assert any('job=~"other-job"' in q for q in queries)
+
+
+# --- against a real Prometheus ------------------------------------------------------------------
+
+
+async def test_prometheus_accepts_every_dashboard_query(dashboard: dict[str, Any]) -> None:
+    """Prometheus parses and type-checks each query (a bad one answers 400 bad_data)."""
+    rejected: list[str] = []
+    async with running_prometheus(rule_files=[RECORDING_RULES]) as prometheus:
+        for query in grafana_queries(dashboard):
+            try:
+                await prometheus.query(query)
+            except ApiError as exc:
+                rejected.append(f"{query}: {exc}")
+    assert rejected == []
