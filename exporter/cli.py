@@ -98,6 +98,7 @@ def build_exporter(
         latency_buckets=config.metrics.latency_buckets,
         metrics=metrics,
         clock=clock,
+        wall_clock=time.time,
     )
     share = 1 / shard.total if shard else 1.0
     api = config.api

@@ -108,6 +108,7 @@ class _Batch:
 @dataclass(slots=True)
 class _Device:
     watermark: float
+    watched_at: float  # wall clock, for staleness
     name: str | None
     labels: Mapping[str, str]
     info: Mapping[str, str]
@@ -130,7 +131,11 @@ class FleetState:
         latency_buckets: Sequence[float],
         metrics: SelfMetrics,
         clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` is the upstream's time line (watermarks are compared with upstream
+        timestamps); ``wall_clock`` dates polls and staleness. They differ only when the
+        upstream runs in accelerated time (the simulator)."""
         self.organization = organization
         # Sorted, finite and unique: the renderer adds +Inf, and OpenMetrics rejects disorder.
         self.latency_buckets = tuple(
@@ -138,6 +143,7 @@ class FleetState:
         )
         self._metrics = metrics
         self._clock = clock
+        self._wall_clock = wall_clock or clock
         self.generation = 0
         # Moves when the fleet-wide counters (transitions, latency) change.
         self.counters_generation = 0
@@ -196,6 +202,7 @@ class FleetState:
             generation = self._bump()
             self._devices[device] = _Device(
                 watermark=self._clock(),
+                watched_at=self._wall_clock(),
                 name=name,
                 labels=labels,
                 info=info,
@@ -390,7 +397,7 @@ class FleetState:
         if dev is None:
             return
         dev.up, dev.polled, dev.last_error = True, True, None
-        dev.last_success = self._clock()
+        dev.last_success = self._wall_clock()
         dev.status_gen = self._bump()
         if dev.expired:
             dev.expired = False
@@ -406,12 +413,12 @@ class FleetState:
             dev.status_gen = self._bump()
 
     def expire(self, stale_after_seconds: float) -> list[str]:
-        now = self._clock()
+        now = self._wall_clock()
         expired = []
         for device, dev in self._devices.items():
             if dev.up or not dev.polled or dev.expired:
                 continue
-            since = dev.last_success if dev.last_success is not None else dev.watermark
+            since = dev.last_success if dev.last_success is not None else dev.watched_at
             if now - since > stale_after_seconds:
                 # The per-action memory stays: when the device is back, nothing counts twice.
                 dev.expired = True
