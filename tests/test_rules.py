@@ -1,0 +1,422 @@
+"""Alert and recording rules: promtool checks and unit tests, the annotations every alert
+needs, the runbook anchors they point at, and the rules running in a real Prometheus whose
+alerts reach a webhook through a real Alertmanager."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as CounterMetric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from promstack import (
+    AMTOOL_BIN,
+    PROMTOOL_BIN,
+    AlertSink,
+    ScrapeTarget,
+    eventually,
+    immediate_alerts,
+    require_binaries,
+    running_alertmanager,
+    running_prometheus,
+)
+from test_dashboard import metric_names, promql_problems, recorded_names, sample_names
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES_DIR = ROOT / "prometheus"
+ALERTS = RULES_DIR / "alerts.yml"
+RECORDING = RULES_DIR / "recording.yml"
+RULE_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = (
+    "https://github.com/applivery-mdm-exporter/applivery-mdm-exporter/blob/main/docs/runbook.md#"
+)
+SEVERITIES = {"critical", "warning", "info"}
+JOB = "applivery-mdm-exporter"
+
+# The contract's default latency buckets (design.md).
+LATENCY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+
+
+def _rules(path: Path) -> list[dict[str, Any]]:
+    document = yaml.safe_load(path.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def _alerts() -> list[dict[str, Any]]:
+    return [rule for rule in _rules(ALERTS) if "alert" in rule]
+
+
+def _unit_tests() -> list[dict[str, Any]]:
+    return [test for path in RULE_TESTS for test in yaml.safe_load(path.read_text())["tests"]]
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    return {
+        github_anchor(line.lstrip("#"))
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("#")
+    }
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    (promtool,) = require_binaries(PROMTOOL_BIN)
+    return subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+# --- promtool --------------------------------------------------------------------------------
+
+
+def test_rule_files_pass_promtool_check() -> None:
+    result = _promtool("check", "rules", str(RECORDING), str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("test_file", RULE_TESTS, ids=[p.name for p in RULE_TESTS])
+def test_promtool_unit_tests_pass(test_file: Path) -> None:
+    result = _promtool("test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_prometheus_config_is_valid() -> None:
+    result = _promtool("check", "config", str(RULES_DIR / "prometheus.example.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_prometheus_config_scrapes_the_exporter() -> None:
+    config = yaml.safe_load((RULES_DIR / "prometheus.example.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    assert job["scrape_interval"] == "30s"
+    assert job["scrape_timeout"] == "10s"
+    assert job["static_configs"][0]["targets"] == ["localhost:10190"]
+    assert set(config["rule_files"]) == {"alerts.yml", "recording.yml"}
+    assert config["alerting"]["alertmanagers"]
+
+
+def test_example_alertmanager_config_is_valid() -> None:
+    (amtool,) = require_binaries(AMTOOL_BIN)
+    result = subprocess.run(
+        [amtool, "check-config", str(RULES_DIR / "alertmanager.example.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- alert conventions -----------------------------------------------------------------------
+
+
+def test_alerts_are_camel_case_with_severity_and_annotations() -> None:
+    alerts = _alerts()
+    assert alerts
+    for alert in alerts:
+        name = alert["alert"]
+        assert re.fullmatch(r"Applivery(?:[A-Z][a-z0-9]*)+", name), name
+        assert alert["labels"]["severity"] in SEVERITIES, name
+        for key in ("summary", "description", "runbook_url"):
+            assert alert["annotations"].get(key, "").strip(), f"{name}: no {key}"
+
+
+def test_every_runbook_url_points_at_an_existing_runbook_section() -> None:
+    anchors = runbook_anchors()
+    for alert in _alerts():
+        url = alert["annotations"]["runbook_url"]
+        assert url.startswith(RUNBOOK_URL), url
+        anchor = url.removeprefix(RUNBOOK_URL)
+        assert anchor in anchors, f"{alert['alert']}: docs/runbook.md has no #{anchor}"
+        assert anchor == github_anchor(alert["alert"])
+
+
+def test_runbook_sections_match_the_alerts() -> None:
+    documented = {
+        line.lstrip("#").strip()
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("## Applivery")
+    }
+    assert documented == {alert["alert"] for alert in _alerts()}
+
+
+def test_github_anchor_follows_githubs_rules() -> None:
+    assert github_anchor(" AppliveryExporterDown") == "appliveryexporterdown"
+    assert github_anchor("How MDM timing shapes the thresholds") == (
+        "how-mdm-timing-shapes-the-thresholds"
+    )
+    assert github_anchor("Severity policy (read me)") == "severity-policy-read-me"
+
+
+# --- rule expressions ------------------------------------------------------------------------
+
+
+def test_rules_read_only_exporter_metrics_and_recorded_series() -> None:
+    allowed = sample_names() | recorded_names(RECORDING)
+    for rule in _rules(RECORDING) + _rules(ALERTS):
+        expr = rule["expr"]
+        assert promql_problems(expr) == [], expr
+        unknown = metric_names(expr) - allowed
+        assert not unknown, f"{rule.get('alert') or rule.get('record')}: {sorted(unknown)}"
+
+
+def test_recording_rules_follow_level_metric_operations() -> None:
+    exporter = {name.removesuffix("_total") for name in sample_names()}
+    for rule in _rules(RECORDING):
+        level, metric, operations = rule["record"].split(":")
+        assert re.fullmatch(r"[a-z_]+", level), rule["record"]
+        assert re.fullmatch(r"[a-z0-9_]+", operations), rule["record"]
+        assert metric.startswith("applivery_"), rule["record"]
+        # The metric part names an exporter family, or a ratio or subset derived from one.
+        assert any(metric.startswith(name) or name.startswith(metric) for name in exporter) or (
+            metric.startswith(("applivery_windows_command_action_", "applivery_exporter_api_"))
+        ), rule["record"]
+
+
+LEVEL_LABELS = ("instance", "device", "status_class", "code", "le", "quantile")
+
+
+def level_labels(record: str) -> set[str]:
+    """Labels a recorded name's level promises besides job and organization."""
+    level = record.split(":")[0]
+    pattern = "|".join(LEVEL_LABELS)
+    assert re.fullmatch(rf"(?:{pattern})(?:_(?:{pattern}))*", level), record
+    return set(re.findall(pattern, level))
+
+
+def test_recording_rule_levels_name_known_labels() -> None:
+    for rule in _rules(RECORDING):
+        assert "instance" in level_labels(rule["record"]), rule["record"]
+
+
+def test_every_rule_is_covered_by_promtool_unit_tests() -> None:
+    tests = _unit_tests()
+    tested_alerts: dict[str, Counter[bool]] = {}
+    tested_exprs: set[str] = set()
+    for test in tests:
+        for case in test.get("alert_rule_test", []):
+            tested_alerts.setdefault(case["alertname"], Counter())[bool(case["exp_alerts"])] += 1
+        for case in test.get("promql_expr_test", []):
+            tested_exprs |= metric_names(case["expr"])
+    for alert in _alerts():
+        cases = tested_alerts.get(alert["alert"], Counter())
+        assert cases[True], f"{alert['alert']}: no firing case"
+        assert cases[False], f"{alert['alert']}: no not-firing case"
+    for record in recorded_names(RECORDING):
+        assert record in tested_exprs, f"{record}: no promql_expr_test"
+
+
+def test_alerts_that_read_recorded_series_come_with_them() -> None:
+    recorded = recorded_names(RECORDING)
+    for test_file in RULE_TESTS:
+        document = yaml.safe_load(test_file.read_text())
+        if "../alerts.yml" in document["rule_files"]:
+            assert "../recording.yml" in document["rule_files"], test_file.name
+    assert any(metric_names(a["expr"]) & recorded for a in _alerts())
+
+
+# --- in a real Prometheus and Alertmanager -------------------------------------------------------
+
+ACTIONS = {
+    # (device, command, status, status_class): actions
+    ("pc-1", "c1", "Acknowledged", "success"): 3,
+    ("pc-1", "c1", "CommandNotFound", "error"): 2,
+    ("pc-2", "c2", "Awaiting", "pending"): 4,
+    ("pc-2", "c2", "Acknowledged", "success"): 1,
+}
+DEVICES_UP = {"pc-1": 1, "pc-2": 0}
+# Per scrape: 4 successes and 1 error enter; one success answered after 20 s.
+TRANSITIONS_PER_SCRAPE = {("Acknowledged", "success"): 4, ("CommandNotFound", "error"): 1}
+LATENCY_PER_SCRAPE = 20.0
+
+
+class FakeExporter:
+    """A few of the exporter's metric names rendered with prometheus_client. Each scrape
+    moves the counters on, as poll rounds would between scrapes."""
+
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        org = ["organization"]
+        actions = Gauge(
+            "applivery_windows_command_actions",
+            "actions",
+            [*org, "device", "command", "status", "status_class"],
+            registry=registry,
+        )
+        for labels, count in ACTIONS.items():
+            actions.labels("acme", *labels).set(count)
+        up = Gauge("applivery_exporter_target_up", "up", ["device"], registry=registry)
+        for device, value in DEVICES_UP.items():
+            up.labels(device).set(value)
+        self.last_success = Gauge(
+            "applivery_exporter_last_success_timestamp_seconds",
+            "last",
+            ["device"],
+            registry=registry,
+        )
+        self.transitions = CounterMetric(
+            "applivery_windows_command_action_transitions",
+            "transitions",
+            [*org, "status", "status_class"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "applivery_windows_command_ack_latency_seconds",
+            "latency",
+            [*org, "status_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests = CounterMetric(
+            "applivery_exporter_api_requests", "requests", ["endpoint", "code"], registry=registry
+        )
+        budget = Gauge("applivery_exporter_api_budget_requests_per_hour", "b", registry=registry)
+        budget.set(9000)
+        Gauge("applivery_exporter_build_info", "build", ["version"], registry=registry).labels(
+            "0.1.0"
+        ).set(1)
+
+    def _advance(self) -> None:
+        for (status, status_class), count in TRANSITIONS_PER_SCRAPE.items():
+            self.transitions.labels("acme", status, status_class).inc(count)
+        self.latency.labels("acme", "success").observe(LATENCY_PER_SCRAPE)
+        self.requests.labels("commands", "200").inc(2)
+        self.last_success.labels("pc-1").set(time.time())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self._advance()
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    def app(self) -> web.Application:
+        application = web.Application()
+        application.router.add_get("/metrics", self.metrics)
+        return application
+
+
+def _by(result: list[dict[str, Any]], label: str) -> dict[str, float]:
+    return {series["metric"][label]: float(series["value"][1]) for series in result}
+
+
+async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The project's recording rules and its alerts (without their ``for``) in a real
+    Prometheus scraping a fake exporter; a device that is down must reach the webhook."""
+    require_binaries(PROMTOOL_BIN)  # same packages: keep skip/fail behaviour in one place
+    sink = AlertSink()
+    sink_server = await aiohttp_server(sink.app())
+    exporter_server = await aiohttp_server(FakeExporter().app())
+    alerts = immediate_alerts(ALERTS, tmp_path)
+    webhook = f"http://127.0.0.1:{sink_server.port}{sink.path}"
+    target = ScrapeTarget(f"127.0.0.1:{exporter_server.port}")
+
+    async with (
+        running_alertmanager(webhook) as alertmanager,
+        running_prometheus(
+            [target], rule_files=[RECORDING, alerts], alertmanager=alertmanager.address
+        ) as prometheus,
+    ):
+        targets = await eventually(
+            lambda: _healthy_targets(prometheus), what="the fake exporter scraped"
+        )
+        assert targets[0]["labels"]["job"] == JOB
+
+        expected_classes: Counter[str] = Counter()
+        for (_, _, _, status_class), count in ACTIONS.items():
+            expected_classes[status_class] += count
+        per_class = await eventually(
+            lambda: _query_by(
+                prometheus,
+                "instance_status_class:applivery_windows_command_actions:sum",
+                "status_class",
+            ),
+            what="per-class action counts recorded",
+        )
+        assert per_class == {k: float(v) for k, v in expected_classes.items()}
+
+        errors = TRANSITIONS_PER_SCRAPE[("CommandNotFound", "error")]
+        ratio = await eventually(
+            lambda: prometheus.query(
+                "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m"
+            ),
+            what="error ratio recorded",
+        )
+        assert float(ratio[0]["value"][1]) == pytest.approx(
+            errors / sum(TRANSITIONS_PER_SCRAPE.values())
+        )
+
+        # Every observation falls in the (15, 30] bucket: the median interpolates to 22.5.
+        median = await eventually(
+            lambda: prometheus.query(
+                "instance_quantile:applivery_windows_command_ack_latency_seconds:"
+                'histogram_quantile_rate1h{quantile="0.5"}'
+            ),
+            what="latency median recorded",
+        )
+        assert float(median[0]["value"][1]) == pytest.approx(15 + (30 - 15) * 0.5)
+
+        now = time.time()
+        history = await prometheus.query_range(f'up{{job="{JOB}"}}', now - 30, now, 1)
+        assert history and len(history[0]["values"]) >= 2
+
+        notified = await eventually(
+            lambda: _firing_in(sink, "AppliveryDeviceTargetDown"),
+            what="AppliveryDeviceTargetDown delivered to the webhook",
+        )
+        assert {alert["labels"]["device"] for alert in notified} == {"pc-2"}
+        assert notified[0]["annotations"]["runbook_url"].endswith("#appliverydevicetargetdown")
+        assert notified[0]["labels"]["severity"] == "warning"
+
+        # With healthy data nothing else fires, even with every `for` removed.
+        firing = [a for a in await prometheus.alerts() if a["state"] == "firing"]
+        assert {a["labels"]["alertname"] for a in firing} == {"AppliveryDeviceTargetDown"}
+        assert any(
+            a["labels"]["alertname"] == "AppliveryDeviceTargetDown"
+            for a in await alertmanager.alerts()
+        )
+
+        # Each recorded series carries exactly the labels its level names (plus job and,
+        # for command data, organization).
+        for record in sorted(recorded_names(RECORDING)):
+            result = await eventually(lambda r=record: prometheus.query(r), what=record)
+            for series in result:
+                labels = set(series["metric"]) - {"__name__", "job", "organization"}
+                assert labels == level_labels(record), (record, series["metric"])
+
+        # Every rule evaluated without error against real series.
+        unhealthy = [
+            (rule["name"], rule.get("lastError"))
+            for group in await prometheus.rules()
+            for rule in group["rules"]
+            if rule["health"] != "ok"
+        ]
+        assert unhealthy == []
+
+
+async def _healthy_targets(prometheus: Any) -> list[dict[str, Any]]:
+    targets = await prometheus.targets()
+    return [t for t in targets if t["health"] == "up"]
+
+
+async def _query_by(prometheus: Any, expr: str, label: str) -> dict[str, float]:
+    return _by(await prometheus.query(expr), label)
+
+
+async def _firing_in(sink: AlertSink, name: str) -> list[dict[str, Any]]:
+    return [a for a in sink.alerts("firing") if a["labels"]["alertname"] == name]
