@@ -154,6 +154,14 @@ def test_runbook_sections_match_the_alerts() -> None:
     assert documented == {alert["alert"] for alert in _alerts()}
 
 
+def test_monitoring_guide_lists_every_alert_with_its_severity() -> None:
+    guide = (ROOT / "docs" / "monitoring.md").read_text()
+    for alert in _alerts():
+        name, severity = alert["alert"], alert["labels"]["severity"]
+        row = f"| [{name}](runbook.md#{github_anchor(name)}) | {severity} |"
+        assert row in guide, f"docs/monitoring.md: no row {row!r}"
+
+
 def test_github_anchor_follows_githubs_rules() -> None:
     assert github_anchor(" AppliveryExporterDown") == "appliveryexporterdown"
     assert github_anchor("How MDM timing shapes the thresholds") == (
