@@ -1,0 +1,101 @@
+"""The landing page as a browser renders it (Debian chromium, headless)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from collections import Counter
+from html.parser import HTMLParser
+
+import pytest
+from test_exporter_e2e import make_exporter
+
+from exporter.cli import serve
+from exporter.statuses import classify
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="Debian chromium not installed"
+)
+
+
+class _Table(HTMLParser):
+    """Rows of the page's device table as lists of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._in_body = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: object) -> None:
+        if tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+async def rendered_dom(url: str, profile: str) -> str:
+    assert CHROMIUM, "chromium is required in CI"
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--dump-dom", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return out.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_device_table_shows_each_watched_device_with_its_counts(
+    make_simulator_server, tmp_path
+):
+    sim, url = await make_simulator_server(seed=5, devices=6)
+    exporter = make_exporter(sim, url)
+    await exporter.scheduler.run_round()
+    stop = asyncio.Event()
+    port = free_port()
+    server = asyncio.create_task(serve(exporter, f"127.0.0.1:{port}", stop=stop))
+    try:
+        await asyncio.sleep(0.3)
+        dom = await rendered_dom(f"http://127.0.0.1:{port}/", str(tmp_path / "profile"))
+    finally:
+        stop.set()
+        await server
+    table = _Table()
+    table.feed(dom)
+    shown = {row[0]: row for row in table.rows}
+    assert set(shown) == set(sim.fleet.device_ids())
+    for device, row in shown.items():
+        truth: Counter[str] = Counter()
+        for batch in sim.fleet.batch_ids(device):
+            for status, count in sim.fleet.grouped_counts(device, batch).items():
+                truth[classify(status).value] += count
+        name = sim.fleet.device(device).name
+        assert row[1] == (name or "")
+        assert row[3] == "up"
+        assert [int(cell) for cell in row[4:9]] == [
+            truth[c] for c in ("pending", "success", "canceled", "error", "unknown")
+        ]
