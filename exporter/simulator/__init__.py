@@ -1,5 +1,9 @@
-"""A deterministic simulator of the Applivery MDM Windows command API (tests, demos, benchmarks)."""
+"""A faithful, seeded simulator of the Applivery MDM Windows command API.
+
+Only tests, benchmarks and ``exporter.cli`` (``--demo``) may import it.
+"""
 
 from exporter.simulator.core import Simulator
+from exporter.simulator.fleet import Event
 
-__all__ = ["Simulator"]
+__all__ = ["Event", "Simulator"]

@@ -1,8 +1,22 @@
-"""The simulator's HTTP face: routes, envelopes, auth, paging, faults on the wire, stats.
+"""The simulator's HTTP face: upstream routes, envelopes, auth, paging, faults and stats.
 
-Every API request first brings the fleet up to the clock's present (so each event is applied
-at its own timestamp before anything is read), then meets the transport faults, then auth,
-then its handler. Body faults rewrite a successful answer on its way out.
+Every API request first brings the fleet up to the clock's present (each event applied at
+its own timestamp before anything is read). Then, as a gateway in front of an Express app
+would: transport faults (latency, reset, 5xx, 429) → bearer auth (401 4002/4004) → path
+parameters against upstream's patterns (400) → query parameters (400) → entities (404
+3001) → the answer, to which body faults apply (2xx only).
+
+Upstream documents neither its 400 bodies nor its 5xx and 429 responses
+(shared/upstream-api.md §9, §10); ours are plausible stand-ins: an error envelope with code
+2001 for validation, 5000 for a 500, an nginx-style HTML page for 503 and
+express-rate-limit's plain-text message for 429. ``Retry-After`` is in real seconds (or an
+HTTP date), never simulated ones; a fractional argument gives a fractional value so that
+tests need not wait whole seconds.
+
+``shifting_pages`` (on a page > 1): on a batch history in its default newest-first order a
+real batch is created on the device, so everything moves one place down as upstream's would;
+elsewhere the page window slides back 1–3 places, as if items had been inserted at the head
+— items of the previous page come again, none is skipped, ``totalDocs`` stays true.
 """
 
 from __future__ import annotations
@@ -10,18 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
+import socket
+import struct
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from exporter.records import COMMAND_ID, DEVICE_ID, ORGANIZATION_ID
-from exporter.simulator.fleet import Action, Batch, Device, UnknownEntity
-from exporter.simulator.render import Renderer
+from exporter.records import COMMAND_ID, DEVICE_ID, OBJECT_ID, ORGANIZATION_ID
+from exporter.simulator import listing, wire
+from exporter.simulator.fleet import Batch, Device, UnknownEntity
+from exporter.simulator.stats import RESET
 from exporter.simulator.validation import (
     ValidationError,
     parse_create_body,
@@ -34,534 +49,436 @@ if TYPE_CHECKING:
     from exporter.simulator.core import Simulator
 
 BASE = "/v1/organizations/{org}/mdm/windows/enterprise"
-ROUTES = ("devices", "commands", "command", "actions", "create")
+API_ROUTES = frozenset({"devices", "device", "commands", "command", "actions", "create"})
 DEFAULT_LIMIT = 10  # mongoose-paginate's default when a client sends none
-RESET = 0  # the status recorded in stats for a connection closed without a response
-VALIDATION_CODE = 1001  # upstream documents no code for a 400 (shared/upstream-api.md §9)
+VALIDATION_CODE = 2001
+TICK_SECONDS = 0.2
+MAX_SHIFT = 3
+_PATH_PARAMETERS = (
+    ("org", "organizationId", ORGANIZATION_ID),
+    ("dev", "winDeviceId", DEVICE_ID),
+    ("cmd", "winCommandId", COMMAND_ID),
+)
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Order = tuple[str, bool] | None
 
-_JSON = "application/json"
 
+class ApiFailure(Exception):
+    """An upstream error answer: HTTP status and the envelope's code and message."""
 
-class Stats:
-    """Requests served per (route name, HTTP status)."""
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, int]] = Counter()
 
-    def record(self, route: str, status: int) -> None:
-        self.counts[(route, status)] += 1
+def not_found() -> ApiFailure:
+    return ApiFailure(404, 3001, "Entity not found")
 
-    def total(self, route: str | None = None) -> int:
-        return sum(n for (name, _), n in self.counts.items() if route is None or name == route)
 
-    def as_json(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for (route, status), count in sorted(self.counts.items()):
-            out.setdefault(route, {})[str(status)] = count
-        return out
+def invalid(message: str) -> ApiFailure:
+    return ApiFailure(400, VALIDATION_CODE, message)
 
 
-# --- envelopes ---------------------------------------------------------------------------------
-
-
-def error_response(http_status: int, code: int, message: str) -> web.Response:
-    body = {"status": False, "error": {"code": code, "message": message}}
-    return web.Response(status=http_status, body=json.dumps(body).encode(), content_type=_JSON)
-
-
-def data_response(data: bytes) -> web.Response:
-    return web.Response(body=b'{"status":true,"data":' + data + b"}", content_type=_JSON)
-
-
-def not_found() -> web.Response:
-    return error_response(404, 3001, "Entity not found")
-
-
-def bad_request(message: str) -> web.Response:
-    return error_response(400, VALIDATION_CODE, message)
-
-
-class Problem(Exception):
-    """A request answered with an error envelope."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-# --- paging ------------------------------------------------------------------------------------
-
-
-def page_meta(total: int, page: int, limit: int) -> dict[str, Any]:
-    """mongoose-paginate-v2's fields around ``items``."""
-    pages = math.ceil(total / limit) or 1
-    has_prev = page > 1
-    has_next = page * limit < total
-    return {
-        "totalDocs": total,
-        "limit": limit,
-        "totalPages": pages,
-        "page": page,
-        "pagingCounter": (page - 1) * limit + 1,
-        "hasPrevPage": has_prev,
-        "hasNextPage": has_next,
-        "prevPage": page - 1 if has_prev else None,
-        "nextPage": page + 1 if has_next else None,
-    }
-
-
-def page_body(items: Sequence[bytes], meta: dict[str, Any]) -> bytes:
-    tail = json.dumps(meta, separators=(",", ":")).encode()
-    return b'{"items":[' + b",".join(items) + b"]," + tail[1:]
-
-
-def _sort_key(value: Any) -> tuple[bool, Any]:
-    # Mongo orders missing values first when ascending.
-    return (value is not None, value)
-
-
-def sort_items(
-    items: Sequence[T], sort: tuple[str, bool] | None, fields: dict[str, Callable[[T], Any]]
-) -> Sequence[T]:
-    """Items in the requested order; an unknown field leaves the natural order (as Mongo does)."""
-    if sort is None:
-        return items
-    field, descending = sort
-    getter = fields.get(field)
-    if getter is None:
-        return list(reversed(items)) if descending else items
-    return sorted(items, key=lambda item: _sort_key(getter(item)), reverse=descending)
-
-
-_DEVICE_FIELDS: dict[str, Callable[[Device], Any]] = {
-    "id": lambda d: d.id,
-    "_id": lambda d: d.id,
-    "displayName": lambda d: d.name,
-    "summary.name": lambda d: d.name,
-    "summary.serialNumber": lambda d: d.serial,
-    "summary.osVersion": lambda d: d.os[0],
-    "winId": lambda d: d.win_id,
-    "enrolledDate": lambda d: d.enrolled,
-    "createdAt": lambda d: d.enrolled,
-    "lastStatusReportTime": lambda d: d.last_report,
-}
-_BATCH_FIELDS: dict[str, Callable[[Batch], Any]] = {
-    "id": lambda b: b.id,
-    "_id": lambda b: b.id,
-    "name": lambda b: b.name,
-    "createdAt": lambda b: b.created,
-    "updatedAt": lambda b: b.updated,
-}
-_ACTION_FIELDS: dict[str, Callable[[Action], Any]] = {
-    "cmdId": lambda a: a.cmd_id,
-    "status": lambda a: a.status,
-    "statusCode": lambda a: a.code,
-    "sentAt": lambda a: a.sent,
-    "receivedAt": lambda a: a.received,
-    "canceledAt": lambda a: a.canceled,
-}
-
-
-# --- the API -----------------------------------------------------------------------------------
-
-
-class Api:
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-        self.fleet = sim.fleet
-        self.render = Renderer(sim.fleet, sim.faults, sim.fleet.organization_id)
-        # Listing -> items "inserted at the head" since its page 1 (shifting_pages).
-        self._shifts: dict[tuple[str, ...], int] = {}
-
-    # lookups
-
-    def _organization(self, request: web.Request) -> None:
-        org = request.match_info["org"]
-        if not ORGANIZATION_ID.match(org):
-            raise Problem(
-                bad_request(
-                    f'"organizationId" with value "{org}" fails to match '
-                    f"the required pattern: {ORGANIZATION_ID.pattern}"
-                )
-            )
-        if org not in (self.sim.organization, self.fleet.organization_id):
-            raise Problem(not_found())
-
-    def _device(self, request: web.Request) -> Device:
-        self._organization(request)
-        key = request.match_info["dev"]
-        if not DEVICE_ID.match(key):
-            raise Problem(
-                bad_request(
-                    f'"winDeviceId" with value "{key}" fails to match '
-                    f"the required pattern: {DEVICE_ID.pattern}"
-                )
-            )
-        device = self.fleet.find_device(key)
-        if device is None:
-            raise Problem(not_found())
-        return device
-
-    def _batch(self, request: web.Request) -> Batch:
-        device = self._device(request)
-        key = request.match_info["cmd"]
-        if not COMMAND_ID.match(key):
-            raise Problem(
-                bad_request(
-                    f'"winCommandId" with value "{key}" fails to match '
-                    f"the required pattern: {COMMAND_ID.pattern}"
-                )
-            )
-        try:
-            return self.fleet.batch(device, key)
-        except UnknownEntity:
-            raise Problem(not_found()) from None
-
-    def _page(
-        self,
-        request: web.Request,
-        route: str,
-        items: Sequence[T],
-        fields: dict[str, Callable[[T], Any]],
-        default_sort: str | None,
-        render: Callable[[T], bytes],
-    ) -> web.Response:
-        query = request.query
-        try:
-            page = parse_page(query.get("page"))
-            limit = parse_limit(query.get("limit"), DEFAULT_LIMIT, self.sim.max_limit)
-            sort = parse_sort(query.get("sort", default_sort))
-        except ValidationError as exc:
-            raise Problem(bad_request(str(exc))) from None
-        ordered = sort_items(items, sort, fields)
-        shift = self._shift(request, route, page, limit)
-        start = max(0, (page - 1) * limit - shift)
-        end = max(0, page * limit - shift)
-        meta = page_meta(len(ordered) + shift, page, limit)
-        return data_response(page_body([render(item) for item in ordered[start:end]], meta))
-
-    def _shift(self, request: web.Request, route: str, page: int, limit: int) -> int:
-        """Items "inserted at the head" of this listing since its page 1 was read.
-
-        A walk sees the count only grow, so offsets shift the way a real insertion shifts
-        them: items already seen come again, none is skipped.
-        """
-        key = (
-            route,
-            request.path,
-            *sorted(f"{k}={v}" for k, v in request.query.items() if k != "page"),
-        )
-        if page == 1:
-            self._shifts.pop(key, None)
-            return 0
-        shift = self._shifts.get(key, 0)
-        if self.sim.faults.draw("shifting_pages") is not None:
-            shift += self.sim.faults.randint(1, max(1, min(3, limit)))
-            self._shifts[key] = shift
-        return shift
-
-    # handlers
-
-    async def devices(self, request: web.Request) -> web.Response:
-        self._organization(request)
-        devices: Sequence[Device] = self.fleet.devices
-        tags = _tags(request)
-        if tags:
-            devices = [d for d in devices if not tags.isdisjoint(d.tags)]
-        segment = request.query.get("segmentId")
-        if segment is not None:
-            try:
-                wanted = int(segment)
-            except ValueError:
-                raise Problem(bad_request('"segmentId" must be a number')) from None
-            devices = [d for d in devices if d.segment == wanted]
-        user = request.query.get("mdm-user")
-        if user is not None:
-            devices = [d for d in devices if d.user is not None and d.user[0] == user]
-        return self._page(request, "devices", devices, _DEVICE_FIELDS, None, self.render.device)
-
-    async def commands(self, request: web.Request) -> web.Response:
-        device = self._device(request)
-        return self._page(
-            request, "commands", device.batches, _BATCH_FIELDS, "createdAt:desc", self.render.batch
-        )
-
-    async def command(self, request: web.Request) -> web.Response:
-        return data_response(self.render.batch(self._batch(request)))
-
-    async def actions(self, request: web.Request) -> web.Response:
-        batch = self._batch(request)
-        return self._page(
-            request, "actions", batch.actions, _ACTION_FIELDS, None, self.render.action
-        )
-
-    async def create(self, request: web.Request) -> web.Response:
-        device = self._device(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise Problem(bad_request("body is not valid JSON")) from None
-        try:
-            configs, name = parse_create_body(body)
-        except ValidationError as exc:
-            raise Problem(bad_request(str(exc))) from None
-        batch_id = self.fleet.create_batch(device.id, configs, name)
-        return data_response(self.render.batch(self.fleet.batch(device, batch_id)))
-
-
-def _tags(request: web.Request) -> frozenset[str]:
-    """``tags=a&tags=b``, ``tags=a,b`` and ``tags[]=a`` alike."""
-    values = request.query.getall("tags", []) + request.query.getall("tags[]", [])
-    return frozenset(tag.strip() for value in values for tag in value.split(",") if tag.strip())
-
-
-# --- middleware: sync, transport faults, auth, body faults, stats -------------------------------
-
-
-def _authorize(request: web.Request, token: str) -> web.Response | None:
-    header = request.headers.get("Authorization")
-    if not header:
-        return error_response(401, 4002, "No auth token")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return error_response(401, 4002, "No auth token")
-    if value.strip() != token:
-        return error_response(401, 4004, "Invalid Token")
-    return None
-
-
-async def _transport_fault(sim: Simulator, request: web.Request) -> web.StreamResponse | None:
-    """The wire-level fault drawn for this request, if any (fleet state never changes)."""
-    faults = sim.faults
-    fault = faults.draw("latency")
-    if fault is not None and fault.argument:
-        await asyncio.sleep(fault.argument)
-    if faults.draw("reset") is not None:
-        raise _Reset
-    fault = faults.draw("throttle")
-    if fault is not None:
-        return _throttled(str(round(fault.argument or 0)))
-    fault = faults.draw("throttle_date")
-    if fault is not None:
-        return _throttled(formatdate(_real_now() + (fault.argument or 0), usegmt=True))
-    if faults.draw("throttle_bare") is not None:
-        return _throttled(None)
-    fault = faults.draw("error503")
-    if fault is not None:
-        response = web.Response(
-            status=503,
-            text="<html><head><title>503 Service Temporarily Unavailable</title></head>"
-            "<body><center><h1>503 Service Temporarily Unavailable</h1></center></body></html>",
-            content_type="text/html",
-        )
-        if fault.argument is not None:
-            response.headers["Retry-After"] = str(round(fault.argument))
-        return response
-    if faults.draw("error500") is not None:
-        return error_response(500, 5000, "Internal server error")
-    return None
-
-
-def _real_now() -> float:
-    return time.time()
-
-
-def _throttled(retry_after: str | None) -> web.Response:
-    response = error_response(429, 4029, "Too many requests")
-    if retry_after is not None:
-        response.headers["Retry-After"] = retry_after
-    return response
-
-
-class _Reset(Exception):
-    """Close the connection without answering."""
-
-
-async def _body_fault(
-    sim: Simulator, request: web.Request, response: web.Response
-) -> web.StreamResponse:
-    faults = sim.faults
-    body = response.body
-    if not isinstance(body, bytes):
-        return response
-    if faults.draw("invalid_json") is not None:
-        response.body = b'{"status":true,"data":{"items":[' + b"undefined" + b"]}}"
-        return response
-    if faults.draw("truncated_json") is not None:
-        response.body = body[: max(1, len(body) // 2)]
-        return response
-    fault = faults.draw("huge_body")
-    if fault is not None:
-        # Whitespace keeps the JSON valid and its meaning unchanged; only the size grows.
-        padding = int((fault.argument or 0) * 1024 * 1024)
-        body = body[:-1] + b" " * padding + body[-1:]
-        response.body = body
-    fault = faults.draw("slow_body")
-    if fault is not None:
-        return await _slow(request, response, body, fault.argument or 1.0)
-    return response
-
-
-async def _slow(
-    request: web.Request, response: web.Response, body: bytes, rate: float
-) -> web.StreamResponse:
-    stream = web.StreamResponse(status=response.status, headers={"Content-Type": _JSON})
-    stream.content_length = len(body)
-    await stream.prepare(request)
-    tick = 0.1
-    chunk = max(1, int(rate * tick))
-    for offset in range(0, len(body), chunk):
-        await stream.write(body[offset : offset + chunk])
-        await asyncio.sleep(tick)
-    await stream.write_eof()
-    return stream
-
-
-def api_middleware(sim: Simulator) -> Any:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.name
-        if route not in ROUTES:
-            return await handler(request)
-        sim.fleet.sync()
-        try:
-            response = await _transport_fault(sim, request)
-        except _Reset:
-            sim.stats.record(route, RESET)
-            if request.transport is not None:
-                request.transport.abort()
-            raise asyncio.CancelledError from None
-        if response is None:
-            response = _authorize(request, sim.token)
-        if response is None:
-            try:
-                response = await handler(request)
-            except Problem as problem:
-                response = problem.response
-            if response.status == 200 and isinstance(response, web.Response):
-                response = await _body_fault(sim, request, response)
-        sim.stats.record(route, response.status)
-        return response
-
-    return middleware
-
-
-# --- control endpoint -----------------------------------------------------------------------
-
-
-class Control:
-    """``/_simulator/*``: switch faults, read stats, move time, rotate the token, burst errors."""
-
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-
-    async def _json(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(text="body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return body
-
-    async def faults(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        try:
-            self.sim.faults.set(str(body.get("spec") or ""))
-        except ValueError as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        return web.json_response({"spec": self.sim.faults.spec})
-
-    async def stats(self, request: web.Request) -> web.Response:
-        sim = self.sim
-        sim.fleet.sync()
-        return web.json_response(
-            {
-                "now": sim.clock.now(),
-                "faults": sim.faults.spec,
-                "requests": sim.stats.as_json(),
-                "total": sim.stats.total(),
-            }
-        )
-
-    async def advance(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        seconds = body.get("seconds")
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
-            raise web.HTTPBadRequest(text='"seconds" must be a number >= 0')
-        self.sim.advance(float(seconds))
-        return web.json_response({"now": self.sim.clock.now()})
-
-    async def token(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        token = body.get("token")
-        if not isinstance(token, str) or not token:
-            raise web.HTTPBadRequest(text='"token" must be a non-empty string')
-        self.sim.token = token
-        return web.json_response({"ok": True})
-
-    async def burst(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        count = body.get("batches", 1)
-        ratio = body.get("error_ratio", 0.9)
-        device_key = body.get("device")
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= 10000:
-            raise web.HTTPBadRequest(text='"batches" must be an integer within 1..10000')
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise web.HTTPBadRequest(text='"error_ratio" must be within 0..1')
-        fleet = self.sim.fleet
-        fleet.sync()
-        if device_key is not None and fleet.find_device(str(device_key)) is None:
-            raise web.HTTPNotFound(text="no such device")
-        created = []
-        for _ in range(count):
-            device = fleet.device(str(device_key)) if device_key else fleet.random_device()
-            batch_id = fleet.create_random_batch(device.id, error_ratio=float(ratio))
-            created.append({"device": device.id, "batch": batch_id})
-        return web.json_response({"created": created})
-
-
-# --- the application ------------------------------------------------------------------------
+class _ConnectionReset(Exception):
+    pass
 
 
 def build_app(sim: Simulator) -> web.Application:
-    api = Api(sim)
-    app = web.Application(middlewares=[api_middleware(sim)])
-    app.router.add_get(BASE + "/devices", api.devices, name="devices")
-    app.router.add_get(BASE + "/devices/{dev}/commands", api.commands, name="commands")
-    app.router.add_post(BASE + "/devices/{dev}/commands", api.create, name="create")
-    app.router.add_get(BASE + "/devices/{dev}/commands/{cmd}", api.command, name="command")
-    app.router.add_get(BASE + "/devices/{dev}/commands/{cmd}/actions", api.actions, name="actions")
+    api = _Api(sim)
+    app = web.Application(middlewares=[api.middleware])
+    router = app.router
+    router.add_get(f"{BASE}/devices", api.devices, name="devices")
+    router.add_get(f"{BASE}/devices/{{dev}}", api.device, name="device")
+    router.add_get(f"{BASE}/devices/{{dev}}/commands", api.commands, name="commands")
+    router.add_post(f"{BASE}/devices/{{dev}}/commands", api.create, name="create")
+    router.add_get(f"{BASE}/devices/{{dev}}/commands/{{cmd}}", api.command, name="command")
+    router.add_get(
+        f"{BASE}/devices/{{dev}}/commands/{{cmd}}/actions", api.actions, name="actions"
+    )
     if sim.control:
-        control = Control(sim)
-        app.router.add_post("/_simulator/faults", control.faults)
-        app.router.add_get("/_simulator/stats", control.stats)
-        app.router.add_post("/_simulator/advance", control.advance)
-        app.router.add_post("/_simulator/token", control.token)
-        app.router.add_post("/_simulator/burst", control.burst)
+        control = _Control(sim)
+        router.add_post("/_simulator/faults", control.faults)
+        router.add_get("/_simulator/stats", control.stats)
+        router.add_post("/_simulator/advance", control.advance)
+        router.add_post("/_simulator/token", control.token)
+        router.add_post("/_simulator/burst", control.burst)
     if sim.clock.speed > 0:
         app.cleanup_ctx.append(_ticker(sim))
     return app
 
 
-TICK_SECONDS = 0.5
+def _ticker(sim: Simulator) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Advances the fleet as real time passes, even when nobody asks."""
 
+    async def tick_forever() -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            sim.fleet.sync()
 
-def _ticker(sim: Simulator) -> Callable[[web.Application], Any]:
-    async def ctx(app: web.Application) -> Any:
-        async def tick() -> None:
-            # Requests sync the fleet themselves; this keeps the heap short while none come.
-            while True:
-                await asyncio.sleep(TICK_SECONDS)
-                sim.fleet.sync()
-
-        task = asyncio.create_task(tick())
+    async def context(_: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(tick_forever())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    return ctx
+    return context
+
+
+def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=body, content_type="application/json", charset="utf-8",
+        headers=headers,
+    )
+
+
+class _Api:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.fleet = sim.fleet
+        self.faults = sim.faults
+        self.render = wire.Renderer(sim.fleet, sim.faults)
+
+    # --- the pipeline ----------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.name
+        if route not in API_ROUTES:
+            return await handler(request)
+        status = RESET
+        try:
+            response = await self._serve(request, handler)
+            status = response.status
+            return response
+        except _ConnectionReset:
+            raise asyncio.CancelledError() from None
+        finally:
+            self.sim.stats.record(route, status)
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.fleet.sync()
+        faults = self.faults
+        delay = faults.draw("latency")
+        if delay is not None:
+            await asyncio.sleep(delay.argument or 0.0)
+            self.fleet.sync()
+        if faults.draw("reset") is not None:
+            _reset(request)
+        failure = self._fault_response()
+        if failure is not None:
+            return failure
+        try:
+            self._authenticate(request)
+            self._check_path(request)
+            response = await handler(request)
+        except ApiFailure as exc:
+            return _json(exc.status, wire.failure(exc.code, exc.message))
+        if isinstance(response, web.Response) and response.status == 200:
+            return await self._deliver(request, response)
+        return response
+
+    def _fault_response(self) -> web.Response | None:
+        faults = self.faults
+        if faults.draw("error500") is not None:
+            return _json(500, wire.failure(5000, "Internal server error"))
+        fault = faults.draw("error503")
+        if fault is not None:
+            headers = {} if fault.argument is None else {"Retry-After": _seconds(fault.argument)}
+            return web.Response(status=503, text=_HTML_503, content_type="text/html",
+                                headers=headers)
+        fault = faults.draw("throttle")
+        if fault is not None:
+            return _throttled({"Retry-After": _seconds(fault.argument or 0.0)})
+        fault = faults.draw("throttle_date")
+        if fault is not None:
+            # HTTP dates have whole seconds: round up so the wait is never shorter than asked.
+            moment = int(time.time() + (fault.argument or 0.0)) + 1
+            return _throttled({"Retry-After": formatdate(moment, usegmt=True)})
+        if faults.draw("throttle_bare") is not None:
+            return _throttled({})
+        return None
+
+    def _authenticate(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        token = token.strip()
+        if not scheme or (scheme.lower() == "bearer" and not token):
+            raise ApiFailure(401, 4002, "No auth token")
+        if scheme.lower() != "bearer" or token != self.sim.token:
+            raise ApiFailure(401, 4004, "Invalid Token")
+
+    @staticmethod
+    def _check_path(request: web.Request) -> None:
+        """Path parameters against upstream's patterns, all before any lookup."""
+        params = request.match_info
+        for key, name, pattern in _PATH_PARAMETERS:
+            value = params.get(key)
+            if value is not None and not pattern.match(value):
+                raise invalid(
+                    f'"{name}" with value "{value}" fails to match the required pattern: '
+                    f"{pattern.pattern}"
+                )
+
+    async def _deliver(self, request: web.Request, response: web.Response) -> web.StreamResponse:
+        faults = self.faults
+        body = response.body
+        assert isinstance(body, bytes)
+        if faults.draw("invalid_json") is not None:
+            body = b'{"status":true,"data":undefined}'
+        elif faults.draw("truncated_json") is not None:
+            body = body[: max(1, len(body) // 2)]
+        fault = faults.draw("huge_body")
+        if fault is not None:
+            # Whitespace keeps the JSON valid and its meaning unchanged; only the size grows.
+            padding = b" " * int((fault.argument or 0.0) * 1_000_000)
+            body = body[:-1] + padding + body[-1:]
+        fault = faults.draw("slow_body")
+        if fault is not None:
+            return await _trickle(request, body, fault.argument or 1.0)
+        if body is response.body:
+            return response
+        return _json(200, body)
+
+    # --- routes ----------------------------------------------------------------------------
+
+    async def devices(self, request: web.Request) -> web.Response:
+        self._organization(request)
+        query = request.query
+        number, limit, order = self._paging(request)
+        tags = _tags(query)
+        segment = _optional_int(query, "segmentId")
+        user = query.get("mdm-user")
+        if user is not None and not OBJECT_ID.match(user):
+            raise invalid(f'"mdm-user" with value "{user}" fails to match the required pattern')
+        items: list[Device] = [
+            device for device in self.fleet.devices
+            if (not tags or not tags.isdisjoint(device.tags))
+            and (segment is None or device.segment == segment)
+            and (user is None or (device.user is not None and device.user[0] == user.lower()))
+        ]
+        ordered = listing.sort_items(items, order, listing.DEVICE_KEYS)
+        shown = listing.window(ordered, number, limit, self._shift(number, limit))
+        body = wire.page((self.render.device(d) for d in shown), len(ordered), number, limit)
+        return _json(200, body)
+
+    async def device(self, request: web.Request) -> web.Response:
+        device = self._device(request)
+        return _json(200, wire.success(self.render.device(device)))
+
+    async def commands(self, request: web.Request) -> web.Response:
+        device = self._device(request)
+        number, limit, order = self._paging(request)
+        newest_first = order is None or order == ("createdAt", True)
+        shift = 0
+        if number > 1 and self.faults.draw("shifting_pages") is not None:
+            if newest_first:
+                self.fleet.create_random_batch(device.id)
+            else:
+                shift = self.faults.randint(1, min(MAX_SHIFT, limit))
+        batches: list[Batch] = device.batches
+        if order is None:
+            ordered = batches[::-1]  # createdAt:desc, upstream's default for the history
+        else:
+            ordered = list(listing.sort_items(batches, order, listing.BATCH_KEYS))
+        shown = listing.window(ordered, number, limit, shift)
+        body = wire.page((self.render.batch(b) for b in shown), len(ordered), number, limit)
+        return _json(200, body)
+
+    async def command(self, request: web.Request) -> web.Response:
+        batch = self._batch(request)
+        return _json(200, wire.success(self.render.batch(batch)))
+
+    async def actions(self, request: web.Request) -> web.Response:
+        batch = self._batch(request)
+        number, limit, order = self._paging(request)
+        ordered = listing.sort_items(batch.actions, order, listing.ACTION_KEYS)
+        shown = listing.window(ordered, number, limit, self._shift(number, limit))
+        body = wire.page((self.render.action(a) for a in shown), len(ordered), number, limit)
+        return _json(200, body)
+
+    async def create(self, request: web.Request) -> web.Response:
+        device = self._device(request)
+        try:
+            document = json.loads(await request.read() or b"null")
+        except ValueError:
+            raise invalid("Unexpected token in JSON body") from None
+        try:
+            configs, name = parse_create_body(document)
+        except ValidationError as exc:
+            raise invalid(str(exc)) from None
+        batch_id = self.fleet.create_batch(device.id, configs, name)
+        return _json(200, wire.success(self.render.batch(self.fleet.batch(device, batch_id))))
+
+    # --- parameters and lookups ------------------------------------------------------------
+
+    def _shift(self, number: int, limit: int) -> int:
+        """Places the window slides back when shifting_pages fires on a page > 1."""
+        if number < 2 or self.faults.draw("shifting_pages") is None:
+            return 0
+        return self.faults.randint(1, min(MAX_SHIFT, limit))
+
+    def _paging(self, request: web.Request) -> tuple[int, int, Order]:
+        query = request.query
+        try:
+            return (
+                parse_page(query.get("page")),
+                parse_limit(query.get("limit"), DEFAULT_LIMIT, self.sim.max_limit),
+                parse_sort(query.get("sort")),
+            )
+        except ValidationError as exc:
+            raise invalid(str(exc)) from None
+
+    def _organization(self, request: web.Request) -> None:
+        org = request.match_info["org"]
+        if org != self.sim.organization and org.lower() != self.fleet.organization_id:
+            raise not_found()
+
+    def _device(self, request: web.Request) -> Device:
+        self._organization(request)
+        device = self.fleet.find_device(request.match_info["dev"])
+        if device is None:
+            raise not_found()
+        return device
+
+    def _batch(self, request: web.Request) -> Batch:
+        device = self._device(request)
+        try:
+            return self.fleet.batch(device, request.match_info["cmd"])
+        except UnknownEntity:
+            raise not_found() from None
+
+
+def _tags(query: Any) -> frozenset[str]:
+    """``tags=a&tags=b``, ``tags=a,b`` and ``tags[]=a`` alike (a device matches any of them)."""
+    values = [*query.getall("tags", ()), *query.getall("tags[]", ())]
+    return frozenset(tag.strip() for value in values for tag in value.split(",") if tag.strip())
+
+
+def _optional_int(query: Any, name: str) -> int | None:
+    text = query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise invalid(f'"{name}" must be a number') from None
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+_HTML_503 = (
+    "<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n"
+    "<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+def _throttled(headers: dict[str, str]) -> web.Response:
+    return web.Response(status=429, text="Too many requests, please try again later.",
+                        headers=headers)
+
+
+def _reset(request: web.Request) -> None:
+    """Drop the connection with a TCP reset, answering nothing."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise _ConnectionReset()
+
+
+async def _trickle(request: web.Request, body: bytes, rate: float) -> web.StreamResponse:
+    """Send ``body`` at ``rate`` bytes per second."""
+    response = web.StreamResponse(status=200)
+    response.content_type = "application/json"
+    response.charset = "utf-8"
+    response.content_length = len(body)
+    await response.prepare(request)
+    step = 0.05
+    chunk = max(1, int(rate * step))
+    try:
+        for offset in range(0, len(body), chunk):
+            await response.write(body[offset:offset + chunk])
+            await asyncio.sleep(step)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client gave up waiting
+    return response
+
+
+class _Control:
+    """``/_simulator/*``: faults, stats, time, token and bursts at run time (off by default)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        try:
+            document = json.loads(await request.read() or b"{}")
+        except ValueError:
+            raise _bad("body is not JSON") from None
+        if not isinstance(document, dict):
+            raise _bad("body must be a JSON object")
+        return document
+
+    @staticmethod
+    def _ok(data: Any) -> web.Response:
+        return _json(200, wire.success(wire.dumps(data)))
+
+    async def faults(self, request: web.Request) -> web.Response:
+        spec = (await self._body(request)).get("spec", "")
+        if not isinstance(spec, str):
+            raise _bad('"spec" must be a string')
+        try:
+            self.sim.faults.set(spec)
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        return self._ok({"spec": self.sim.faults.spec})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        sim = self.sim
+        sim.fleet.sync()
+        return self._ok({"now": sim.clock.now(), "faults": sim.faults.spec,
+                         "total": sim.stats.total(), "counts": sim.stats.as_rows()})
+
+    async def advance(self, request: web.Request) -> web.Response:
+        seconds = (await self._body(request)).get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise _bad('"seconds" must be a number >= 0')
+        self.sim.advance(float(seconds))
+        return self._ok({"now": self.sim.clock.now()})
+
+    async def token(self, request: web.Request) -> web.Response:
+        token = (await self._body(request)).get("token")
+        if not isinstance(token, str) or not token:
+            raise _bad('"token" must be a non-empty string')
+        self.sim.token = token
+        return self._ok({"token": "changed"})
+
+    async def burst(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        device, count = body.get("device"), body.get("batches", 1)
+        ratio = body.get("error_ratio", 0.9)
+        if device is not None and (not isinstance(device, str)
+                                   or self.sim.fleet.find_device(device) is None):
+            raise _bad('"device" must be a known device id, serial or IMEI, or null')
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 10_000:
+            raise _bad('"batches" must be an integer within 1..10000')
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise _bad('"error_ratio" must be a number within 0..1')
+        created = self.sim.burst(device, count, float(ratio))
+        return self._ok({"batches": [{"device": d, "id": b} for d, b in created]})
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=wire.failure(VALIDATION_CODE, message).decode(), content_type="application/json"
+    )

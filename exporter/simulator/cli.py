@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from aiohttp import web
 from exporter.simulator.core import Simulator
 from exporter.simulator.faults import parse_spec
 
+EXIT_OK, EXIT_FAILURE = 0, 1
 DEFAULT_PORT = 10191
 
 
@@ -21,32 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="applivery-mdm-simulator",
         description="A simulated Applivery MDM Windows command API (deterministic per seed).",
     )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--token", default="simulator-token")
     parser.add_argument("--organization", default="demo")
     parser.add_argument("--devices", type=_non_negative, default=20, metavar="N")
-    parser.add_argument(
-        "--speed",
-        type=_speed,
-        default=1.0,
-        metavar="X",
-        help="simulated seconds per real second (0: time stands still)",
-    )
-    parser.add_argument(
-        "--faults",
-        type=_faults,
-        default="",
-        metavar="SPEC",
-        help="comma-separated kind[=probability][:argument]",
-    )
-    parser.add_argument(
-        "--max-limit", type=_positive, default=100, metavar="N", help="largest page size served"
-    )
-    parser.add_argument(
-        "--control", action="store_true", help="enable the /_simulator/* control endpoint"
-    )
+    parser.add_argument("--batches-per-device", type=_non_negative, default=5, metavar="N",
+                        help="history batches per device at start")
+    parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
+                        help="simulated seconds per real second (0: time stands still)")
+    parser.add_argument("--faults", type=_faults, default="", metavar="SPEC",
+                        help="comma-separated kind[=probability][:argument]")
+    parser.add_argument("--max-limit", type=_positive, default=100, metavar="N",
+                        help="largest page size served")
+    parser.add_argument("--control", action="store_true",
+                        help="enable the /_simulator/* control endpoint")
+    parser.add_argument("--no-events", action="store_true",
+                        help="keep no ground-truth event log (large fleets)")
     return parser
 
 
@@ -61,6 +55,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError("must be within 0..65535")
     return value
 
 
@@ -81,37 +82,34 @@ def _faults(text: str) -> str:
 
 async def serve(args: argparse.Namespace) -> int:
     sim = Simulator(
-        seed=args.seed,
-        devices=args.devices,
-        organization=args.organization,
-        token=args.token,
-        speed=args.speed,
-        faults=args.faults,
-        control=args.control,
-        max_limit=args.max_limit,
+        seed=args.seed, devices=args.devices, organization=args.organization, token=args.token,
+        speed=args.speed, faults=args.faults, control=args.control, max_limit=args.max_limit,
+        batches_per_device=args.batches_per_device, record_events=not args.no_events,
     )
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     try:
         await web.TCPSite(runner, args.host, args.port).start()
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"Simulated Applivery API at http://{host}:{args.port}/v1", flush=True)
-        print(f"  organization: {args.organization}", flush=True)
-        print(f"  token:        {args.token}", flush=True)
-        print(
-            f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
-            + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
-            + (", control: /_simulator" if args.control else ""),
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        port = runner.addresses[0][1]
+        print(f"Simulated Applivery API at http://{host}:{port}/v1", flush=True)
+        print(f"  organization: {args.organization}", flush=True)
+        print(f"  token:        {args.token}", flush=True)
+        print(f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
+              + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
+              + (f", control: http://{host}:{port}/_simulator/" if args.control else ""),
+              flush=True)
         await stop.wait()
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
         await runner.cleanup()
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     except OSError as exc:
         print(f"applivery-mdm-simulator: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
-"""``Simulator``: one organization's fleet on a simulated clock, served as the upstream API."""
+"""``Simulator``: one simulated organization — clock, fleet, faults, stats and its web app."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from exporter.simulator.app import Stats, build_app
 from exporter.simulator.clock import SimClock
 from exporter.simulator.faults import Faults
 from exporter.simulator.fleet import Fleet
+from exporter.simulator.stats import Stats
 
 
 class Simulator:
     """A deterministic (seeded) stand-in for the Applivery MDM Windows command API.
 
-    ``speed``: simulated seconds per real second (0 = the clock moves only by ``advance``).
-    ``start``: the simulated epoch at creation (real time when None). History before it is
-    built at creation; ``record_events=False`` skips the ground-truth event log (large fleets).
+    ``speed``: simulated seconds per real second (0: only :meth:`advance` moves time).
+    ``start``: the simulated epoch at creation (real time when None); the history before it
+    is built at creation. ``record_events=False`` keeps no ground-truth event log (large
+    fleets). ``new_batches_per_device_hour``: how often new batches arrive once running.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class Simulator:
         batches_per_device: int = 5,
         actions_per_batch: tuple[int, int] = (3, 12),
         record_events: bool = True,
+        new_batches_per_device_hour: float = 0.25,
     ) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
@@ -40,8 +42,8 @@ class Simulator:
         self.token = token
         self.control = control
         self.max_limit = max_limit
-        self.faults = Faults(seed, faults)
         self.clock = SimClock(start=start, speed=speed)
+        self.faults = Faults(seed, faults)
         self.stats = Stats()
         self.fleet = Fleet(
             seed=seed,
@@ -51,6 +53,7 @@ class Simulator:
             batches_per_device=batches_per_device,
             actions_per_batch=actions_per_batch,
             record_events=record_events,
+            new_batches_per_device_hour=new_batches_per_device_hour,
         )
 
     def advance(self, seconds: float) -> None:
@@ -59,4 +62,26 @@ class Simulator:
         self.fleet.sync()
 
     def app(self) -> web.Application:
+        from exporter.simulator.app import build_app  # the model needs no web stack
+
         return build_app(self)
+
+    def burst(
+        self, device: str | None, batches: int, error_ratio: float
+    ) -> list[tuple[str, str]]:
+        """Batches that resolve at their device's next check-in, ``error_ratio`` into errors.
+
+        ``device`` None spreads them over random devices. Returns (device id, batch id) pairs.
+        """
+        created = []
+        for _ in range(batches):
+            target = self.fleet.device(device) if device else self.fleet.random_device()
+            created.append(
+                (target.id, self.fleet.create_random_batch(target.id, error_ratio=error_ratio))
+            )
+        return created
+
+    @property
+    def base_path(self) -> str:
+        """Path prefix of this organization's Windows routes."""
+        return f"/v1/organizations/{self.organization}/mdm/windows/enterprise"

@@ -47,6 +47,8 @@ HOUR = 3600.0
 MINUTE = 60.0
 
 HISTORY_DAYS = 14.0
+RECENT_SHARE = 0.15  # history batches created in the last RECENT_SPAN before the start
+RECENT_SPAN = 2 * 3600.0
 STUCK_SHARE = 0.04  # actions a device leaves unanswered until a later session
 DEVICE_CANCEL_SHARE = 0.01
 ACTION_CANCEL_SHARE = 0.01
@@ -406,9 +408,13 @@ class Fleet:
         rng = self._rng
         earliest = max(device.enrolled, start - HISTORY_DAYS * DAY)
         span = start - earliest
-        # Denser towards the present, so that some recent batches are still pending.
+        # Denser towards the present; a share lands in the last hours, so that a fleet
+        # starts with work still pending as well as finished history.
         for _ in range(count):
-            created = millis(start - span * rng.random() ** 2)
+            if rng.random() < RECENT_SHARE:
+                created = millis(start - min(span, RECENT_SPAN) * rng.random())
+            else:
+                created = millis(start - span * rng.random() ** 2)
             self._push(created, _CREATE, device, None)
 
     def _settle_last_report(self, device: Device, start: float) -> None:
