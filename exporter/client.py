@@ -314,8 +314,9 @@ class _Failure:
 @dataclass(slots=True)
 class _Pass(Generic[T]):
     items: dict[str, T]
-    problems: int
+    problems: int  # undecodable items
     consistent: bool
+    total: int | None  # the last totalDocs seen
 
 
 def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[Any], Page[T]]:
@@ -443,14 +444,15 @@ class ApiClient:
         union: dict[str, T] = {}
         for number in range(1, MAX_PASSES + 1):
             result = await self._pass(endpoint, path, decode, key, params, max_items, stop)
+            self._metrics.parse_problem(SCHEMA, result.problems if number == 1 else 0)
             if result.consistent:
-                self._metrics.parse_problem(SCHEMA, result.problems)
                 return list(result.items.values())[:max_items]
             union.update(result.items)
+            if result.total is not None and len(union) + result.problems >= result.total:
+                return list(union.values())[:max_items]  # the reads together hold everything
             log.debug("api_pages_shifted", endpoint=endpoint, path=path, read=number)
         # Still moving: keep everything seen in any read rather than drop an item.
         log.warning("api_pages_unstable", endpoint=endpoint, path=path, reads=MAX_PASSES)
-        self._metrics.parse_problem(SCHEMA, result.problems)
         return list(union.values())[:max_items]
 
     async def _pass(
@@ -463,48 +465,54 @@ class ApiClient:
         max_items: int | None,
         stop: Callable[[T], bool] | None,
     ) -> _Pass[T]:
-        seen: dict[str, T] = {}
-        problems = 0
-        consistent = True
-        total: int | None = None
+        """One read from page 1 to the end; ``consistent`` when nothing moved meanwhile."""
+        result: _Pass[T] = _Pass({}, 0, True, None)
+        seen = result.items
         fetched = 0
+        past_end = False
         limit = self.page_size
         for number in range(1, self.max_pages + 1):
             query = [*params, ("page", str(number)), ("limit", str(limit))]
             page = await self._fetch(endpoint, path, query, decode)
-            problems += len(page.problems)
+            result.problems += len(page.problems)
             if page.total_docs is not None:
-                if total is None:
-                    total = page.total_docs
-                elif page.total_docs != total:
-                    consistent = False
+                if result.total is not None and page.total_docs != result.total:
+                    result.consistent = False
+                result.total = page.total_docs
+            before = len(seen)
             if stop is None and max_items is None:
                 # The common case in bulk: a later copy is the fresher one, its slot stays.
                 keyed = dict(zip(map(key, page.items), page.items, strict=True))
                 if len(keyed) != len(page.items) or not seen.keys().isdisjoint(keyed):
-                    consistent = False
+                    result.consistent = False
                 seen.update(keyed)
             else:
                 for item in page.items:
                     if stop is not None and stop(item):
-                        return _Pass(seen, problems, consistent)
+                        return result
                     item_key = key(item)
                     if item_key in seen:
-                        consistent = False
+                        result.consistent = False
                     seen[item_key] = item
                     if max_items is not None and len(seen) >= max_items:
-                        return _Pass(seen, problems, consistent)
+                        return result
             count = len(page.items) + len(page.problems)
             fetched += count
             more, limit = _next_page(page, number, count, fetched, limit)
+            missing = result.total is not None and len(seen) + result.problems < result.total
+            if past_end:
+                more = missing and len(seen) > before
+            elif not more and missing and not result.consistent and count:
+                # Pages moved back under us: the tail may lie past the announced end.
+                more = past_end = True
             if not more:
                 break
         else:
             log.warning("api_page_cap", endpoint=endpoint, path=path, pages=self.max_pages)
-            return _Pass(seen, problems, consistent)
-        if total is not None and len(seen) + problems != total:
-            consistent = False  # a gap: an item moved past a page boundary we already read
-        return _Pass(seen, problems, consistent)
+            return result
+        if result.total is not None and len(seen) + result.problems != result.total:
+            result.consistent = False  # an item moved past a page boundary already read
+        return result
 
     # --- requests -----------------------------------------------------------------------------
 

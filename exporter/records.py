@@ -101,8 +101,23 @@ class Page(Generic[T]):
 # --- timestamps -------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=8192)
+_from_iso = datetime.fromisoformat
+
+
 def _parse_iso(text: str) -> float:
+    # Canonical strings parse directly (no cache: most timestamps are seen once per poll
+    # and a cache miss costs more than the parse); only untidy ones pay for tidying.
+    try:
+        moment = _from_iso(text)
+    except ValueError:
+        return _parse_untidy(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@lru_cache(maxsize=4096)  # untidy strings come back unchanged on every poll
+def _parse_untidy(text: str) -> float:
     cleaned = "".join(text.split())
     if cleaned.endswith(("z", "Z")):
         cleaned = cleaned[:-1] + "+00:00"

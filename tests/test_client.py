@@ -26,6 +26,7 @@ from aiohttp import web
 
 from exporter.client import (
     BACKOFF_BASE,
+    MAX_PASSES,
     RETRY_AFTER_CAP,
     ApiClient,
     ApiError,
@@ -346,7 +347,8 @@ async def test_endless_duplicates_return_the_union_without_looping(aiohttp_serve
     async with make_client(str(server.make_url("/v1")), page_size=3) as client:
         actions = await client.list_actions("d1", "b1")
     assert sorted(a.cmd_id for a in actions) == ["c000", "c001", "c002"]
-    assert len(requests) <= 3 * 2
+    # A few reads of the announced pages, and of one past the end when items are missing.
+    assert len(requests) <= MAX_PASSES * 3
 
 
 # --- against the simulator --------------------------------------------------------------------
@@ -952,3 +954,31 @@ async def test_a_given_session_is_used_and_left_open(sim: Simulated) -> None:
         async with sim.client(session=session) as client:
             await client.get_batch(device, batch_id)
         assert not session.closed
+
+
+async def test_items_inserted_at_the_head_while_paging_are_neither_lost_nor_doubled(
+    aiohttp_server: Any,
+) -> None:
+    # How a live listing shifts: new items arrive first, everything moves down, the total grows.
+    items = action_items(11)
+    inserted = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal inserted
+        page = int(request.query["page"])
+        limit = int(request.query["limit"])
+        if page > 1 and inserted < 4:
+            inserted += 1
+            items.insert(0, {"cmdId": f"new{inserted}", "status": "Pending"})
+        chunk = items[(page - 1) * limit : page * limit]
+        meta = {"totalDocs": len(items), "limit": limit, "hasNextPage": page * limit < len(items)}
+        return web.json_response({"status": True, "data": {"items": chunk, **meta}})
+
+    app = web.Application()
+    app.router.add_get(ACTIONS, handler)
+    server = await aiohttp_server(app)
+    async with make_client(str(server.make_url("/v1")), page_size=3) as client:
+        actions = await client.list_actions("d1", "b1")
+    ids = [a.cmd_id for a in actions]
+    assert len(ids) == len(set(ids))
+    assert {f"c{n:03d}" for n in range(11)} <= set(ids)

@@ -1,0 +1,279 @@
+"""CPU cost of the API client per 100-action page, next to a bare aiohttp + json.loads loop.
+
+The simulator runs in a child process so the CPU times measured here are the client's alone.
+Both loops fetch the same pages over the same kind of session; each is run several times,
+interleaved, and the best run of each is compared (the machine is shared, noise only adds).
+
+    python bench/client_pages.py            # full run
+    python bench/client_pages.py --smoke    # a few seconds
+
+Prints a table and writes bench/results/client_pages.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exporter.client import ApiClient, TokenSource
+from exporter.selfmetrics import SelfMetrics
+
+TOKEN = "bench-token"
+ORG = "bench"
+PAGE = 100
+RESULTS = Path(__file__).resolve().parent / "results" / "client_pages.json"
+
+
+# --- the simulator in a child process ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(conn: Any, port: int, devices: int, batches: int) -> None:
+    from aiohttp import web
+
+    from exporter.simulator import Simulator
+
+    sim = Simulator(
+        seed=1,
+        devices=devices,
+        organization=ORG,
+        token=TOKEN,
+        speed=0,
+        max_limit=PAGE,
+        batches_per_device=batches,
+        actions_per_batch=(PAGE, PAGE),
+        record_events=False,
+    )
+    pairs = [(d, b) for d in sim.fleet.device_ids() for b in sim.fleet.batch_ids(d)]
+
+    def answer_cpu_requests() -> None:
+        # The parent asks for this process's CPU time around each measured loop.
+        while True:
+            try:
+                conn.recv()
+            except EOFError:
+                return
+            conn.send(time.process_time())
+
+    async def main() -> None:
+        runner = web.AppRunner(sim.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        conn.send(pairs)
+        threading.Thread(target=answer_cpu_requests, daemon=True).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class SimulatorProcess:
+    def __init__(self, devices: int, batches: int) -> None:
+        self.port = _free_port()
+        self._conn, child = multiprocessing.Pipe()
+        self._process = multiprocessing.Process(
+            target=_serve, args=(child, self.port, devices, batches), daemon=True
+        )
+
+    def __enter__(self) -> SimulatorProcess:
+        self._process.start()
+        if not self._conn.poll(120):
+            raise RuntimeError("the simulator did not start")
+        self.pairs: list[tuple[str, str]] = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._process.terminate()
+        self._process.join(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def cpu(self) -> float:
+        self._conn.send("cpu")
+        return float(self._conn.recv())
+
+
+# --- the two loops ----------------------------------------------------------------------------
+
+
+def _actions_url(base_url: str, device: str, batch: str) -> str:
+    return (
+        f"{base_url}/organizations/{ORG}/mdm/windows/enterprise"
+        f"/devices/{device}/commands/{batch}/actions"
+    )
+
+
+async def bare_loop(base_url: str, pairs: list[tuple[str, str]], concurrency: int) -> int:
+    """The floor: fetch each page and json.loads it, nothing else."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    params = {"page": "1", "limit": str(PAGE)}
+    items = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def fetch(device: str, batch: str) -> int:
+            url = _actions_url(base_url, device, batch)
+            async with session.get(url, params=params, headers=headers) as response:
+                body = await response.read()
+            return len(json.loads(body)["data"]["items"])
+
+        items = await _run(pairs, concurrency, fetch)
+    return items
+
+
+async def client_loop(base_url: str, pairs: list[tuple[str, str]], concurrency: int) -> int:
+    async with ApiClient(
+        base_url=base_url,
+        organization=ORG,
+        token=TokenSource(value=TOKEN),
+        metrics=SelfMetrics(),
+        max_concurrency=concurrency,
+        requests_per_hour=1e9,  # measure the client, not its budget
+        page_size=PAGE,
+    ) as client:
+
+        async def fetch(device: str, batch: str) -> int:
+            return len(await client.list_actions(device, batch))
+
+        return await _run(pairs, concurrency, fetch)
+
+
+async def _run(
+    pairs: list[tuple[str, str]],
+    concurrency: int,
+    fetch: Callable[[str, str], Awaitable[int]],
+) -> int:
+    queue = list(reversed(pairs))
+    total = 0
+
+    async def worker() -> None:
+        nonlocal total
+        while queue:
+            device, batch = queue.pop()
+            count = await fetch(device, batch)
+            total += count  # not `total += await ...`: that reads total before the wait
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total
+
+
+def measure(
+    loop: Callable[[str, list[tuple[str, str]], int], Awaitable[int]],
+    sim: SimulatorProcess,
+    pairs: list[tuple[str, str]],
+    concurrency: int,
+) -> dict[str, float]:
+    sim_cpu = sim.cpu()
+    wall = time.perf_counter()
+    cpu = time.process_time()
+    items = asyncio.run(loop(sim.base_url, pairs, concurrency))
+    cpu = time.process_time() - cpu
+    wall = time.perf_counter() - wall
+    sim_cpu = sim.cpu() - sim_cpu
+    pages = len(pairs)
+    if items != pages * PAGE:
+        raise RuntimeError(f"expected {pages * PAGE} actions, got {items}")
+    return {
+        "cpu_us_per_page": cpu / pages * 1e6,
+        "pages_per_second": pages / wall,
+        "sim_cpu_us_per_page": sim_cpu / pages * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, small fleet")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved runs per loop")
+    args = parser.parse_args(argv)
+    devices, batches, rounds = (10, 4, 2) if args.smoke else (100, 10, 5)
+    rounds = args.rounds or rounds
+
+    with SimulatorProcess(devices, batches) as sim:
+        pairs = sim.pairs
+        # Warm both sides (imports, caches, the simulator's serialised JSON).
+        measure(bare_loop, sim, pairs, 1)
+        measure(client_loop, sim, pairs, 1)
+        rows = []
+        for concurrency in (1, 8):
+            best: dict[str, dict[str, float]] = {}
+            for _ in range(rounds):
+                for name, loop in (("bare", bare_loop), ("client", client_loop)):
+                    result = measure(loop, sim, pairs, concurrency)
+                    kept = best.get(name)
+                    if kept is None or result["cpu_us_per_page"] < kept["cpu_us_per_page"]:
+                        best[name] = result
+            rows.append(
+                {
+                    "concurrency": concurrency,
+                    "pages": len(pairs),
+                    "bare_cpu_us_per_page": best["bare"]["cpu_us_per_page"],
+                    "client_cpu_us_per_page": best["client"]["cpu_us_per_page"],
+                    "ratio": best["client"]["cpu_us_per_page"] / best["bare"]["cpu_us_per_page"],
+                    "bare_pages_per_second": best["bare"]["pages_per_second"],
+                    "client_pages_per_second": best["client"]["pages_per_second"],
+                    "simulator_cpu_us_per_page": best["bare"]["sim_cpu_us_per_page"],
+                    "simulator_pages_per_cpu_second": 1e6 / best["bare"]["sim_cpu_us_per_page"],
+                }
+            )
+
+    header = (
+        f"{'conc':>4} {'pages':>6} {'bare µs/page':>13} {'client µs/page':>15} {'ratio':>6} "
+        f"{'bare p/s':>9} {'client p/s':>11} {'sim p/cpu-s':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['concurrency']:>4} {row['pages']:>6} {row['bare_cpu_us_per_page']:>13.0f} "
+            f"{row['client_cpu_us_per_page']:>15.0f} {row['ratio']:>6.2f} "
+            f"{row['bare_pages_per_second']:>9.0f} {row['client_pages_per_second']:>11.0f} "
+            f"{row['simulator_pages_per_cpu_second']:>12.0f}"
+        )
+    target = 1.5
+    worst = max(row["ratio"] for row in rows)
+    print(f"target: client ≤ {target}× bare per page; worst ratio {worst:.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "client_pages",
+                "smoke": args.smoke,
+                "rounds": rounds,
+                "actions_per_page": PAGE,
+                "target_ratio": target,
+                "worst_ratio": worst,
+                "rows": rows,
+                "cpu_count": os.cpu_count(),
+                "python": sys.version.split()[0],
+                "aiohttp": aiohttp.__version__,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
