@@ -326,7 +326,6 @@ async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
 ) -> None:
     """The project's recording rules and its alerts (without their ``for``) in a real
     Prometheus scraping a fake exporter; a device that is down must reach the webhook."""
-    require_binaries(PROMTOOL_BIN)  # same packages: keep skip/fail behaviour in one place
     sink = AlertSink()
     sink_server = await aiohttp_server(sink.app())
     exporter_server = await aiohttp_server(FakeExporter().app())
@@ -416,6 +415,11 @@ async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
         ]
         assert unhealthy == []
 
+    # Torn down: both processes gone, their temporary directories removed.
+    for stopped in (prometheus, alertmanager):
+        assert stopped.process.exited
+        assert not stopped.directory.exists()
+
 
 async def _healthy_targets(prometheus: Any) -> list[dict[str, Any]]:
     targets = await prometheus.targets()
@@ -428,3 +432,13 @@ async def _query_by(prometheus: Any, expr: str, label: str) -> dict[str, float]:
 
 async def _firing_in(sink: AlertSink, name: str) -> list[dict[str, Any]]:
     return [a for a in sink.alerts("firing") if a["labels"]["alertname"] == name]
+
+
+async def test_harness_reports_why_prometheus_could_not_start(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "a:b:c", "expr": "sum("}]}]})
+    )
+    with pytest.raises(RuntimeError, match="prometheus exited at start"):
+        async with running_prometheus(rule_files=[broken]):
+            pytest.fail("a Prometheus with a broken rule file must not become ready")
