@@ -478,6 +478,23 @@ async def test_create_answers_the_new_pending_batch(api: Api) -> None:
     assert api.sim.stats.counts[("create", 200)] == 1
 
 
+async def test_text_that_needs_escaping_comes_back_as_sent(api: Api) -> None:
+    device = api.sim.fleet.device_ids()[1]
+    config = {"path": './Vendor/"quoted"\\back/ñ', "action": "Replace",
+              "value": "line one\nline two \u00e9", "format": "chr"}
+
+    status, document = await api.post(
+        f"/devices/{device}/commands", {"commands": [{"config": config}], "name": 'Caf\u00e9 "x"'}
+    )
+    batch = document["data"]
+    listed = (await api.data(f"/devices/{device}/commands", limit=1))["items"][0]
+    (action,) = await api.all_items(f"/devices/{device}/commands/{batch['id']}/actions")
+
+    assert status == 200
+    assert batch["name"] == listed["name"] == 'Caf\u00e9 "x"'
+    assert action["config"] == {k: v for k, v in config.items() if k != "format"}
+
+
 async def test_a_new_batch_is_sent_at_a_check_in_and_answered_seconds_later(api: Api) -> None:
     fleet = api.sim.fleet
     device = first_device(api.sim, offline_since=None)
