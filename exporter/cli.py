@@ -27,6 +27,7 @@ from exporter.scheduler import Scheduler, Shard
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
 from exporter.state import FleetState
+from exporter.webconfig import WebSecurity
 
 log = structlog.get_logger("exporter")
 
@@ -116,7 +117,9 @@ def build_exporter(
     )
     metrics.budget_requests_per_hour = api.requests_per_hour * share
     scheduler = Scheduler(config, client, state, metrics, shard=shard, clock=clock)
-    exposition = Exposition(state, metrics, version=__version__)
+    exposition = Exposition(
+        state, metrics, version=__version__, max_series=config.metrics.max_series
+    )
     return Exporter(config, metrics, state, exposition, client, scheduler, config_path)
 
 
@@ -138,6 +141,7 @@ async def _reload(exporter: Exporter) -> str | None:
         log.error("config_reload_failed", problems=list(exc.problems))
         return str(exc)
     exporter.scheduler.reload(config)
+    exporter.exposition.max_series = config.metrics.max_series
     exporter.config = config
     exporter.metrics.config_reload_successful = True
     exporter.metrics.touch()
@@ -165,10 +169,13 @@ async def serve(
     listen: str,
     *,
     ssl_context: object | None = None,
+    security: WebSecurity | None = None,
     started: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
     host, port = parse_listen(listen)
+    if security is not None and ssl_context is None:
+        ssl_context = security.ssl_context
     stop = stop or asyncio.Event()
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,6 +184,12 @@ async def serve(
 
     async def reload_now() -> str | None:
         problem = await _reload(exporter)
+        web_problem = security.reload() if security is not None else None
+        if web_problem is not None:  # the running web config stays
+            log.error("web_config_reload_failed", problems=web_problem.splitlines())
+            exporter.metrics.config_reload_successful = False
+            exporter.metrics.touch()
+            problem = f"{problem}\n{web_problem}" if problem else web_problem
         exporter.exposition.refresh()  # the reload's outcome shows on the very next scrape
         changed.set()
         return problem
@@ -202,13 +215,14 @@ async def serve(
         version=__version__,
         organization=lambda: exporter.config.organization,
     )
-    runner = web.AppRunner(make_app(hooks), access_log=None)
+    runner = web.AppRunner(make_app(hooks, security), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
     await site.start()
     log.info("listening", address=f"{host}:{port}", version=__version__)
     if started is not None:
-        started(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
+        scheme = "https" if ssl_context is not None else "http"
+        started(f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
         asyncio.create_task(_refresh_loop(exporter, changed)),
@@ -252,23 +266,38 @@ async def _check_api(config: Config, token: TokenSource) -> int:
     return EXIT_OK
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.demo:
-        return asyncio.run(run_demo(args.listen))
+def _load_security(path: str | None, problems: list[str]) -> WebSecurity | None:
     try:
-        config = load_config(args.config_file)
-        token = token_source(config)
+        return WebSecurity.load(path) if path else None
     except ConfigError as exc:
-        _print_config_error(exc)
+        problems += exc.problems
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    security = _load_security(args.web_config, problems)
+    if args.demo and not problems:
+        return asyncio.run(run_demo(args.listen, security))
+    try:
+        if not args.demo:
+            config = load_config(args.config_file)
+            token = token_source(config)
+    except ConfigError as exc:
+        problems[:0] = exc.problems
+    if problems:
+        _print_config_error(ConfigError(problems))
         return EXIT_USAGE
     if args.config_check:
         if args.config_check_api:
             return asyncio.run(_check_api(config, token))
         print(f"{args.config_file}: config is valid")
+        if args.web_config:
+            print(f"{args.web_config}: web config is valid")
         return EXIT_OK
     shard = Shard.parse(args.shard) if args.shard else None
     exporter = build_exporter(config, token, config_path=args.config_file, shard=shard)
-    return asyncio.run(serve(exporter, args.listen))
+    return asyncio.run(serve(exporter, args.listen, security=security))
 
 
 DEMO_CONFIG = """
@@ -289,7 +318,7 @@ discovery:
 """
 
 
-async def run_demo(listen: str) -> int:
+async def run_demo(listen: str, security: WebSecurity | None = None) -> int:
     """The simulator in accelerated time and the exporter against it, in one process."""
     from exporter.simulator import Simulator  # only the demo needs it
 
@@ -320,7 +349,7 @@ async def run_demo(listen: str) -> int:
         )
 
     try:
-        return await serve(exporter, listen, started=started)
+        return await serve(exporter, listen, security=security, started=started)
     finally:
         await sim_runner.cleanup()
 

@@ -14,9 +14,11 @@ import gzip
 import math
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -24,7 +26,9 @@ from prometheus_client.utils import floatToGoString
 
 from exporter.histogram import Histogram
 from exporter.selfmetrics import SelfMetrics
-from exporter.state import DeviceGenerations, DeviceView, FleetState
+from exporter.state import CLASSES, DeviceGenerations, DeviceView, FleetState
+
+log = structlog.get_logger("exporter.exposition")
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -198,6 +202,34 @@ RELOAD_OK = Family(
     "1 when the last configuration reload succeeded.",
 )
 BUILD_INFO = Family("applivery_exporter_build_info", "gauge", "Exporter version.")
+SERIES_DROPPED = Family(
+    "applivery_exporter_series_dropped",
+    "gauge",
+    "Series left out of /metrics by the cardinality guard (metrics.max_series).",
+)
+GUARD_LEVEL = Family(
+    "applivery_exporter_cardinality_guard_level",
+    "gauge",
+    "Detail the cardinality guard removed: 0 = full detail, see docs/cardinality.md.",
+)
+
+# --- the cardinality guard ------------------------------------------------------------------
+
+# What each level of the guard removes, cumulatively, most specific labels first. Every alert
+# keeps working at every level: they read target_up, last_success, oldest_pending (kept per
+# device), the fleet-wide transition counter and self-metrics; the recording rules sum the
+# action gauges ``without (command, status)`` and so read every level alike.
+GUARD_LEVELS: tuple[str, ...] = (
+    "full detail",
+    "applivery_windows_command_actions summed over command",
+    "applivery_windows_command_info dropped",
+    "applivery_windows_command_actions summed over status (per status_class)",
+    "applivery_windows_device_info dropped",
+    "applivery_windows_command_actions summed over device (per status_class)",
+)
+# Back to more detail only when it fits with this much room, so a fleet hovering at the
+# ceiling does not flip its series back and forth every round.
+GUARD_RELAX = 0.9
 
 
 # --- per-device chunks --------------------------------------------------------------------
@@ -214,9 +246,28 @@ class _Chunks:
     actions: bytes
     oldest: bytes
     command_info: bytes
+    # Coarser renderings of ``actions`` for the cardinality guard (empty while it is off).
+    by_status: bytes = b""
+    by_class: bytes = b""
+    class_counts: tuple[tuple[str, int], ...] = ()
 
     def lines(self) -> tuple[bytes, ...]:
-        return (self.info, self.up, self.last_success, self.actions, self.oldest, self.command_info)
+        return (
+            self.info, self.up, self.last_success, self.actions, self.oldest, self.command_info,
+            self.by_status, self.by_class,
+        )
+
+    def series(self) -> tuple[int, int, int, int, int, int]:
+        """Sample lines of (always kept, actions, by status, by class, command info, info)."""
+        kept = (self.up + self.last_success + self.oldest).count(b"\n")
+        return (
+            kept,
+            self.actions.count(b"\n"),
+            self.by_status.count(b"\n"),
+            self.by_class.count(b"\n"),
+            self.command_info.count(b"\n"),
+            self.info.count(b"\n"),
+        )
 
 
 def _info_lines(organization: str, view: DeviceView) -> bytes:
@@ -264,12 +315,53 @@ def _command_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, b
     )
 
 
+def _coarse_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
+    """The action gauges summed over ``command``, and over ``command`` and ``status``."""
+    base = _labels((("organization", organization), ("device", view.device)))
+    by_status: Counter[tuple[str, str]] = Counter()
+    for batch in view.batches:
+        for status, status_class, count in batch.counts:
+            by_status[(status, status_class)] += count
+    status_lines = "".join(
+        f'{ACTIONS.name}{{{base},status="{escape_label_value(status)}",'
+        f'status_class="{status_class}"}} {count}\n'
+        for (status, status_class), count in sorted(by_status.items())
+    )
+    class_lines = "".join(
+        f'{ACTIONS.name}{{{base},status_class="{status_class}"}} {count}\n'
+        for status_class, count in sorted(view.class_counts.items())
+        if count
+    )
+    return status_lines.encode(errors="replace"), class_lines.encode(errors="replace")
+
+
+def _fleet_class_lines(organization: str, chunks: Iterable[_Chunks]) -> bytes:
+    """The action gauges summed over device too: one series per status_class."""
+    totals: Counter[str] = Counter()
+    for chunk in chunks:
+        for status_class, count in chunk.class_counts:
+            totals[status_class] += count
+    org = f'organization="{escape_label_value(organization)}"'
+    return "".join(
+        f'{ACTIONS.name}{{{org},status_class="{status_class}"}} {totals[status_class]}\n'
+        for status_class in CLASSES
+        if totals[status_class]
+    ).encode(errors="replace")
+
+
+def _sample_lines(body: bytes) -> int:
+    """Sample lines of a rendered section (every line not starting with ``#``)."""
+    return body.count(b"\n") - (b"\n" + body).count(b"\n#")
+
+
 def _render_device(
     organization: str,
     state: FleetState,
     device: str,
     generations: DeviceGenerations,
     previous: _Chunks | None,
+    *,
+    coarse: bool = False,
 ) -> _Chunks:
     old = previous.generations if previous is not None else None
     commands_moved = previous is None or old is None or old.commands != generations.commands
@@ -283,10 +375,19 @@ def _render_device(
     else:
         up, last_success = _status_lines(view)
     if previous is not None and not commands_moved:
-        actions, oldest, command_info = previous.actions, previous.oldest, previous.command_info
-    else:
-        actions, oldest, command_info = _command_lines(organization, view)
-    return _Chunks(generations, info, up, last_success, actions, oldest, command_info)
+        return _Chunks(
+            generations, info, up, last_success, previous.actions, previous.oldest,
+            previous.command_info, previous.by_status, previous.by_class, previous.class_counts,
+        )
+    actions, oldest, command_info = _command_lines(organization, view)
+    if not coarse:
+        return _Chunks(generations, info, up, last_success, actions, oldest, command_info)
+    by_status, by_class = _coarse_lines(organization, view)
+    class_counts = tuple((c, n) for c, n in view.class_counts.items() if n)
+    return _Chunks(
+        generations, info, up, last_success, actions, oldest, command_info,
+        by_status, by_class, class_counts,
+    )
 
 
 # --- fleet-wide and self-metrics sections -------------------------------------------------
@@ -367,6 +468,7 @@ class Exposition:
         *,
         version: str,
         registry: CollectorRegistry | None = None,
+        max_series: int | None = None,
     ) -> None:
         self._state = state
         self._metrics = metrics
@@ -384,7 +486,97 @@ class Exposition:
         self._bodies: Mapping[bool, bytes] = {False: b"", True: b""}
         self._gzipped: dict[bool, tuple[bytes, bytes]] = {}
         self._gzip_locks = {False: threading.Lock(), True: threading.Lock()}
+        self._max_series = max_series
+        self.guard_level = 0
+        self.series_total = 0  # series at full detail
+        self.series_dropped = 0
         self.refresh()
+
+    # --- the cardinality guard ------------------------------------------------------------
+
+    @property
+    def max_series(self) -> int | None:
+        return self._max_series
+
+    @max_series.setter
+    def max_series(self, value: int | None) -> None:
+        """A new ceiling (a reload): every device is rendered again at the next refresh."""
+        if value != self._max_series:
+            self._max_series = value
+            self._chunks = {}
+            self._order = []
+            self._state_generation = -1
+
+    @property
+    def guard_summary(self) -> str:
+        """One line for the landing page and the log."""
+        if self._max_series is None:
+            return "Cardinality guard: off (no metrics.max_series)."
+        if self.guard_level == 0:
+            return (
+                f"Cardinality guard: {self.series_total} series, within the ceiling of "
+                f"{self._max_series}."
+            )
+        over = self.series_total - self.series_dropped > self._max_series
+        return (
+            f"Cardinality guard: {self.series_dropped} of {self.series_total} series dropped "
+            f"to stay under {self._max_series} (level {self.guard_level}: "
+            f"{'; '.join(GUARD_LEVELS[1 : self.guard_level + 1])})"
+            + (", still over the ceiling." if over else ".")
+        )
+
+    def _level_totals(self, fixed: int) -> list[int]:
+        """Series served at each guard level, given the series no level touches."""
+        kept = actions = by_status = by_class = command_info = info = 0
+        for chunk in self._chunks.values():
+            k, a, s, c, ci, i = chunk.series()
+            kept, actions, by_status, by_class = kept + k, actions + a, by_status + s, by_class + c
+            command_info, info = command_info + ci, info + i
+        base = fixed + kept + 2  # + the two guard gauges
+        fleet_classes = _sample_lines(_fleet_class_lines("", self._chunks.values()))
+        return [
+            base + actions + command_info + info,
+            base + by_status + command_info + info,
+            base + by_status + info,
+            base + by_class + info,
+            base + by_class,
+            base + fleet_classes,
+        ]
+
+    def _choose_level(self, fixed: int) -> bool:
+        """Pick the guard level for the current series; True when it changed."""
+        ceiling = self._max_series
+        if ceiling is None:
+            self.series_total = self.series_dropped = 0
+            changed, self.guard_level = self.guard_level != 0, 0
+            return changed
+        totals = self._level_totals(fixed)
+        level = next((i for i, n in enumerate(totals) if n <= ceiling), len(totals) - 1)
+        if level < self.guard_level and totals[level] > ceiling * GUARD_RELAX:
+            # More detail only with room to spare; else stay, unless the old level overflows.
+            level = max(level, min(self.guard_level, self._fitting_level(totals, ceiling)))
+        previous = (self.guard_level, self.series_dropped)
+        self.guard_level = level
+        self.series_total = totals[0]
+        self.series_dropped = totals[0] - totals[level]
+        if level != previous[0]:
+            (log.warning if level else log.info)(
+                "cardinality_guard",
+                level=level,
+                removed=list(GUARD_LEVELS[1 : level + 1]),
+                series=totals[0],
+                dropped=self.series_dropped,
+                max_series=ceiling,
+                over_ceiling=totals[level] > ceiling,
+            )
+        return (self.guard_level, self.series_dropped) != previous
+
+    @staticmethod
+    def _fitting_level(totals: Sequence[int], ceiling: int) -> int:
+        """The most detailed level whose series fit with GUARD_RELAX room."""
+        return next(
+            (i for i, n in enumerate(totals) if n <= ceiling * GUARD_RELAX), len(totals) - 1
+        )
 
     def refresh(self) -> bool:
         state, metrics = self._state, self._metrics
@@ -411,6 +603,13 @@ class Exposition:
         extras = {om: _extras(self._registry, openmetrics=om) for om in (False, True)}
         changed |= extras != self._extras
         self._extras = extras
+        if self._max_series is not None or self.guard_level:
+            transitions, latency = self._fleet
+            fixed = sum(
+                _sample_lines(part)
+                for part in (transitions, latency, self._self_sections[False], extras[False])
+            )
+            changed |= self._choose_level(fixed)
         if changed:
             self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
         return changed
@@ -431,7 +630,10 @@ class Exposition:
             generations = state.device_generations(device)
             previous = chunks.get(device)
             if previous is None or previous.generations != generations:
-                fresh = _render_device(organization, state, device, generations, previous)
+                fresh = _render_device(
+                    organization, state, device, generations, previous,
+                    coarse=self._max_series is not None,
+                )
                 changed = changed or previous is None or fresh.lines() != previous.lines()
                 chunks[device] = fresh
         return changed
@@ -439,21 +641,35 @@ class Exposition:
     def _assemble(self, *, openmetrics: bool) -> bytes:
         chunks = [self._chunks[device] for device in self._order]
         transitions, latency = self._fleet
+        level = self.guard_level
         parts: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
-        parts += [c.actions for c in chunks]
+        if level == 0:
+            parts += [c.actions for c in chunks]
+        elif level < 3:
+            parts += [c.by_status for c in chunks]
+        elif level < 5:
+            parts += [c.by_class for c in chunks]
+        else:
+            parts.append(_fleet_class_lines(self._state.organization, chunks))
         parts += [TRANSITIONS.header(openmetrics=openmetrics), transitions]
         parts += [LATENCY.header(openmetrics=openmetrics), latency]
         parts.append(OLDEST_PENDING.header(openmetrics=openmetrics))
         parts += [c.oldest for c in chunks]
         parts.append(DEVICE_INFO.header(openmetrics=openmetrics))
-        parts += [c.info for c in chunks]
+        if level < 4:
+            parts += [c.info for c in chunks]
         parts.append(COMMAND_INFO.header(openmetrics=openmetrics))
-        parts += [c.command_info for c in chunks]
+        if level < 2:
+            parts += [c.command_info for c in chunks]
         parts.append(TARGET_UP.header(openmetrics=openmetrics))
         parts += [c.up for c in chunks]
         parts.append(LAST_SUCCESS.header(openmetrics=openmetrics))
         parts += [c.last_success for c in chunks]
         parts.append(self._self_sections[openmetrics])
+        parts.append(SERIES_DROPPED.header(openmetrics=openmetrics))
+        parts.append(f"{SERIES_DROPPED.name} {self.series_dropped}\n".encode())
+        parts.append(GUARD_LEVEL.header(openmetrics=openmetrics))
+        parts.append(f"{GUARD_LEVEL.name} {level}\n".encode())
         parts.append(self._extras[openmetrics])
         if openmetrics:
             parts.append(b"# EOF\n")

@@ -22,6 +22,7 @@ from exporter.exposition import (
     wants_openmetrics,
 )
 from exporter.state import FleetState
+from exporter.webconfig import WebSecurity, install
 
 ReloadFn = Callable[[], Awaitable[str | None]]  # None on success, else the reason
 
@@ -113,6 +114,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head>
 {html.escape(hooks.organization())}</p>
 <ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
 <li><a href="/-/ready">Readiness</a></li></ul>
+<p>{html.escape(hooks.exposition.guard_summary)}</p>
 <h2>Watched devices</h2>
 <table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
 </tr></thead><tbody>
@@ -122,9 +124,12 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head>
     return web.Response(text=page, content_type="text/html")
 
 
-def make_app(hooks: Hooks) -> web.Application:
+def make_app(hooks: Hooks, security: WebSecurity | None = None) -> web.Application:
+    """The routes; with a web config, every one of them behind its rate limit and basic auth."""
     app = web.Application()
     app[HOOKS] = hooks
+    if security is not None:
+        install(app, security)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
