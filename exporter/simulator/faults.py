@@ -7,6 +7,21 @@ request from a seeded RNG and never change fleet state. Data faults (``doc_times
 ``unknown_status``, ``missing_fields``) are decided per entity by a stable hash of the seed
 and the entity's key, so one action looks the same on every request while the fault is set.
 ``shifting_pages`` is drawn per request (see app.py for what it does).
+
+Ground truth under data faults (``fleet.grouped_counts``, ``events_since``, ``acks_since``):
+
+- ``unknown_status`` renames the *final* status of the actions it picks (pending ones keep
+  their names) to a name outside the 65; the truth follows: grouped counts, batch summaries,
+  events and acks carry the served name and class ``unknown``. The renaming is applied when
+  asked, so switching the fault mid-run renames already finished actions too, as if
+  upstream had changed a name.
+- ``missing_fields`` drops one optional field of the entities it picks (action:
+  ``statusCode``, ``sentAt``, ``config`` or ``data``; batch: ``summary``, ``updatedAt`` or
+  ``name``; device: ``displayName``, ``tags``, ``summary``, ``lastStatusReportTime`` or
+  ``mdmUser``). ``cmdId``, ``status`` and final timestamps are never dropped, so grouped
+  counts and events are unchanged; an ack whose ``sentAt`` is hidden is still in
+  ``acks_since`` although a client cannot measure it.
+- ``doc_timestamps`` changes only how moments are written; they parse to the same values.
 """
 
 from __future__ import annotations
