@@ -177,7 +177,7 @@ def _int(value: object) -> int | None:
 def decode_json(body: bytes | str) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: a bomb
         raise InvalidBody(f"body is not JSON: {exc.__class__.__name__}") from None
 
 
