@@ -16,7 +16,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from operator import attrgetter
@@ -56,6 +56,7 @@ MIN_RATE_FACTOR = 1 / 16
 RECOVERY_SECONDS = 600.0  # a throttled rate climbs back by the full rate over this long
 MAX_PASSES = 3  # reads of a paged list from page 1 while its pages keep shifting
 CHUNK_BYTES = 64 * 1024
+MEMO_PAGES = 4096  # decoded answers kept for re-polls that bring the same bytes
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 BASE_PATH = "/organizations/{org}/mdm/windows/enterprise"
@@ -226,6 +227,12 @@ class TokenBucket:
             self._factor = min(1.0, self._factor + elapsed / RECOVERY_SECONDS)
 
     async def acquire(self) -> None:
+        if not self._lock.locked():  # nobody queued: take a token without the lock's cost
+            self._refill()
+            if self._not_before <= self._stamp and self._tokens >= 1.0 - 1e-9:
+                self._tokens -= 1.0
+                self.spent += 1
+                return
         # The lock queues callers in order; the one at the head sleeps for the rest.
         async with self._lock:
             while True:
@@ -319,6 +326,44 @@ class _Pass(Generic[T]):
     total: int | None  # the last totalDocs seen
 
 
+class _Memo:
+    """The decoded answer to each recent request, kept with a digest of its body.
+
+    Most pending batches do not change between two polls: when a request brings back the
+    very same bytes, the earlier decoding is reused and JSON parsing is skipped. Entries are
+    immutable records and tuples, so sharing them is safe. Least recently used go first.
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._entries: dict[Hashable, tuple[int, int, Any]] = {}
+        self._size = size
+
+    def get(self, key: Hashable, body: bytes) -> Any | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        length, digest, result = entry
+        # bytes cache their hash, so put() after a miss does not hash twice.
+        if length != len(body) or digest != hash(body):
+            return None
+        self._entries[key] = entry
+        return result
+
+    def put(self, key: Hashable, body: bytes, result: Any) -> None:
+        if self._size <= 0:
+            return
+        entries = self._entries
+        entries.pop(key, None)
+        if len(entries) >= self._size:
+            del entries[next(iter(entries))]
+        entries[key] = (len(body), hash(body), result)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[Any], Page[T]]:
     def decode(data: Any) -> Page[T]:
         return decode_page(data, decode_item)
@@ -350,6 +395,7 @@ class ApiClient:
         max_pages: int = 1000,
         max_attempts: int = 4,
         max_body_bytes: int = 32 * 2**20,
+        memo_pages: int = MEMO_PAGES,
         session: aiohttp.ClientSession | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -371,6 +417,7 @@ class ApiClient:
         self._monotonic = monotonic
         self._rng = random.Random(seed)
         self.budget = TokenBucket(requests_per_hour, monotonic=monotonic, sleep=sleep)
+        self._memo = _Memo(memo_pages)
         self._headers: dict[str, str] = {}
         self._headers_token = ""
 
@@ -391,12 +438,23 @@ class ApiClient:
     # --- endpoints ----------------------------------------------------------------------------
 
     async def list_devices(
-        self, *, tags: Sequence[str] = (), segment: int | None = None
+        self,
+        *,
+        tags: Sequence[str] = (),
+        segment: int | None = None,
+        sort: str | None = None,
+        stop: Callable[[Device], bool] | None = None,
     ) -> list[Device]:
+        """Enrolled devices; with ``stop``, the list ends before the first item it accepts
+        (with ``sort``, e.g. the devices that checked in since a moment)."""
         params: list[tuple[str, str]] = [("tags", tag) for tag in tags]
         if segment is not None:
             params.append(("segmentId", str(segment)))
-        return await self._collect("devices", "/devices", decode_device, _device_key, params)
+        if sort is not None:
+            params.append(("sort", sort))
+        return await self._collect(
+            "devices", "/devices", decode_device, _device_key, params, stop=stop
+        )
 
     async def list_batches(
         self, device: str, *, max_items: int, since: float | None = None
@@ -444,7 +502,6 @@ class ApiClient:
         union: dict[str, T] = {}
         for number in range(1, MAX_PASSES + 1):
             result = await self._pass(endpoint, path, decode, key, params, max_items, stop)
-            self._metrics.parse_problem(SCHEMA, result.problems if number == 1 else 0)
             if result.consistent:
                 return list(result.items.values())[:max_items]
             union.update(result.items)
@@ -595,12 +652,19 @@ class ApiClient:
                 reason = f"connection error ({type(exc).__name__})"
                 return self._failed(endpoint, started, _Failure("connection", reason))
         if 200 <= status < 300:
-            try:
-                result = decode(envelope_data(decode_json(body)))
-            except InvalidBody as exc:
-                return self._failed(
-                    endpoint, started, _Failure("invalid_body", f"invalid body: {exc}")
-                )
+            key = (url, *params)
+            result = self._memo.get(key, body)
+            if result is None:
+                try:
+                    result = decode(envelope_data(decode_json(body)))
+                except InvalidBody as exc:
+                    return self._failed(
+                        endpoint, started, _Failure("invalid_body", f"invalid body: {exc}")
+                    )
+                self._memo.put(key, body, result)
+                if isinstance(result, Page) and result.problems:
+                    # Once per response: a re-poll that brings the same bytes is not news.
+                    self._metrics.parse_problem(SCHEMA, len(result.problems))
             self._observe(endpoint, str(status), started)
             return result
         self._observe(endpoint, str(status), started)

@@ -204,19 +204,17 @@ def decode_page(data: Any, decode_item: Callable[[Any], T | None]) -> Page[T]:
         meta = data
     else:
         raise InvalidBody("page has no items array")
-    decoded = tuple(map(decode_item, raw_items))
-    problems: list[str] = []
-    if None in decoded:  # rare: only then filter, item by item
-        problems = [SCHEMA] * decoded.count(None)
-        decoded = tuple(item for item in decoded if item is not None)
+    # Records are always truthy (no __len__ or __bool__), so filter(None) drops exactly the
+    # undecodable items, in C; `None in items` would call every record's __eq__.
+    items = tuple(filter(None, map(decode_item, raw_items)))
     has_next = meta.get("hasNextPage")
     return Page(
-        items=decoded,
+        items=items,
         total_docs=_int(meta.get("totalDocs")),
         page=_int(meta.get("page")),
         limit=_int(meta.get("limit")),
         has_next_page=has_next if isinstance(has_next, bool) else None,
-        problems=tuple(problems),
+        problems=(SCHEMA,) * (len(raw_items) - len(items)),
     )
 
 

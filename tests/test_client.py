@@ -38,7 +38,7 @@ from exporter.client import (
     UpstreamError,
     parse_retry_after,
 )
-from exporter.records import UNKNOWN_STATUS, Action
+from exporter.records import SCHEMA, UNKNOWN_STATUS, Action
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
 from exporter.statuses import STATUS_CLASS
@@ -982,3 +982,75 @@ async def test_items_inserted_at_the_head_while_paging_are_neither_lost_nor_doub
     ids = [a.cmd_id for a in actions]
     assert len(ids) == len(set(ids))
     assert {f"c{n:03d}" for n in range(11)} <= set(ids)
+
+
+# --- re-polls of unchanged pages ----------------------------------------------------------------
+
+
+def changing_app(pages: list[dict[str, Any]]) -> web.Application:
+    """Serves ``pages[0]`` as the one page of actions; tests swap it between polls."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"status": True, "data": pages[0]})
+
+    app = web.Application()
+    app.router.add_get(ACTIONS, handler)
+    return app
+
+
+async def test_repolls_reuse_the_decoding_only_while_the_body_is_the_same(
+    aiohttp_server: Any,
+) -> None:
+    undecodable = {"status": "Pending"}  # no cmdId
+    first = {"items": [*action_items(3), undecodable], "totalDocs": 4}
+    pages = [first]
+    server = await aiohttp_server(changing_app(pages))
+    metrics = SelfMetrics()
+    async with make_client(str(server.make_url("/v1")), metrics=metrics) as client:
+        before = await client.list_actions("d1", "b1")
+        again = await client.list_actions("d1", "b1")
+        assert again == before
+        # The same response again is not news: its problem is counted once.
+        assert metrics.parse_problems[SCHEMA] == 1
+        pages[0] = {
+            "items": [{"cmdId": "c000", "status": "Acknowledged"}, undecodable],
+            "totalDocs": 2,
+        }
+        changed = await client.list_actions("d1", "b1")
+    assert [(a.cmd_id, a.status) for a in changed] == [("c000", "Acknowledged")]
+    assert metrics.parse_problems[SCHEMA] == 2
+    assert metrics.api_requests[("actions", "200")] == 3
+
+
+async def test_without_the_memo_every_response_is_decoded(aiohttp_server: Any) -> None:
+    pages = [{"items": [*action_items(2), {"status": "Pending"}], "totalDocs": 3}]
+    server = await aiohttp_server(changing_app(pages))
+    metrics = SelfMetrics()
+    base = str(server.make_url("/v1"))
+    async with make_client(base, metrics=metrics, memo_pages=0) as client:
+        first = await client.list_actions("d1", "b1")
+        second = await client.list_actions("d1", "b1")
+    assert first == second
+    assert first[0] is not second[0]
+    assert metrics.parse_problems[SCHEMA] == 2
+
+
+async def test_repolled_simulator_pages_follow_the_fleet(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    async with sim.client() as client:
+        first = {b.id: b for b in await client.list_batches(device, max_items=100)}
+        batch_id = sim.sim.fleet.create_batch(
+            device,
+            [
+                {
+                    "config": {
+                        "path": "./Vendor/MSFT/Policy/Config/A/B",
+                        "action": "Get",
+                        "format": "int",
+                    }
+                }
+            ],
+        )
+        second = {b.id: b for b in await client.list_batches(device, max_items=100)}
+    assert batch_id not in first
+    assert set(second) == set(first) | {batch_id}
