@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from exporter.histogram import Histogram
-from exporter.records import PROBLEM_KINDS, Action, Batch
+from exporter.records import PROBLEM_KINDS, SCHEMA, Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.statuses import KNOWN_STATUSES, StatusClass, classify
 
@@ -229,10 +229,13 @@ class FleetState:
             return False
         known = dev.batches.get(batch.id)
         if known is None:
+            # A summary that did not decode cleanly cannot vouch for the batch: its actions
+            # are read once, and the action list is the truth from then on.
             history = (
                 batch.finished
                 and batch.updated_at is not None
                 and batch.updated_at <= dev.watermark
+                and SCHEMA not in batch.problems
             )
             return not history
         # Our own view must be finished too: a summary can run ahead of the action list.
