@@ -191,6 +191,11 @@ BUDGET = Family(
 ROUND = Family(
     "applivery_exporter_poll_round_duration_seconds", "gauge", "Duration of the last poll round."
 )
+PLANNED = Family(
+    "applivery_exporter_api_requests_planned",
+    "gauge",
+    "Upstream API requests the scheduler planned for its latest poll round.",
+)
 PARSE_PROBLEMS = Family(
     "applivery_exporter_parse_problems",
     "counter",
@@ -430,6 +435,7 @@ def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> b
     family(API_DURATION, durations)
     family(BUDGET, [f"{BUDGET.name} {format_value(float(metrics.budget_requests_per_hour))}\n"])
     family(ROUND, [f"{ROUND.name} {format_value(float(metrics.poll_round_seconds))}\n"])
+    family(PLANNED, [f"{PLANNED.name} {metrics.requests_planned}\n"])
     family(
         PARSE_PROBLEMS,
         (

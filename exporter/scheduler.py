@@ -1,7 +1,22 @@
 """What to poll when: targets from config and discovery, poll rounds, applying results.
 
-A round polls every watched device once: its batches (explicit ``commands`` or discovered
-from the command history), then the actions of each batch that can still have changed.
+Two strategies (``poll.strategy``):
+
+- ``round_robin``: every round polls every watched device: its batches (explicit
+  ``commands`` or the command history), then the actions of each batch that can still have
+  changed. The client's token bucket spaces the requests out, so with a large fleet a round
+  simply takes longer than ``interval_seconds``.
+- ``budget`` (default): every round spends at most the requests the budget earned since the
+  previous one, on the devices most likely to have changed. Only a check-in (an OMA-DM
+  session) changes an action, and the device list shows each device's
+  ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
+  the last look. A device that checked in while it had pending actions is read first; then
+  devices by how long their data has gone unread (a check-in counts triple: it may have
+  picked up a batch not seen yet). That slower sweep is also what finds batches created or
+  canceled by an administrator, which no check-in announces. A pending batch whose summary
+  did not move since its actions were read is not read again: a summary counts actions per
+  status, and on the path ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
+
 Results go to :class:`FleetState`; the scheduler never renders or serves anything.
 """
 
@@ -10,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,6 +40,14 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 
 log = structlog.get_logger("exporter.scheduler")
+
+BUDGET, ROUND_ROBIN = "budget", "round_robin"
+# lastStatusReportTime is written by upstream when a session ends, maybe a little out of
+# order: a look at the device list reaches this far behind the newest check-in it knew.
+SIGNAL_OVERLAP_SECONDS = 120.0
+CHECKIN_WEIGHT = 3.0  # a device that checked in since its last read counts as this much staler
+CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
+CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +103,89 @@ class RoundResult:
     failed: int = 0
     batches_fetched: int = 0
     batches_skipped: int = 0
+    planned: int = 0  # requests the plan expected to spend (budget strategy)
+    spent: int = 0  # requests actually sent, retries and extra pages included
+    deferred: int = 0  # devices left for a later round by the budget
 
 
 @dataclass(slots=True)
-class _DeviceProgress:
-    dropped_batches: set[str] = field(default_factory=set)
+class Tracking:
+    """What the plan knows of one watched device."""
+
+    read_at: float | None = None  # scheduler clock at the start of the last complete read
+    checkin: float | None = None  # newest lastStatusReportTime seen (upstream's clock)
+    checkin_read: float | None = None  # ``checkin`` as known when the last read started
+    pending: int = 0  # batches with pending actions at the last read
+    # Pending batches whose actions were read: their summary then. Finished ones need no
+    # entry (the state knows they cannot change), so this stays small.
+    summaries: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)  # configured batches that answered 404
+
+    @property
+    def checked_in(self) -> bool:
+        """A check-in happened after the last read (so something may have changed)."""
+        if self.checkin is None or self.read_at is None:
+            return False
+        return self.checkin_read is None or self.checkin > self.checkin_read
+
+
+# --- planning (pure) ---------------------------------------------------------------------------
+
+
+def priority(tracking: Tracking, now: float) -> tuple[int, float]:
+    """Sort key, lowest first: never read, then checked in with pending actions (longest
+    waiting first), then by weighted staleness."""
+    if tracking.read_at is None:
+        return (0, 0.0)
+    if tracking.checked_in and tracking.pending:
+        assert tracking.checkin is not None
+        return (1, tracking.checkin)
+    age = max(0.0, now - tracking.read_at)
+    return (2, -age * (CHECKIN_WEIGHT if tracking.checked_in else 1.0))
+
+
+def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
+    """Requests one poll of the device is expected to take."""
+    reads = 1 if commands is None else max(1, len(commands) - len(tracking.dropped))
+    if tracking.read_at is None:
+        return reads + 1  # first sight: some actions to read, most likely
+    return reads + (tracking.pending if tracking.checked_in else 0)
+
+
+def select(
+    candidates: Iterable[tuple[tuple[int, float], int, str]], credit: float
+) -> tuple[list[str], int]:
+    """Devices to poll this round, in order, and the requests they are expected to cost.
+
+    ``candidates`` are (priority, cost, device). Devices known or likely to have changed
+    (priority class 0 and 1) take at most ``CHANGED_SHARE`` of the credit while others wait,
+    so a busy fleet cannot starve the sweep that finds new batches.
+    """
+    ranked = sorted(candidates)
+    changed = [c for c in ranked if c[0][0] < 2]
+    quiet = [c for c in ranked if c[0][0] == 2]
+    chosen: list[str] = []
+    planned = 0
+    taken: set[str] = set()
+
+    def take(group: list[tuple[tuple[int, float], int, str]], limit: float) -> None:
+        nonlocal planned
+        for _, cost, device in group:
+            if device in taken:
+                continue
+            if planned + cost > limit:
+                return
+            chosen.append(device)
+            taken.add(device)
+            planned += cost
+
+    take(changed, credit * CHANGED_SHARE if quiet else credit)
+    take(quiet, credit)
+    take(changed, credit)
+    return chosen, planned
+
+
+# --- the scheduler -----------------------------------------------------------------------------
 
 
 class Scheduler:
@@ -107,8 +209,14 @@ class Scheduler:
         self._targets: dict[str, Target] = {}
         self._discovered: dict[str, Target] = {}
         self._discovered_at: float | None = None
-        self._progress: dict[str, _DeviceProgress] = {}
+        self._tracking: dict[str, Tracking] = {}
+        self._aliases: dict[str, str] = {}  # lower-case id, serial or IMEI -> target key
         self._completed: set[str] = set()
+        self._signal_mark: float | None = None  # newest lastStatusReportTime seen
+        self._credit = 0.0
+        self._credit_at: float | None = None
+        self._credit_floor = 2.0
+        self._sorted_since_full = False  # a look sorted by check-in since the last full list
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -131,7 +239,7 @@ class Scheduler:
                 wanted[device_id] = target
         for device_id in self._targets.keys() - wanted.keys():
             self._state.unwatch(device_id)
-            self._progress.pop(device_id, None)
+            self._tracking.pop(device_id, None)
             self._completed.discard(device_id)
             log.info("device_unwatched", device=device_id)
         for device_id, target in wanted.items():
@@ -141,13 +249,16 @@ class Scheduler:
                     device_id, name=target.name, labels=dict(target.labels), info=dict(target.info)
                 )
                 if previous is not None and previous.commands != target.commands:
-                    self._progress.pop(device_id, None)
+                    self._tracking.pop(device_id, None)
+            self._tracking.setdefault(device_id, Tracking())
         self._targets = wanted
+        self._aliases = {key.lower(): key for key in wanted}
 
     def reload(self, config: Config) -> None:
         """Swap the config; unchanged targets keep their state and counters."""
         if config.discovery.devices != self.config.discovery.devices:
             self._discovered_at = None
+            self._signal_mark = None
             if config.discovery.devices is None:
                 self._discovered = {}
         self.config = config
@@ -159,39 +270,169 @@ class Scheduler:
         return dict(self._targets)
 
     @property
+    def tracking(self) -> dict[str, Tracking]:
+        """Per watched device: what the plan knows (read-only use)."""
+        return self._tracking
+
+    @property
     def ready(self) -> bool:
         """Every watched device completed one full poll (and discovery ran once)."""
         if self.config.discovery.devices is not None and self._discovered_at is None:
             return False
         return bool(self._targets) and self._targets.keys() <= self._completed
 
-    # --- discovery ------------------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        return self.config.poll.strategy
 
-    async def _discover_devices(self) -> None:
+    # --- discovery and check-ins ----------------------------------------------------------
+
+    async def _discover_devices(self) -> bool:
+        """The full device list when membership is due for a refresh; True if it was read."""
         spec = self.config.discovery.devices
         if spec is None:
-            return
+            return False
         now = self._clock()
         if self._discovered_at is not None and now - self._discovered_at < spec.refresh_seconds:
-            return
+            return False
         try:
             devices = await self._client.list_devices(tags=spec.tags, segment=spec.segment)
         except ApiError as exc:
             log.error("discovery_failed", endpoint="devices", reason=str(exc))
-            return
+            return False
         self._discovered = {d.id: Target.discovered(d) for d in devices}
         self._discovered_at = now
         self._apply_targets()
+        self._note_checkins(devices, full=True)
         log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
+        return True
+
+    async def _read_checkins(self) -> None:
+        """Devices that checked in since the last look, newest first, usually one page."""
+        spec = self.config.discovery.devices
+        mark = self._signal_mark
+        if spec is None or mark is None:
+            return
+        horizon = mark - SIGNAL_OVERLAP_SECONDS
+
+        def older(device: Device) -> bool:
+            return device.last_status_report is None or device.last_status_report < horizon
+
+        try:
+            devices = await self._client.list_devices(
+                tags=spec.tags, segment=spec.segment, sort="lastStatusReportTime:desc", stop=older
+            )
+        except ApiError as exc:
+            log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
+            return
+        self._note_checkins(devices, full=False)
+
+    def _note_checkins(self, devices: Sequence[Device], *, full: bool) -> None:
+        missed = 0
+        mark = self._signal_mark if full and self._sorted_since_full else None
+        self._sorted_since_full = not full
+        for device in devices:
+            moment = device.last_status_report
+            if moment is None:
+                continue
+            if self._signal_mark is None or moment > self._signal_mark:
+                self._signal_mark = moment
+            key = self._key_of(device)
+            tracking = self._tracking.get(key) if key is not None else None
+            if tracking is None:
+                continue
+            if tracking.checkin is None or moment > tracking.checkin:
+                if tracking.checkin is not None and mark is not None and moment <= mark:
+                    missed += 1  # a look sorted by check-in should have shown it already
+                tracking.checkin = moment
+        if missed:
+            # Upstream may ignore the sort: then the full list, read on its own cadence,
+            # still brings every check-in, only later. Worth knowing when freshness lags.
+            log.warning("checkins_missed_by_sorted_list", devices=missed)
+
+    def _key_of(self, device: Device) -> str | None:
+        for ident in (device.id, device.serial, device.imei):
+            if ident:
+                key = self._aliases.get(ident.lower())
+                if key is not None:
+                    return key
+        return None
+
+    # --- the budget ----------------------------------------------------------------------
+
+    def _accrue(self) -> float:
+        """Credit earned since the last round at the client's current (maybe throttled) rate."""
+        now = self._clock()
+        rate = self._client.budget.effective_rate_per_hour
+        per_round = rate * self.config.poll.interval_seconds / 3600
+        if self._credit_at is None:
+            self._credit = per_round
+        else:
+            self._credit += rate * max(0.0, now - self._credit_at) / 3600
+        self._credit = min(self._credit, max(self._credit_floor, per_round * CREDIT_ROUNDS))
+        self._credit_at = now
+        return self._credit
 
     # --- polling --------------------------------------------------------------------------
 
     async def run_round(self) -> RoundResult:
         started = time.monotonic()
-        await self._discover_devices()
+        spent_before = self._client.budget.spent
         result = RoundResult()
+        if self.strategy == ROUND_ROBIN:
+            await self._discover_devices()
+            await self._poll_all(list(self._targets.values()), result)
+        else:
+            await self._budget_round(result)
+        result.spent = self._client.budget.spent - spent_before
+        if self.strategy != ROUND_ROBIN:
+            self._credit -= result.spent
+        stale_after = self.config.poll.stale_after_rounds * self.config.poll.interval_seconds
+        for device in self._state.expire(stale_after):
+            log.warning("device_series_expired", device=device, stale_after_seconds=stale_after)
+        self.rounds += 1
+        self._metrics.poll_round_seconds = time.monotonic() - started
+        self._metrics.requests_planned = result.planned
+        self._metrics.touch()
+        log.info(
+            "poll_round",
+            round=self.rounds,
+            strategy=self.strategy,
+            devices=result.polled,
+            succeeded=result.succeeded,
+            failed=result.failed,
+            deferred=result.deferred,
+            batches_fetched=result.batches_fetched,
+            batches_skipped=result.batches_skipped,
+            requests_planned=result.planned,
+            requests_spent=result.spent,
+            seconds=round(self._metrics.poll_round_seconds, 3),
+        )
+        return result
+
+    async def _budget_round(self, result: RoundResult) -> None:
+        credit = self._accrue()
+        spent = self._client.budget.spent
+        if not await self._discover_devices():
+            await self._read_checkins()
+        credit -= self._client.budget.spent - spent
+        now = self._clock()
+        candidates = []
+        for device, target in self._targets.items():
+            tracking = self._tracking[device]
+            candidates.append(
+                (priority(tracking, now), estimated_cost(tracking, target.commands), device)
+            )
+        # Credit piles up to the dearest device, so that one is not deferred for ever.
+        self._credit_floor = max((cost for _, cost, _ in candidates), default=1)
+        chosen, planned = select(candidates, math.floor(credit))
+        result.planned = planned + (self._client.budget.spent - spent)
+        result.deferred = len(self._targets) - len(chosen)
+        await self._poll_all([self._targets[d] for d in chosen], result)
+
+    async def _poll_all(self, targets: Sequence[Target], result: RoundResult) -> None:
         queue: asyncio.Queue[Target] = asyncio.Queue()
-        for target in self._targets.values():
+        for target in targets:
             queue.put_nowait(target)
 
         async def worker() -> None:
@@ -201,31 +442,16 @@ class Scheduler:
 
         workers = max(1, min(self.config.api.max_concurrency * 2, queue.qsize()))
         await asyncio.gather(*(worker() for _ in range(workers)))
-        stale_after = self.config.poll.stale_after_rounds * self.config.poll.interval_seconds
-        for device in self._state.expire(stale_after):
-            log.warning("device_series_expired", device=device, stale_after_seconds=stale_after)
-        self.rounds += 1
-        self._metrics.poll_round_seconds = time.monotonic() - started
-        self._metrics.touch()
-        log.info(
-            "poll_round",
-            round=self.rounds,
-            devices=result.polled,
-            succeeded=result.succeeded,
-            failed=result.failed,
-            batches_fetched=result.batches_fetched,
-            batches_skipped=result.batches_skipped,
-            seconds=round(self._metrics.poll_round_seconds, 3),
-        )
-        return result
 
     async def _poll_device(self, target: Target, result: RoundResult) -> None:
         result.polled += 1
         device = target.device
+        tracking = self._tracking.setdefault(device, Tracking())
+        read_at, checkin = self._clock(), tracking.checkin
         try:
-            batches = await self._device_batches(target)
-            for batch in batches:
-                await self._poll_batch(device, batch, result)
+            batches = await self._device_batches(target, tracking)
+            for batch in sorted(batches, key=_pending_first):
+                await self._poll_batch(device, batch, tracking, result)
         except ApiError as exc:
             result.failed += 1
             self._state.poll_failed(device, exc.reason)
@@ -236,8 +462,13 @@ class Scheduler:
             result.succeeded += 1
             self._state.poll_succeeded(device)
             self._completed.add(device)
+            tracking.read_at, tracking.checkin_read = read_at, checkin
+            tracking.pending = sum(1 for b in batches if not b.finished)
+            current = {b.id for b in batches}
+            for gone in tracking.summaries.keys() - current:
+                del tracking.summaries[gone]
 
-    async def _device_batches(self, target: Target) -> list[Batch]:
+    async def _device_batches(self, target: Target, tracking: Tracking) -> list[Batch]:
         device = target.device
         if target.commands is None:
             spec = self.config.discovery.batches
@@ -248,28 +479,41 @@ class Scheduler:
             )
             self._state.retain_batches(device, [b.id for b in batches])
             return batches
-        progress = self._progress.setdefault(device, _DeviceProgress())
         batches = []
         for command in target.commands:
-            if command in progress.dropped_batches:
+            if command in tracking.dropped:
                 continue
             try:
                 batches.append(await self._client.get_batch(device, command))
             except NotFoundError:
-                await self._batch_not_found(device, command, progress)
+                await self._batch_not_found(device, command, tracking)
         self._state.retain_batches(device, [b.id for b in batches])
         return batches
 
-    async def _batch_not_found(self, device: str, command: str, progress: _DeviceProgress) -> None:
+    async def _batch_not_found(self, device: str, command: str, tracking: Tracking) -> None:
         # Upstream answers 3001 for a missing device and a missing batch alike: one
         # history call tells them apart, and only when a 404 happens.
         await self._client.list_batches(device, max_items=1)
-        progress.dropped_batches.add(command)
+        tracking.dropped.add(command)
         self._state.drop_batch(device, command)
         log.warning("batch_not_found", device=device, command=command, action="dropped")
 
-    async def _poll_batch(self, device: str, batch: Batch, result: RoundResult) -> None:
-        if not self._state.needs_actions(device, batch):
+    def _unchanged(self, tracking: Tracking, batch: Batch) -> bool:
+        """A pending batch that cannot have changed since its actions were read.
+
+        Two independent witnesses must agree: the summary is the same, and the device list
+        shows no check-in since. Either alone would do in theory; together they survive an
+        upstream whose summaries or check-in times lag (neither is documented as exact).
+        Without check-in times (no device discovery) the actions are read again.
+        """
+        if self.strategy == ROUND_ROBIN or batch.summary is None or tracking.checkin is None:
+            return False
+        return not tracking.checked_in and tracking.summaries.get(batch.id) == batch.summary
+
+    async def _poll_batch(
+        self, device: str, batch: Batch, tracking: Tracking, result: RoundResult
+    ) -> None:
+        if not self._state.needs_actions(device, batch) or self._unchanged(tracking, batch):
             self._state.apply_summary(device, batch)
             result.batches_skipped += 1
             return
@@ -277,10 +521,15 @@ class Scheduler:
             actions = await self._client.list_actions(device, batch.id)
         except NotFoundError:
             self._state.drop_batch(device, batch.id)
+            tracking.summaries.pop(batch.id, None)
             log.warning("batch_not_found", device=device, command=batch.id, action="dropped")
             return
         self._state.apply_actions(device, batch, actions)
         result.batches_fetched += 1
+        if batch.finished or batch.summary is None:
+            tracking.summaries.pop(batch.id, None)
+        else:
+            tracking.summaries[batch.id] = batch.summary
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -300,3 +549,7 @@ class Scheduler:
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+
+def _pending_first(batch: Batch) -> bool:
+    return batch.finished

@@ -27,6 +27,7 @@ class SelfMetrics:
     )
     budget_requests_per_hour: float = 0.0
     poll_round_seconds: float = 0.0
+    requests_planned: int = 0  # by the scheduler for its latest round
     config_reload_successful: bool = True
     generation: int = 0
 
