@@ -27,9 +27,11 @@ import aiohttp
 import pytest
 import yaml
 from promstack import (
+    ALERTMANAGER_BIN,
     AMTOOL_BIN,
     PROMETHEUS_BIN,
     PROMTOOL_BIN,
+    Alertmanager,
     AlertSink,
     ApiError,
     Prometheus,
@@ -64,10 +66,18 @@ CHATTY_INTERVAL = 30 * 60.0  # devices with sessions at most this far apart take
 POLL_SECONDS = 1.0
 
 ERROR_ALERTS = frozenset({"AppliveryCommandErrorSpike", "AppliveryCommandErrorRatioHigh"})
-ALERT_WINDOW = 45.0  # real seconds a scenario runs after its stack is up
+ALERT_WINDOW = 30.0  # real seconds a scenario runs after its stack is up
 BURST_BATCHES = 16
 BURST_ERROR_RATIO = 0.9
 DATA_TIMEOUT = 45.0
+
+ERRORS = 'status_class="error"'
+ERROR_STAGES = (
+    f"sum(instance_status_class:applivery_windows_command_actions:sum{{{ERRORS}}})",
+    f"sum(instance_status_class:applivery_windows_command_action_transitions:rate5m{{{ERRORS}}})",
+    "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m",
+    "instance:applivery_windows_command_action_errors_per_final:ratio_rate1h",
+)
 
 SimulatorFactory = Callable[..., Awaitable[tuple[Simulator, str]]]
 
@@ -232,23 +242,14 @@ async def test_every_dashboard_query_and_recorded_series_has_live_data(
         recorded = sorted(recorded_names(RECORDING))
         await until_all_have_data(prometheus, queries + recorded, DATA_TIMEOUT)
 
-        # Errors reached every stage: gauges, counters, their rates and the ratio.
-        errors = 'status_class="error"'
-        assert await scalar(
-            prometheus, f"sum(instance_status_class:applivery_windows_command_actions:sum{{{errors}}})"
-        ) > 0
-        assert await scalar(
-            prometheus,
-            "sum(instance_status_class:applivery_windows_command_action_transitions:rate5m"
-            f"{{{errors}}})",
-        ) > 0
-        assert await scalar(
-            prometheus, "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m"
-        ) > 0
+        # Errors reached every stage: action gauges, transition rates, the ratio.
+        for expr in ERROR_STAGES:
+            assert await scalar(prometheus, expr) > 0, expr
         classes = {
             series["metric"]["status_class"]
             for series in await prometheus.query(
-                "sum by (status_class) (instance_status_class:applivery_windows_command_actions:sum)"
+                "sum by (status_class) "
+                "(instance_status_class:applivery_windows_command_actions:sum > 0)"
             )
         }
         assert {"pending", "success", "error"} <= classes, classes
@@ -263,7 +264,7 @@ async def test_every_dashboard_query_and_recorded_series_has_live_data(
         await eventually(
             lambda: _at_least(
                 prometheus,
-                f"sum(applivery_windows_command_action_transitions_total{{{errors}}})",
+                f"sum(applivery_windows_command_action_transitions_total{{{ERRORS}}})",
                 burst_errors,
             ),
             what=f"at least {burst_errors} error transitions in Prometheus",
@@ -297,3 +298,210 @@ def error_answers(sim: Simulator, created: list[tuple[str, str]]) -> int:
 
 async def _at_least(prometheus: Prometheus, expr: str, minimum: float) -> bool:
     return await scalar(prometheus, expr) >= minimum
+
+
+# --- 2. an error burst alerts end to end; a clean run does not ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AlertingStack:
+    sim: Simulator
+    exporter: str  # host:port of /metrics
+    prometheus: Prometheus
+    alertmanager: Alertmanager
+    sink: AlertSink
+
+
+@contextlib.asynccontextmanager
+async def alerting_stack(
+    make_simulator_server: SimulatorFactory, aiohttp_server: Any, directory: Path
+) -> AsyncIterator[AlertingStack]:
+    """Simulator, exporter, Prometheus with the project's rules (every ``for`` removed, the
+    expressions, thresholds and volume guards untouched) and Alertmanager notifying a webhook
+    served here."""
+    require_binaries(PROMETHEUS_BIN, ALERTMANAGER_BIN)
+    sink = AlertSink()
+    receiver = await aiohttp_server(sink.app())
+    sim, base_url = await start_simulator(make_simulator_server)
+    rules = [RECORDING, immediate_alerts(ALERTS, directory)]
+    async with (
+        running_exporter(sim, base_url) as address,
+        running_alertmanager(str(receiver.make_url(sink.path))) as alertmanager,
+        running_prometheus(
+            [ScrapeTarget(address)], rule_files=rules, alertmanager=alertmanager.address
+        ) as prometheus,
+    ):
+        await scraped(prometheus)
+        await eventually(
+            lambda: _knows_alertmanager(prometheus, alertmanager),
+            what="Prometheus sends to the Alertmanager",
+        )
+        yield AlertingStack(sim, address, prometheus, alertmanager, sink)
+
+
+async def _knows_alertmanager(prometheus: Prometheus, alertmanager: Alertmanager) -> bool:
+    async with prometheus.session.get(prometheus.url + "/api/v1/alertmanagers") as resp:
+        body = await resp.json()
+    active = body["data"]["activeAlertmanagers"]
+    return any(alertmanager.address in entry["url"] for entry in active)
+
+
+def delivered(sink: AlertSink, names: frozenset[str] | set[str]) -> list[dict[str, Any]]:
+    return [a for a in sink.alerts("firing") if a["labels"]["alertname"] in names]
+
+
+async def until_delivered(sink: AlertSink, name: str, timeout: float) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]]:
+        return delivered(sink, {name})
+
+    return await eventually(probe, timeout=timeout, what=f"{name} delivered to the webhook")
+
+
+async def test_error_burst_reaches_the_webhook_as_error_spike(
+    make_simulator_server: SimulatorFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    spike_ratio, spike_volume, _ = rule_thresholds("AppliveryCommandErrorSpike")
+    high_ratio, high_volume, _ = rule_thresholds("AppliveryCommandErrorRatioHigh")
+    assert max(spike_ratio, high_ratio) < BURST_ERROR_RATIO
+    started = time.monotonic()
+    async with alerting_stack(make_simulator_server, aiohttp_server, tmp_path) as stack:
+        created = inject_error_burst(stack.sim, BURST_BATCHES, BURST_ERROR_RATIO)
+        # Enough finished actions to pass both volume guards, by the simulator's count.
+        assert burst_actions(stack.sim, created) >= 1.5 * max(spike_volume, high_volume)
+        remaining = ALERT_WINDOW - (time.monotonic() - started)
+
+        (spike, *_) = await until_delivered(stack.sink, "AppliveryCommandErrorSpike", remaining)
+        assert spike["labels"]["severity"] == "critical"
+        assert spike["labels"]["organization"] == stack.sim.organization
+        assert spike["labels"]["job"] == JOB
+        assert spike["labels"]["instance"] == stack.exporter
+        assert spike["annotations"]["runbook_url"].endswith("#appliverycommanderrorspike")
+        assert "%" in spike["annotations"]["description"]
+
+        remaining = ALERT_WINDOW - (time.monotonic() - started)
+        (high, *_) = await until_delivered(
+            stack.sink, "AppliveryCommandErrorRatioHigh", max(remaining, 5.0)
+        )
+        assert high["labels"]["severity"] == "warning"
+        assert high["labels"]["organization"] == stack.sim.organization
+
+        # The burst is what fired them: the simulator answered mostly errors.
+        await eventually(lambda: _resolved(stack.sim, created), what="burst answered")
+        answered = burst_actions(stack.sim, created)
+        assert error_answers(stack.sim, created) / answered > spike_ratio
+
+
+async def test_clean_run_of_the_same_length_alerts_no_errors(
+    make_simulator_server: SimulatorFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    _, spike_volume, _ = rule_thresholds("AppliveryCommandErrorSpike")
+    started = time.monotonic()
+    async with alerting_stack(make_simulator_server, aiohttp_server, tmp_path) as stack:
+        began = time.time()
+        await asyncio.sleep(max(0.0, ALERT_WINDOW - (time.monotonic() - started)))
+        prometheus = stack.prometheus
+        active = {a["labels"]["alertname"] for a in await prometheus.alerts()}
+        assert not active & ERROR_ALERTS, active
+        assert delivered(stack.sink, ERROR_ALERTS) == []
+
+        # Not a quiet fleet: finished actions passed the spike's volume guard and some of
+        # them were errors, so the ratio condition itself kept the alerts silent.
+        volume = await prometheus.query_range(
+            "instance:applivery_windows_command_action_final_transitions:rate5m * 300",
+            began,
+            time.time(),
+            1,
+        )
+        assert max(values_over_time(volume)) >= spike_volume
+        errors = await scalar(
+            prometheus, f"sum(applivery_windows_command_action_transitions_total{{{ERRORS}}})"
+        )
+        assert errors > 0
+
+
+def values_over_time(result: list[dict[str, Any]]) -> list[float]:
+    return [float(v) for series in result for _, v in series["values"]]
+
+
+# --- 3. the wiring guide: its paths exist and its commands work ---------------------------------
+
+_REPO_PATH = re.compile(r"`((?:prometheus|grafana|docs|tests|deploy|exporter)/[^`\s]*)`")
+_SHELL_BLOCK = re.compile(r"```sh\n(.*?)```", re.S)
+_YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
+# Inline commands with a file argument (a bare "promtool test rules" in prose is a name).
+_INLINE_COMMAND = re.compile(r"(?<!`)`((?:promtool|amtool) [^`]*/[^`]*)`(?!`)")
+
+
+def guide_commands() -> list[list[str]]:
+    """Command lines of the guide's sh blocks, and promtool/amtool lines quoted in its text."""
+    text = GUIDE.read_text()
+    lines = [line for block in _SHELL_BLOCK.findall(text) for line in block.splitlines()]
+    lines += _INLINE_COMMAND.findall(text)
+    return [shlex.split(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def guide_yaml() -> list[dict[str, Any]]:
+    return [yaml.safe_load(block) for block in _YAML_BLOCK.findall(GUIDE.read_text())]
+
+
+def test_readme_links_the_guide() -> None:
+    assert "docs/monitoring.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_path_the_guide_names_exists() -> None:
+    named = set(_REPO_PATH.findall(GUIDE.read_text()))
+    assert named
+    missing = [p for p in sorted(named) if not any(ROOT.glob(p.rstrip("/")))]
+    assert missing == []
+
+
+def test_the_guides_check_commands_pass_from_the_repository_root() -> None:
+    tools = {"promtool": PROMTOOL_BIN, "amtool": AMTOOL_BIN}
+    checks = [argv for argv in guide_commands() if argv[0] in tools]
+    assert {argv[0] for argv in checks} == set(tools)
+    for argv in checks:
+        (binary,) = require_binaries(tools[argv[0]])
+        # The guide's globs are expanded as a shell would.
+        args = [str(p) for a in argv[1:] for p in (sorted(ROOT.glob(a)) if "*" in a else [a])]
+        result = subprocess.run(
+            [binary, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert result.returncode == 0, f"{shlex.join(argv)}:\n{result.stdout}{result.stderr}"
+
+
+def test_the_guides_copy_and_test_commands_name_real_files() -> None:
+    commands = guide_commands()
+    copies = [argv for argv in commands if argv[0] == "cp"]
+    assert copies
+    for argv in copies:
+        assert (ROOT / argv[1]).is_file(), shlex.join(argv)
+    pytests = [argv for argv in commands if argv[:3] == ["python", "-m", "pytest"]]
+    assert pytests
+    for argv in pytests:
+        for path in argv[3:]:
+            assert (ROOT / path).is_file(), shlex.join(argv)
+
+
+def test_the_guides_grafana_steps_put_the_dashboard_where_provisioning_looks() -> None:
+    commands = guide_commands()
+    (provider,) = yaml.safe_load(
+        (ROOT / "grafana/provisioning/dashboards/applivery-mdm-exporter.yml").read_text()
+    )["providers"]
+    folder = provider["options"]["path"].rstrip("/")
+    dashboard = "grafana/dashboards/applivery-mdm-exporter.json"
+    assert ["mkdir", "-p", folder] in commands
+    assert any(argv[:2] == ["cp", dashboard] and argv[2].rstrip("/") == folder for argv in commands)
+
+
+def test_the_guides_snippets_match_the_example_configuration() -> None:
+    example = yaml.safe_load((ROOT / "prometheus" / "prometheus.example.yml").read_text())
+    snippets = guide_yaml()
+    scrape = next(s for s in snippets if "scrape_configs" in s)
+    rules = next(s for s in snippets if "rule_files" in s)
+    (job,) = scrape["scrape_configs"]
+    assert job["job_name"] == JOB
+    (example_job,) = [j for j in example["scrape_configs"] if j["job_name"] == JOB]
+    assert job == {key: example_job[key] for key in job}, (job, example_job)
+    assert sorted(rules["rule_files"]) == sorted(example["rule_files"])
+    # The job name the guide tells to keep is the one the alerts select on.
+    assert f'job="{JOB}"' in ALERTS.read_text()
