@@ -10,12 +10,13 @@ Two strategies (``poll.strategy``):
   previous one, on the devices most likely to have changed. Only a check-in (an OMA-DM
   session) changes an action, and the device list shows each device's
   ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
-  the last look. A device that checked in while it had pending actions is read first; then
-  devices by how long their data has gone unread (a check-in counts triple: it may have
-  picked up a batch not seen yet). That slower sweep is also what finds batches created or
-  canceled by an administrator, which no check-in announces. A pending batch whose summary
-  did not move since its actions were read is not read again: a summary counts actions per
-  status, and on the path ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
+  the last look. Devices that checked in since their last read go first (those with pending
+  actions ahead: those certainly changed; the others may have picked up a batch not seen
+  yet), then the rest by how long their data has gone unread. That slower sweep is what
+  finds batches created or canceled by an administrator, which no check-in announces. A
+  pending batch is not read again while its summary stays the same and its device has not
+  checked in: a summary counts actions per status, and on the path
+  ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
 
 Results go to :class:`FleetState`; the scheduler never renders or serves anything.
 """
@@ -45,7 +46,7 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # lastStatusReportTime is written by upstream when a session ends, maybe a little out of
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
-CHECKIN_WEIGHT = 3.0  # a device that checked in since its last read counts as this much staler
+PENDING_HEAD_START = 86400.0  # checked in with pending actions: ahead of a day of check-ins
 CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
 CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
 
@@ -133,15 +134,16 @@ class Tracking:
 
 
 def priority(tracking: Tracking, now: float) -> tuple[int, float]:
-    """Sort key, lowest first: never read, then checked in with pending actions (longest
-    waiting first), then by weighted staleness."""
+    """Sort key, lowest first: never read; then checked in since the last read (those with
+    pending actions first, longest waiting first); then the longest unread."""
     if tracking.read_at is None:
         return (0, 0.0)
-    if tracking.checked_in and tracking.pending:
+    if tracking.checked_in:
         assert tracking.checkin is not None
-        return (1, tracking.checkin)
-    age = max(0.0, now - tracking.read_at)
-    return (2, -age * (CHECKIN_WEIGHT if tracking.checked_in else 1.0))
+        # Known pending actions have certainly moved; otherwise the session may have
+        # picked up a batch created since the last read.
+        return (1, tracking.checkin - (PENDING_HEAD_START if tracking.pending else 0.0))
+    return (2, -max(0.0, now - tracking.read_at))
 
 
 def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
@@ -157,12 +159,14 @@ def select(
 ) -> tuple[list[str], int]:
     """Devices to poll this round, in order, and the requests they are expected to cost.
 
-    ``candidates`` are (priority, cost, device). Devices known or likely to have changed
-    (priority class 0 and 1) take at most ``CHANGED_SHARE`` of the credit while others wait,
-    so a busy fleet cannot starve the sweep that finds new batches.
+    ``candidates`` are (priority, cost, device). Devices never read go first (nothing of
+    theirs is known yet); devices known to have changed then take at most ``CHANGED_SHARE``
+    of what is left while others wait, so a busy fleet cannot starve the sweep that finds
+    new batches.
     """
     ranked = sorted(candidates)
-    changed = [c for c in ranked if c[0][0] < 2]
+    unread = [c for c in ranked if c[0][0] == 0]
+    changed = [c for c in ranked if c[0][0] == 1]
     quiet = [c for c in ranked if c[0][0] == 2]
     chosen: list[str] = []
     planned = 0
@@ -179,7 +183,8 @@ def select(
             taken.add(device)
             planned += cost
 
-    take(changed, credit * CHANGED_SHARE if quiet else credit)
+    take(unread, credit)
+    take(changed, planned + (credit - planned) * CHANGED_SHARE if quiet else credit)
     take(quiet, credit)
     take(changed, credit)
     return chosen, planned
