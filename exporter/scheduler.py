@@ -162,31 +162,37 @@ def select(
     ``candidates`` are (priority, cost, device). Devices never read go first (nothing of
     theirs is known yet); devices known to have changed then take at most ``CHANGED_SHARE``
     of what is left while others wait, so a busy fleet cannot starve the sweep that finds
-    new batches.
+    new batches. When the first device of a group does not fit in the credit, the round
+    stops there and the credit is saved for it: cheaper devices behind it must not keep
+    it waiting for ever.
     """
-    ranked = sorted(candidates)
-    unread = [c for c in ranked if c[0][0] == 0]
-    changed = [c for c in ranked if c[0][0] == 1]
-    quiet = [c for c in ranked if c[0][0] == 2]
+    groups: tuple[list[tuple[tuple[int, float], int, str]], ...] = ([], [], [])
+    for candidate in sorted(candidates):
+        groups[candidate[0][0]].append(candidate)
+    unread, changed, quiet = groups
     chosen: list[str] = []
     planned = 0
-    taken: set[str] = set()
 
-    def take(group: list[tuple[tuple[int, float], int, str]], limit: float) -> None:
+    def take(group: list[tuple[tuple[int, float], int, str]], limit: float) -> bool:
+        """Take from the head of ``group`` up to ``limit``; False when its head did not fit."""
         nonlocal planned
+        taken = 0
         for _, cost, device in group:
-            if device in taken:
-                continue
-            if planned + cost > limit:
-                return
+            # The head may go past the share; never past the credit.
+            if planned + cost > (credit if taken == 0 else limit):
+                break
             chosen.append(device)
-            taken.add(device)
             planned += cost
+            taken += 1
+        head_fitted = taken > 0 or not group
+        del group[:taken]
+        return head_fitted
 
-    take(unread, credit)
-    take(changed, planned + (credit - planned) * CHANGED_SHARE if quiet else credit)
-    take(quiet, credit)
-    take(changed, credit)
+    if not take(unread, credit):
+        return chosen, planned
+    share = planned + (credit - planned) * CHANGED_SHARE if quiet else credit
+    if take(changed, share) and take(quiet, credit):
+        take(changed, credit)
     return chosen, planned
 
 
@@ -238,9 +244,13 @@ class Scheduler:
         for device in self.config.devices:
             if self._owns(device.id):
                 wanted[device.id] = Target.from_config(device)
+        explicit = {key.lower() for key in wanted}
         for device_id, target in self._discovered.items():
-            # An explicit entry wins: its name, labels and commands are what the user asked for.
-            if device_id not in wanted and self._owns(device_id):
+            # An explicit entry wins (its name, labels and commands are what the user asked
+            # for), also when it names the device by serial number or IMEI.
+            idents = {device_id.lower()}
+            idents.update(v.lower() for k, v in target.info if k in ("serial", "imei"))
+            if explicit.isdisjoint(idents) and self._owns(device_id):
                 wanted[device_id] = target
         for device_id in self._targets.keys() - wanted.keys():
             self._state.unwatch(device_id)

@@ -1,0 +1,383 @@
+"""The scheduler: discovery, batch ageing, the request budget, priorities, throttling, and the
+round_robin baseline.
+
+The exporter's parts are real (client over HTTP, state, exposition) against the simulator
+served by a real aiohttp server on a manual clock. The client's token bucket runs on the
+simulator's clock and its ``sleep`` moves that clock, so waiting for the budget takes
+simulated time as it would take real time. Requests are counted at the simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.client import ApiClient, TokenSource
+from exporter.config import parse_config
+from exporter.scheduler import (
+    RoundResult,
+    Scheduler,
+    Tracking,
+    estimated_cost,
+    priority,
+    select,
+)
+from exporter.selfmetrics import SelfMetrics
+from exporter.simulator import Simulator
+from exporter.state import FleetState
+
+HOUR = 3600.0
+
+
+@dataclass
+class Rig:
+    sim: Simulator
+    state: FleetState
+    client: ApiClient
+    scheduler: Scheduler
+    metrics: SelfMetrics
+    url: str
+    request_times: list[float] = field(default_factory=list)
+
+    async def round(self) -> RoundResult:
+        return await self.scheduler.run_round()
+
+    def requests(self, route: str | None = None) -> int:
+        return self.sim.stats.total(route)
+
+    def gauges(self) -> dict[tuple[str, str], dict[str, int]]:
+        """(device, batch) -> {status: count} as the state exports them."""
+        out = {}
+        for device in self.state.watched():
+            for batch in self.state.device_view(device).batches:
+                out[(device, batch.id)] = {s: n for s, _, n in batch.counts}
+        return out
+
+    def truth(self, devices: list[str] | None = None) -> dict[tuple[str, str], dict[str, int]]:
+        out = {}
+        for device in devices if devices is not None else self.sim.fleet.device_ids():
+            for batch in self.sim.fleet.batch_ids(device):
+                counts = {s: n for s, n in self.sim.fleet.grouped_counts(device, batch).items()}
+                if counts:
+                    out[(device, batch)] = counts
+        return out
+
+
+def config_text(base_url: str, **sections: Any) -> str:
+    document: dict[str, Any] = {
+        "organization": "demo",
+        "api": {"base_url": base_url, "requests_per_hour": 1_000_000, "page_size": 100},
+        "poll": {"interval_seconds": 60, "jitter": 0},
+        "discovery": {
+            "devices": {"refresh_seconds": 900},
+            "batches": {"max_age": "3650d", "max_per_device": 1000},
+        },
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(document.get(name), dict):
+            document[name] = {**document[name], **value}
+        else:
+            document[name] = value
+    return yaml.safe_dump(document)
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(make_simulator_server: Any) -> AsyncIterator[MakeRig]:
+    rigs: list[Rig] = []
+
+    async def make(sim_options: dict[str, Any] | None = None, **sections: Any) -> Rig:
+        sim, url = await make_simulator_server(**(sim_options or {}))
+        config = parse_config(config_text(url, **sections))
+
+        async def sleep(seconds: float) -> None:
+            if seconds > 0:
+                sim.advance(seconds)
+            await asyncio.sleep(0)
+
+        metrics = SelfMetrics()
+        state = FleetState(organization="demo", latency_buckets=config.metrics.latency_buckets,
+                           metrics=metrics, clock=sim.clock.now)
+        client = ApiClient(base_url=config.api.base_url, organization="demo",
+                           token=TokenSource(value=sim.token), metrics=metrics,
+                           requests_per_hour=config.api.requests_per_hour,
+                           page_size=config.api.page_size, monotonic=sim.clock.now,
+                           sleep=sleep, seed=3)
+        scheduler = Scheduler(config, client, state, metrics, clock=sim.clock.now)
+        rig = Rig(sim, state, client, scheduler, metrics, url)
+        record = sim.stats.record
+
+        def counted(route: str, status: int) -> None:
+            rig.request_times.append(sim.clock.now())
+            record(route, status)
+
+        sim.stats.record = counted  # type: ignore[method-assign]
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        await rig.client.close()
+
+
+async def rounds_until(rig: Rig, seconds: float, interval: float = 60.0) -> list[RoundResult]:
+    """Rounds every ``interval`` simulated seconds (or back to back when one runs longer)."""
+    end = rig.sim.clock.now() + seconds
+    tick = rig.sim.clock.now()
+    results = []
+    while rig.sim.clock.now() < end:
+        if rig.sim.clock.now() < tick:
+            rig.sim.advance(tick - rig.sim.clock.now())
+        results.append(await rig.round())
+        tick = max(tick + interval, rig.sim.clock.now())
+    return results
+
+
+def retag(sim: Simulator, device: str, tags: tuple[str, ...]) -> None:
+    """An administrator changes a device's tags upstream."""
+    entity = sim.fleet.device(device)
+    entity.tags = tags
+    entity.json = None  # the simulator caches each device's document
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+async def test_discovered_devices_follow_the_upstream_set(make_rig: MakeRig) -> None:
+    rig = await make_rig(discovery={"devices": {"tags": ["watched"], "refresh_seconds": 300}})
+    first, second, third = rig.sim.fleet.device_ids()[:3]
+    retag(rig.sim, first, ("watched",))
+    retag(rig.sim, second, ("watched",))
+    await rig.round()
+    assert set(rig.scheduler.targets) == {first, second}
+    assert {d for d, _ in rig.gauges()} == {first, second}
+
+    retag(rig.sim, second, ("elsewhere",))
+    retag(rig.sim, third, ("watched",))
+    rig.sim.advance(120)
+    await rig.round()
+    assert set(rig.scheduler.targets) == {first, second}, "refreshed before refresh_seconds"
+
+    rig.sim.advance(300)
+    await rig.round()
+    assert set(rig.scheduler.targets) == {first, third}
+    assert second not in rig.state.watched()
+    assert {d for d, _ in rig.gauges()} == {first, third}
+    assert rig.gauges() == rig.truth([first, third])
+
+
+async def test_explicit_and_discovered_devices_merge_without_duplicates(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig()
+    await rig.round()
+    by_id, by_serial = rig.sim.fleet.device_ids()[2:4]
+    serial = rig.sim.fleet.device(by_serial).serial
+    config = parse_config(config_text(
+        rig.url,
+        devices=[{"id": by_id, "name": "front-desk"}, {"id": serial, "name": "till"}],
+    ))
+    rig.scheduler.reload(config)
+    await rig.round()
+    targets = rig.scheduler.targets
+    # Every device once: the one named by its serial is watched under the serial only.
+    assert len(targets) == len(rig.sim.fleet.device_ids())
+    assert by_serial not in targets and by_serial not in rig.state.watched()
+    assert targets[by_id].name == "front-desk"  # the explicit entry wins
+    assert rig.state.device_view(serial).name == "till"
+    assert rig.gauges()[(serial, rig.sim.fleet.batch_ids(by_serial)[0])]
+
+
+async def test_batches_beyond_max_age_or_max_per_device_leave(make_rig: MakeRig) -> None:
+    rig = await make_rig(
+        {"batches_per_device": 6, "new_batches_per_device_hour": 0},
+        discovery={"batches": {"max_age": "6h", "max_per_device": 3}},
+    )
+    await rig.round()
+    now = rig.sim.clock.now()
+    for device in rig.sim.fleet.device_ids():
+        kept = [b for d, b in rig.gauges() if d == device]
+        created = {
+            b: rig.sim.fleet.batch(rig.sim.fleet.device(device), b).created
+            for b in rig.sim.fleet.batch_ids(device)
+        }
+        expected = [b for b in sorted(created, key=created.get, reverse=True)
+                    if created[b] >= now - 6 * HOUR][:3]
+        assert sorted(kept) == sorted(expected)
+    assert rig.gauges(), "some batches should be recent enough"
+
+    rig.sim.advance(7 * HOUR)
+    await rig.round()
+    assert rig.gauges() == {}, "every batch aged out"
+
+
+# --- the budget --------------------------------------------------------------------------------
+
+
+async def test_requests_counted_at_the_simulator_stay_within_the_budget(
+    make_rig: MakeRig,
+) -> None:
+    budget = 240.0
+    rig = await make_rig({"devices": 30}, api={"requests_per_hour": budget},
+                         poll={"interval_seconds": 30})
+    await rounds_until(rig, 2 * HOUR, interval=30)
+    times = sorted(rig.request_times)
+    burst = max(1.0, budget * 5 / HOUR)
+    for i, start in enumerate(times):
+        in_hour = sum(1 for t in times[i:] if t < start + HOUR)
+        assert in_hour <= budget + burst
+    # ...and the budget is used, not wasted: the fleet has more work than it allows.
+    assert len(times) >= 1.8 * budget
+
+
+async def test_a_steady_fleet_costs_one_request_per_device_and_no_action_pages(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig({"devices": 12, "new_batches_per_device_hour": 0})
+    await rig.round()
+    rig.sim.advance(5 * 86400)  # every online device answers everything it was sent
+    await rig.round()
+    rig.sim.advance(HOUR)
+    await rig.round()
+    before, actions_before = rig.requests(), rig.requests("actions")
+    for _ in range(3):
+        rig.sim.advance(HOUR)
+        result = await rig.round()
+        assert result.polled == 12
+    per_round = (rig.requests() - before) / 3
+    assert per_round <= 12 + 1  # one history read per device, one device-list page
+    assert rig.requests("actions") == actions_before
+    assert rig.gauges() == rig.truth()
+
+
+async def test_devices_that_checked_in_are_polled_before_quiet_ones(make_rig: MakeRig) -> None:
+    rig = await make_rig({"devices": 40, "new_batches_per_device_hour": 0},
+                         api={"requests_per_hour": 600}, poll={"interval_seconds": 60})
+    for _ in range(30):  # until every device was read once
+        await rounds_until(rig, 60)
+        if rig.scheduler.ready:
+            break
+    assert rig.scheduler.ready
+    await rounds_until(rig, 600)
+    reports = {d: rig.sim.fleet.device(d).last_report for d in rig.sim.fleet.device_ids()}
+    read_before = {d: t.read_at for d, t in rig.scheduler.tracking.items()}
+    rig.sim.advance(600)  # the exporter stalls for ten minutes; devices keep checking in
+    checked_in = {d for d in reports if rig.sim.fleet.device(d).last_report != reports[d]}
+    assert checked_in, "some devices should have checked in"
+
+    result = await rig.round()
+    polled = {d for d, t in rig.scheduler.tracking.items() if t.read_at != read_before[d]}
+    assert result.polled < 40, "the budget must force a choice"
+    assert len(checked_in) <= result.polled * 0.75, "the test wants room for all of them"
+    assert checked_in <= polled
+    # The rest of the round went to the devices unread for longest.
+    swept, waiting = polled - checked_in, set(reports) - polled
+    assert swept and waiting
+    assert max(read_before[d] for d in swept) <= min(read_before[d] for d in waiting)
+    truth = rig.truth(sorted(checked_in))
+    assert {k: v for k, v in rig.gauges().items() if k[0] in checked_in} == truth
+
+
+async def test_throttling_slows_the_plan(make_rig: MakeRig) -> None:
+    rig = await make_rig({"devices": 40}, api={"requests_per_hour": 720},
+                         poll={"interval_seconds": 30})
+    steady = await rounds_until(rig, 1200, interval=30)
+    planned_before = max(r.planned for r in steady[-10:])
+    rig.sim.faults.set("throttle=0.5:0")
+    throttled = await rounds_until(rig, 300, interval=30)
+    assert rig.sim.stats.counts[("commands", 429)] + rig.sim.stats.counts[("devices", 429)] > 0
+    rig.sim.faults.clear()
+    start = rig.sim.clock.now()
+    after = await rounds_until(rig, 120, interval=30)
+    assert max(r.planned for r in after) < planned_before
+    assert rig.metrics.budget_requests_per_hour < 720
+    spent = sum(1 for t in rig.request_times if start <= t < start + 120)
+    assert spent < 720 * 120 / HOUR
+    assert throttled
+
+
+# --- the round_robin baseline ------------------------------------------------------------------
+
+
+async def test_round_robin_reads_every_device_and_pending_actions_every_round(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig({"devices": 12, "new_batches_per_device_hour": 0},
+                         poll={"strategy": "round_robin"})
+    await rig.round()
+    pending = sum(
+        1 for d, b in rig.truth()
+        if rig.sim.fleet.grouped_counts(d, b).keys() & {"Pending", "Awaiting"}
+    )
+    assert pending, "the fleet should start with some pending batches"
+    before, actions_before = rig.requests(), rig.requests("actions")
+    result = await rig.round()  # nothing changed upstream
+    assert result.polled == 12
+    assert rig.requests("actions") - actions_before == pending  # re-read although unchanged
+    assert rig.requests() - before == 12 + pending
+
+
+async def test_round_robin_under_a_tight_budget_takes_longer_than_its_interval(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig({"devices": 30}, api={"requests_per_hour": 360},
+                         poll={"strategy": "round_robin", "interval_seconds": 60})
+    start = rig.sim.clock.now()
+    await rig.round()
+    await rig.round()
+    # Two rounds of 30+ requests each at 0.1 request per second.
+    assert rig.sim.clock.now() - start > 2 * 30 / 0.1 * 0.9
+    assert rig.scheduler.ready
+
+
+# --- the plan (pure) ---------------------------------------------------------------------------
+
+
+def test_priority_orders_unread_then_checked_in_then_stale() -> None:
+    now = 10_000.0
+    unread = Tracking()
+    quiet_old = Tracking(read_at=1_000.0, checkin=900.0, checkin_read=900.0)
+    quiet_new = Tracking(read_at=9_000.0, checkin=900.0, checkin_read=900.0)
+    checked_in = Tracking(read_at=9_500.0, checkin=9_800.0, checkin_read=9_000.0)
+    with_pending = Tracking(read_at=9_500.0, checkin=9_900.0, checkin_read=9_000.0, pending=2)
+    ranked = sorted(
+        [quiet_new, checked_in, quiet_old, with_pending, unread],
+        key=lambda t: priority(t, now),
+    )
+    assert ranked == [unread, with_pending, checked_in, quiet_old, quiet_new]
+
+
+def test_estimated_cost_counts_pending_batches_only_after_a_check_in() -> None:
+    quiet = Tracking(read_at=1.0, checkin=5.0, checkin_read=5.0, pending=3)
+    moved = Tracking(read_at=1.0, checkin=6.0, checkin_read=5.0, pending=3)
+    assert estimated_cost(quiet, None) == 1
+    assert estimated_cost(moved, None) == 4
+    assert estimated_cost(quiet, ("a" * 24, "b" * 24)) == 2
+
+
+def test_select_keeps_a_share_for_the_sweep_when_many_devices_changed() -> None:
+    changed = [((1, float(i)), 1, f"changed-{i}") for i in range(20)]
+    quiet = [((2, -float(i)), 1, f"quiet-{i}") for i in range(20)]
+    chosen, planned = select(changed + quiet, 8)
+    assert planned == 8
+    assert sum(d.startswith("changed") for d in chosen) == 6  # 3/4 of the credit
+    assert "quiet-19" in chosen  # the longest unread of the quiet ones
+    chosen, planned = select(changed, 8)
+    assert len(chosen) == 8, "without quiet devices, changed ones take everything"
+
+
+def test_select_reads_unread_devices_first_and_never_overspends() -> None:
+    candidates = [((2, -5.0), 1, "old"), ((0, 0.0), 2, "new-a"), ((0, 0.0), 2, "new-b")]
+    chosen, planned = select(candidates, 4)
+    assert chosen == ["new-a", "new-b"]
+    assert planned == 4
+    # Credit for one request only: the round saves it for the unread device, which costs
+    # two, rather than spend it on the old one and keep the new ones waiting.
+    assert select(candidates, 1) == ([], 0)
