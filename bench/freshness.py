@@ -259,6 +259,8 @@ def analyse(scenario: Scenario, run: Run, sim: Simulator, state: ObservedState) 
         "ready_after_s": run.ready_after,
         "wall_seconds": round(run.wall_seconds, 2),
         "requests": in_run,
+        "requests_by_route": {route: sim.stats.total(route)
+                              for route in ("devices", "commands", "command", "actions")},
         "requests_per_hour": round(in_run * HOUR / duration, 1),
         "peak_requests_in_an_hour": round(peak, 1),
         "budget_per_hour": scenario.budget,
@@ -283,12 +285,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                         f"{fmt(s['p95_s']):>7} {fmt(s['max_s']):>7} {s['missed']:>6}")
     rows.append("")
     rows.append(f"{'strategy':<12} {'req/h':>8} {'peak/h':>8} {'budget':>8} {'exceeded':>8} "
-                f"{'counter≠':>8} {'ready s':>8} {'wall s':>7}")
+                f"{'counter≠':>8} {'ready s':>8} {'wall s':>7}  requests by route")
     for strategy, r in results.items():
         rows.append(f"{strategy:<12} {r['requests_per_hour']:>8,.0f} "
                     f"{r['peak_requests_in_an_hour']:>8,.0f} {r['budget_per_hour']:>8,.0f} "
                     f"{r['budget_exceeded']!s:>8} {r['counter_mismatch']:>8} "
-                    f"{fmt(r['ready_after_s']):>8} {r['wall_seconds']:>7}")
+                    f"{fmt(r['ready_after_s']):>8} {r['wall_seconds']:>7}  "
+                    + " ".join(f"{k}={v}" for k, v in r["requests_by_route"].items() if v))
     return "\n".join(rows)
 
 

@@ -10,10 +10,11 @@ Two strategies (``poll.strategy``):
   previous one, on the devices most likely to have changed. Only a check-in (an OMA-DM
   session) changes an action, and the device list shows each device's
   ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
-  the last look. Devices that checked in since their last read go first (those with pending
-  actions ahead: those certainly changed; the others may have picked up a batch not seen
-  yet), then the rest by how long their data has gone unread. That slower sweep is what
-  finds batches created or canceled by an administrator, which no check-in announces. A
+  the last look. Devices that checked in while they had pending actions go first (those
+  certainly changed); then every device by the changes it may hold unseen: time since its
+  last read, plus twice the part of it before a check-in (a batch created then has already
+  run: three changes per action instead of one). That sweep is also what finds batches
+  created or canceled by an administrator, which no check-in announces. A
   pending batch is not read again while its summary stays the same and its device has not
   checked in: a summary counts actions per status, and on the path
   ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
@@ -46,7 +47,7 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # lastStatusReportTime is written by upstream when a session ends, maybe a little out of
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
-PENDING_HEAD_START = 86400.0  # checked in with pending actions: ahead of a day of check-ins
+CHECKIN_WEIGHT = 2.0  # extra changes per new batch that a session after it already ran
 CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
 CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
 
@@ -134,16 +135,20 @@ class Tracking:
 
 
 def priority(tracking: Tracking, now: float) -> tuple[int, float]:
-    """Sort key, lowest first: never read; then checked in since the last read (those with
-    pending actions first, longest waiting first); then the longest unread."""
+    """Sort key, lowest first: never read; then checked in with pending actions (longest
+    waiting first); then by the changes likely unseen (weighted time since the last read)."""
     if tracking.read_at is None:
         return (0, 0.0)
+    if tracking.checked_in and tracking.pending:
+        assert tracking.checkin is not None
+        return (1, tracking.checkin)  # its pending actions have certainly moved
+    # Unseen changes pile up with time since the last read: a batch created meanwhile is
+    # one change per action, three when a session after it already ran it.
+    age = max(0.0, now - tracking.read_at)
     if tracking.checked_in:
         assert tracking.checkin is not None
-        # Known pending actions have certainly moved; otherwise the session may have
-        # picked up a batch created since the last read.
-        return (1, tracking.checkin - (PENDING_HEAD_START if tracking.pending else 0.0))
-    return (2, -max(0.0, now - tracking.read_at))
+        age += CHECKIN_WEIGHT * max(0.0, min(now, tracking.checkin) - tracking.read_at)
+    return (2, -age)
 
 
 def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:

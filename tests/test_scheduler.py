@@ -340,18 +340,19 @@ async def test_round_robin_under_a_tight_budget_takes_longer_than_its_interval(
 # --- the plan (pure) ---------------------------------------------------------------------------
 
 
-def test_priority_orders_unread_then_checked_in_then_stale() -> None:
+def test_priority_orders_unread_then_moved_pending_then_likely_unseen_changes() -> None:
     now = 10_000.0
     unread = Tracking()
-    quiet_old = Tracking(read_at=1_000.0, checkin=900.0, checkin_read=900.0)
-    quiet_new = Tracking(read_at=9_000.0, checkin=900.0, checkin_read=900.0)
-    checked_in = Tracking(read_at=9_500.0, checkin=9_800.0, checkin_read=9_000.0)
     with_pending = Tracking(read_at=9_500.0, checkin=9_900.0, checkin_read=9_000.0, pending=2)
-    ranked = sorted(
-        [quiet_new, checked_in, quiet_old, with_pending, unread],
-        key=lambda t: priority(t, now),
-    )
-    assert ranked == [unread, with_pending, checked_in, quiet_old, quiet_new]
+    # A session long after the last read may have run a batch created meanwhile: its
+    # unread time counts triple, so it goes ahead of a device unread for longer.
+    checked_in_late = Tracking(read_at=4_000.0, checkin=9_000.0, checkin_read=3_000.0)
+    quiet_old = Tracking(read_at=2_000.0, checkin=900.0, checkin_read=900.0)
+    checked_in_early = Tracking(read_at=9_500.0, checkin=9_800.0, checkin_read=9_000.0)
+    quiet_new = Tracking(read_at=9_000.0, checkin=900.0, checkin_read=900.0)
+    expected = [unread, with_pending, checked_in_late, quiet_old, checked_in_early, quiet_new]
+    ranked = sorted(reversed(expected), key=lambda t: priority(t, now))
+    assert ranked == expected
 
 
 def test_estimated_cost_counts_pending_batches_only_after_a_check_in() -> None:
