@@ -75,7 +75,7 @@ class Scenario:
     new_batches_per_device_hour: float = 0.25
 
 
-SMOKE = Scenario(devices=100, budget=600, interval=30, warmup=900, window=1800, horizon=1800)
+SMOKE = Scenario(devices=100, budget=600, interval=30, warmup=1500, window=1800, horizon=1800)
 FULL = Scenario(devices=2000, budget=10_000, interval=30, warmup=1800, window=5400, horizon=3600)
 
 
@@ -264,8 +264,10 @@ def analyse(scenario: Scenario, run: Run, sim: Simulator, state: ObservedState) 
         "requests_per_hour": round(in_run * HOUR / duration, 1),
         "peak_requests_in_an_hour": round(peak, 1),
         "budget_per_hour": scenario.budget,
-        # A token bucket may add its burst (5 s of budget, at least 1) to any hour.
-        "budget_exceeded": peak > scenario.budget * (1 + 5 / HOUR) + 1,
+        # A token bucket may add its burst (5 s of budget, at least 1) to any hour; and the
+        # simulator stamps a request when it answers it, by which time the bucket of the next
+        # one may have moved simulated time on: one request may land in the next window.
+        "budget_exceeded": peak > max(1.0, scenario.budget * 5 / HOUR) + scenario.budget + 1,
         "counter_mismatch": mismatch,
         "delays": stats,
     }
