@@ -19,6 +19,7 @@ import yaml
 
 from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
+from exporter.exposition import Exposition
 from exporter.scheduler import (
     RoundResult,
     Scheduler,
@@ -382,3 +383,11 @@ def test_select_reads_unread_devices_first_and_never_overspends() -> None:
     # Credit for one request only: the round saves it for the unread device, which costs
     # two, rather than spend it on the old one and keep the new ones waiting.
     assert select(candidates, 1) == ([], 0)
+
+
+async def test_requests_planned_are_exported_next_to_the_budget(make_rig: MakeRig) -> None:
+    rig = await make_rig({"devices": 10}, api={"requests_per_hour": 600})
+    result = await rig.round()
+    assert 0 < result.planned <= 600 * 60 / HOUR
+    body = Exposition(rig.state, rig.metrics, version="test").body(openmetrics=False).decode()
+    assert f"applivery_exporter_api_requests_planned {result.planned}\n" in body
