@@ -353,8 +353,6 @@ async def test_endless_duplicates_return_the_union_without_looping(aiohttp_serve
 
 # --- against the simulator --------------------------------------------------------------------
 
-START = 1_770_000_000.0
-
 
 class Simulated:
     """A simulator behind a real aiohttp server, and a way to build clients for it."""
@@ -381,16 +379,17 @@ class Simulated:
         raise AssertionError(f"no batch with {at_least} actions")
 
 
-async def simulated(aiohttp_server: Any, **options: Any) -> Simulated:
-    options = {"seed": 3, "devices": 6, "speed": 0, "start": START, **options}
-    sim = Simulator(organization=ORG, token=TOKEN, **options)
-    server = await aiohttp_server(sim.app())
-    return Simulated(sim, str(server.make_url("/v1")))
+async def simulated(make_simulator_server: Any, **options: Any) -> Simulated:
+    """The shared simulator fixture (tests/conftest.py), with this module's token."""
+    sim, base_url = await make_simulator_server(
+        **{"seed": 3, "devices": 6, "organization": ORG, "token": TOKEN, **options}
+    )
+    return Simulated(sim, base_url)
 
 
 @pytest.fixture
-async def sim(aiohttp_server: Any) -> Simulated:
-    return await simulated(aiohttp_server)
+async def sim(make_simulator_server: Any) -> Simulated:
+    return await simulated(make_simulator_server)
 
 
 def counts(actions: list[Action]) -> dict[str, int]:
@@ -470,8 +469,8 @@ async def test_actions_match_the_fleet(sim: Simulated) -> None:
             assert action.received_at >= action.sent_at
 
 
-async def test_pages_to_the_end_when_upstream_caps_the_limit(aiohttp_server: Any) -> None:
-    sim = await simulated(aiohttp_server, max_limit=4, actions_per_batch=(17, 17))
+async def test_pages_to_the_end_when_upstream_caps_the_limit(make_simulator_server: Any) -> None:
+    sim = await simulated(make_simulator_server, max_limit=4, actions_per_batch=(17, 17))
     device, batch_id = sim.batch_with_actions(17)
     async with sim.client(page_size=100) as client:
         actions = await client.list_actions(device, batch_id)
@@ -482,9 +481,9 @@ async def test_pages_to_the_end_when_upstream_caps_the_limit(aiohttp_server: Any
 
 @pytest.mark.parametrize("probability", [1.0, 0.5])
 async def test_shifting_pages_lose_and_duplicate_nothing(
-    aiohttp_server: Any, probability: float
+    make_simulator_server: Any, probability: float
 ) -> None:
-    sim = await simulated(aiohttp_server, max_limit=3, actions_per_batch=(14, 14))
+    sim = await simulated(make_simulator_server, max_limit=3, actions_per_batch=(14, 14))
     device, batch_id = sim.batch_with_actions(14)
     expected = sim.sim.fleet.grouped_counts(device, batch_id)
     sim.sim.faults.set(f"shifting_pages={probability}")
