@@ -38,7 +38,7 @@ from exporter.client import (
     UpstreamError,
     parse_retry_after,
 )
-from exporter.records import SCHEMA, UNKNOWN_STATUS, Action
+from exporter.records import SCHEMA, UNKNOWN_STATUS, Action, Device
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
 from exporter.statuses import STATUS_CLASS
@@ -414,6 +414,27 @@ async def test_lists_devices_by_tag_and_segment(sim: Simulated) -> None:
         in_segment = await client.list_devices(segment=segment)
     assert {d.id for d in tagged} == {m.id for m in models if tag in m.tags}
     assert {d.id for d in in_segment} == {m.id for m in models if m.segment == segment}
+
+
+async def test_lists_recent_checkins_newest_first_and_stops_at_older_ones(
+    sim: Simulated,
+) -> None:
+    models = [sim.sim.fleet.device(d) for d in sim.sim.fleet.device_ids()]
+    reports = sorted((m.last_report for m in models if m.last_report), reverse=True)
+    horizon = reports[len(reports) // 2]
+
+    def older(device: Device) -> bool:
+        return device.last_status_report is None or device.last_status_report < horizon
+
+    async with sim.client(page_size=2) as client:
+        recent = await client.list_devices(sort="lastStatusReportTime:desc", stop=older)
+    expected = sorted(
+        (m for m in models if m.last_report and m.last_report >= horizon),
+        key=lambda m: m.last_report,
+        reverse=True,
+    )
+    assert [d.id for d in recent] == [m.id for m in expected]
+    assert 0 < len(recent) < len(models)
 
 
 async def test_batch_history_is_newest_first_with_summaries(sim: Simulated) -> None:
