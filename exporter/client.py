@@ -3,7 +3,8 @@
 One ``ApiClient`` per process. Every attempt goes through the same gate, in this order: a
 concurrency slot, then the shared :class:`TokenBucket` (which also holds the client-wide
 "not before" pause set by 429/503), then the HTTP request. Decoding is delegated to the pure
-functions of :mod:`exporter.records`.
+functions of :mod:`exporter.records`; a request that brings back the very bytes it brought
+last time reuses that decoding (pending batches mostly look the same poll after poll).
 
 The API token is read from a :class:`TokenSource` on every attempt, so a rotated token file
 takes effect without a restart. It is only ever placed in the ``Authorization`` header: error
