@@ -299,7 +299,8 @@ class Scheduler:
         """Every watched device completed one full poll (and discovery ran once)."""
         if self.config.discovery.devices is not None and self._discovered_at is None:
             return False
-        return bool(self._targets) and self._targets.keys() <= self._completed
+        # A shard (or a discovery) may own no device at all: that is a complete round too.
+        return self.rounds > 0 and self._targets.keys() <= self._completed
 
     @property
     def strategy(self) -> str:

@@ -299,11 +299,6 @@ async def test_three_shards_together_export_what_one_exporter_does(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler.ready requires a non-empty target set: a shard owning none of a small "
-    "fleet never turns ready (exporter/scheduler.py, Scheduler.ready)",
-)
 async def test_a_shard_that_owns_no_device_is_still_ready(
     make_simulator_server: SimulatorFactory, tmp_path: Path
 ) -> None:
