@@ -402,11 +402,12 @@ class Soak:
             asyncio.create_task(self._sample(exporter, ends)),
         ]
         try:
-            await asyncio.wait([tasks[1], tasks[2], tasks[3], server],
-                               return_when=asyncio.FIRST_EXCEPTION)
-            for task in tasks[1:]:
-                if task.done() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            drivers = asyncio.gather(*tasks[1:])
+            await asyncio.wait([drivers, server], return_when=asyncio.FIRST_COMPLETED)
+            if server.done():
+                server.result()  # the exporter ended during the soak: report why
+                raise RuntimeError("the exporter stopped during the soak")
+            drivers.result()
         finally:
             self.sim.faults.set(DATA_FAULTS)  # transport faults stop; the data stays as it was
             tasks[0].cancel()
