@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 from collections import Counter
 from html.parser import HTMLParser
 
 import pytest
+from processes import free_port
 from test_exporter_e2e import make_exporter
 
 from exporter.cli import serve
@@ -61,12 +61,6 @@ async def rendered_dom(url: str, profile: str) -> str:
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     return out.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_device_table_shows_each_watched_device_with_its_counts(

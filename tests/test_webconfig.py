@@ -12,15 +12,13 @@ import datetime
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import aiohttp
 import bcrypt
 import pytest
 from aiohttp import web
+from processes import free_port, process, valid_config, wait_for
 
 from exporter.config import ConfigError
 from exporter.exposition import Exposition
@@ -54,50 +53,6 @@ TOKEN = "webconfig-test-token"
 
 
 # --- processes and ports ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@contextmanager
-def process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def valid_config(directory: Path, base_url: str = "http://127.0.0.1:1/v1") -> Path:
-    path = directory / "config.yaml"
-    path.write_text(
-        f"organization: demo\napi:\n  base_url: {base_url}\npoll:\n  interval_seconds: 2\n"
-        "discovery:\n  devices: {refresh_seconds: 60}\n"
-    )
-    return path
 
 
 def http_status(url: str) -> int:
