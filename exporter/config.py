@@ -160,7 +160,7 @@ def parse_config(
     text: str | bytes, *, source: str = "<config>", base_dir: str | None = None
 ) -> Config:
     """Validate YAML text. A relative ``token_file`` joins ``base_dir`` (else stays relative)."""
-    document = _load_yaml(_decode(text, source), source)
+    document = load_document(text, source)
     if document is None:
         raise ConfigError(f"{source}: empty config; it needs at least organization and devices")
     if not isinstance(document, dict):
@@ -266,6 +266,11 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith(":timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def load_document(text: str | bytes, source: str) -> Any:
+    """YAML text (or bytes) to plain data; the web config file uses the same rules."""
+    return _load_yaml(_decode(text, source), source)
 
 
 def _load_yaml(text: str, source: str) -> Any:

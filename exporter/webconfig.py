@@ -38,7 +38,7 @@ from typing import Any
 import bcrypt
 from aiohttp import web
 
-from exporter.config import ConfigError, _decode, _load_yaml, parse_duration
+from exporter.config import ConfigError, load_document, parse_duration
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -129,7 +129,7 @@ def parse_web_config(
     text: str | bytes, *, source: str = "<web config>", base_dir: str | None = None
 ) -> WebConfig:
     """Validate the document's structure (files are not read here)."""
-    document = _load_yaml(_decode(text, source), source)
+    document = load_document(text, source)
     if document is None:
         document = {}
     if not isinstance(document, dict):
