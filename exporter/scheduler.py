@@ -563,9 +563,15 @@ class Scheduler:
         """Poll rounds until cancelled."""
         while True:
             started = time.monotonic()
-            result = await self.run_round()
-            if on_round is not None:
-                on_round(result)
+            try:
+                result = await self.run_round()
+            except Exception:
+                # A bug must not end polling silently: say so and try again next round,
+                # while /metrics keeps serving the last good values.
+                log.exception("poll_round_crashed")
+            else:
+                if on_round is not None:
+                    on_round(result)
             self._wake.clear()
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):

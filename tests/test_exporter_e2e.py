@@ -6,6 +6,7 @@ events it applied), never from the exporter itself.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections import Counter
@@ -295,3 +296,33 @@ async def test_promtool_check_metrics_is_clean_on_a_real_scrape(simulator):
         assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     finally:
         await exporter.client.close()
+
+
+async def test_a_crashing_round_is_logged_and_polling_goes_on(simulator, monkeypatch):
+    sim, url = simulator
+    exporter = make_exporter(sim, url)
+    scheduler = exporter.scheduler
+    real_round = scheduler.run_round
+    calls = 0
+
+    async def flaky_round():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in one round")
+        return await real_round()
+
+    monkeypatch.setattr(scheduler, "run_round", flaky_round)
+    monkeypatch.setattr(scheduler, "_next_delay", lambda elapsed: 0.0)
+    rounds = []
+    task = asyncio.create_task(scheduler.run(on_round=rounds.append))
+    try:
+        for _ in range(100):
+            if rounds:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await exporter.client.close()
+    assert calls >= 2 and rounds, "polling stopped after the crashing round"
+    assert command_gauges(samples(exporter)) == truth_gauges(sim)
