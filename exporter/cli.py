@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import structlog
@@ -134,12 +134,17 @@ async def _reload(exporter: Exporter) -> str | None:
         return "no config file to reload (demo mode)"
     try:
         config = load_config(exporter.config_path)
-        token_source(config)
+        token = token_source(config)
     except ConfigError as exc:
         exporter.metrics.config_reload_successful = False
         exporter.metrics.touch()
         log.error("config_reload_failed", problems=list(exc.problems))
         return str(exc)
+    exporter.client.use_token(token)
+    if replace(config.api, token_file=None) != replace(exporter.config.api, token_file=None):
+        # The client's session, budget and limits are built once; say so rather than
+        # pretend the new values apply.
+        log.warning("config_reload_api_settings_need_restart")
     exporter.scheduler.reload(config)
     exporter.exposition.max_series = config.metrics.max_series
     exporter.config = config

@@ -425,6 +425,10 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient(root={self._root!r})"
 
+    def use_token(self, token: TokenSource) -> None:
+        """Switch the token source (a reload that points ``api.token_file`` elsewhere)."""
+        self._token = token
+
     async def __aenter__(self) -> ApiClient:
         return self
 

@@ -326,3 +326,24 @@ async def test_a_crashing_round_is_logged_and_polling_goes_on(simulator, monkeyp
         await exporter.client.close()
     assert calls >= 2 and rounds, "polling stopped after the crashing round"
     assert command_gauges(samples(exporter)) == truth_gauges(sim)
+
+
+async def test_reload_to_another_token_file_takes_the_new_token(simulator, tmp_path):
+    sim, url = simulator
+    old, new = tmp_path / "old-token", tmp_path / "new-token"
+    old.write_text(sim.token)
+    new.write_text("second-token")
+    path = tmp_path / "config.yaml"
+    api = {"base_url": url, "requests_per_hour": 1_000_000, "token_file": str(old)}
+    exporter = make_exporter(sim, url, path=path, token=TokenSource(path=str(old)), api=api)
+    try:
+        await poll(exporter)
+        sim.token = "second-token"
+        await poll(exporter)
+        assert set(select(samples(exporter), "applivery_exporter_target_up").values()) == {0.0}
+        path.write_text(config_yaml(url, api={**api, "token_file": str(new)}))
+        assert await _reload(exporter) is None
+        await poll(exporter)
+        assert set(select(samples(exporter), "applivery_exporter_target_up").values()) == {1.0}
+    finally:
+        await exporter.client.close()
