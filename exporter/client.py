@@ -198,6 +198,10 @@ class TokenBucket:
         self._refill()
         return self.rate_per_hour * self._factor
 
+    def now(self) -> float:
+        """The bucket's own clock: its rate is requests per hour of this clock."""
+        return self._monotonic()
+
     @property
     def recovering(self) -> bool:
         """True while the effective rate is below the configured one."""

@@ -382,9 +382,15 @@ class Scheduler:
     # --- the budget ----------------------------------------------------------------------
 
     def _accrue(self) -> float:
-        """Credit earned since the last round at the client's current (maybe throttled) rate."""
-        now = self._clock()
-        rate = self._client.budget.effective_rate_per_hour
+        """Credit earned since the last round at the client's current (maybe throttled) rate.
+
+        Measured on the bucket's clock, not on ``clock`` (upstream's time line, for check-ins):
+        the rate is per hour of the bucket's clock, and upstream's may run at another pace
+        (the demo's simulator runs 30x) or stand still, which would starve the plan.
+        """
+        budget = self._client.budget
+        now = budget.now()
+        rate = budget.effective_rate_per_hour
         per_round = rate * self.config.poll.interval_seconds / 3600
         if self._credit_at is None:
             self._credit = per_round

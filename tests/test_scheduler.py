@@ -304,6 +304,56 @@ async def test_throttling_slows_the_plan(make_rig: MakeRig) -> None:
     assert throttled
 
 
+async def test_credit_is_earned_on_the_buckets_clock_while_upstreams_stands_still(
+    make_rig: MakeRig,
+) -> None:
+    """Upstream's time line (check-ins, batch ages) and the bucket's clock (the rate) are not
+    one clock: the demo's upstream runs 30x faster, a simulated one may stand still. While
+    upstream's clock does not move, the budget still earns requests, and new batches are read.
+    """
+    rig = await make_rig({"devices": 12, "new_batches_per_device_hour": 0},
+                         api={"requests_per_hour": 600}, poll={"interval_seconds": 60})
+    bucket_now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        bucket_now[0] += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+    config, sim = rig.scheduler.config, rig.sim
+    metrics = SelfMetrics()
+    state = FleetState(organization="demo", latency_buckets=config.metrics.latency_buckets,
+                       metrics=metrics, clock=sim.clock.now)
+    client = ApiClient(base_url=config.api.base_url, organization="demo",
+                       token=TokenSource(value=sim.token), metrics=metrics,
+                       requests_per_hour=config.api.requests_per_hour,
+                       page_size=config.api.page_size, monotonic=lambda: bucket_now[0],
+                       sleep=sleep, seed=3)
+    scheduler = Scheduler(config, client, state, metrics, clock=sim.clock.now)
+    try:
+
+        async def rounds(count: int) -> None:
+            for _ in range(count):
+                bucket_now[0] += config.poll.interval_seconds  # upstream's time stands still
+                await scheduler.run_round()
+
+        await rounds(12)
+        assert scheduler.ready
+        for device in sim.fleet.device_ids():
+            sim.fleet.create_random_batch(device)
+        before, started = client.budget.spent, bucket_now[0]
+        await rounds(12)
+        exported = {
+            (d, b.id): {s: n for s, _, n in b.counts}
+            for d in state.watched() for b in state.device_view(d).batches
+        }
+        assert exported == rig.truth()
+        # ...within the budget of the bucket's time, not more because upstream's stood still.
+        earned = config.api.requests_per_hour * (bucket_now[0] - started) / HOUR
+        assert 12 <= client.budget.spent - before <= earned + config.api.requests_per_hour / 720
+    finally:
+        await client.close()
+
+
 # --- the round_robin baseline ------------------------------------------------------------------
 
 
