@@ -242,14 +242,19 @@ class FleetState:
         settled = not any(self._status_class[s] == "pending" for s in known.counts)
         return not (batch.finished and batch.summary == known.summary and settled)
 
-    def apply_summary(self, device: str, batch: Batch) -> None:
-        dev = self._devices.get(device)
-        if dev is None:
-            return
+    def _batch_seen(self, dev: _Device, batch: Batch) -> _Batch:
+        """The state of ``batch``, created on first sight; its problems counted once."""
         known = dev.batches.get(batch.id)
         if known is None:
             known = dev.batches[batch.id] = _Batch()
         known.problems = self._count_problems(batch.problems, known.problems)
+        return known
+
+    def apply_summary(self, device: str, batch: Batch) -> None:
+        dev = self._devices.get(device)
+        if dev is None:
+            return
+        known = self._batch_seen(dev, batch)
         before = (known.name, known.counts, known.oldest_pending)
         self._remember_batch(known, batch)
         # Counts from actions are the truth; the summary only stands in for them when no
@@ -271,10 +276,7 @@ class FleetState:
         dev = self._devices.get(device)
         if dev is None:
             return
-        known = dev.batches.get(batch.id)
-        if known is None:
-            known = dev.batches[batch.id] = _Batch()
-        known.problems = self._count_problems(batch.problems, known.problems)
+        known = self._batch_seen(dev, batch)
         before = (known.name, known.counts, known.oldest_pending)
         self._remember_batch(known, batch)
         known.summary = batch.summary
