@@ -41,10 +41,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.cli import Exporter, _refresh_loop, build_exporter
+from exporter.cli import Exporter, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
-from exporter.server import Hooks, make_app
 from exporter.simulator import Simulator
 from exporter.simulator.fleet import Action
 from exporter.simulator.wire import ACTION_OPTIONAL
@@ -327,7 +326,10 @@ class Soak:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         stop = asyncio.Event()
-        server = asyncio.create_task(self._serve(exporter, port, stop))
+        # No signal handlers: a stray SIGTERM to the host must not end the soak quietly.
+        server = asyncio.create_task(
+            serve(exporter, f"127.0.0.1:{port}", stop=stop, signals=False)
+        )
         try:
             async with aiohttp.ClientSession() as session:
                 await self._wait_ready(session, url, server)
@@ -338,44 +340,13 @@ class Soak:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server, timeout=10)
-            if server.done() and not server.cancelled() and server.exception() is not None:
-                self.report.crashed = repr(server.exception())
+            if server.done() and not server.cancelled():
+                if server.exception() is not None:
+                    self.report.crashed = repr(server.exception())
+                elif server.result() != 0:
+                    self.report.crashed = "the poll or render loop died (see the log)"
             await runner.cleanup()
         return self.report
-
-    @staticmethod
-    async def _serve(exporter: Exporter, port: int, stop: asyncio.Event) -> int:
-        """What ``cli.serve`` runs (routes, scheduler loop, refresh loop), without its
-        signal handlers: a stray SIGTERM to the host must not end the soak quietly."""
-        changed = asyncio.Event()
-        exporter.exposition.refresh()
-        hooks = Hooks(
-            exposition=exporter.exposition, state=exporter.state,
-            ready=lambda: exporter.scheduler.ready, reload=_no_reload, version="soak",
-            organization=lambda: exporter.config.organization,
-        )
-        runner = web.AppRunner(make_app(hooks), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        tasks = [
-            asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
-            asyncio.create_task(_refresh_loop(exporter, changed)),
-        ]
-        try:
-            done, _ = await asyncio.wait(
-                [*tasks, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in tasks:
-                if task in done:  # the scheduler or the refresh loop ended: a crash
-                    task.result()
-                    raise RuntimeError(f"{task.get_coro()} returned")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=5)
-            await exporter.client.close()
-            await runner.cleanup()
-        return 0
 
     async def _wait_ready(
         self, session: aiohttp.ClientSession, url: str, server: asyncio.Task[int]
@@ -529,10 +500,6 @@ class Soak:
         latencies = sorted(self.all_latencies) or [0.0]
         report.scrape_max_ms = round(latencies[-1] * 1000, 2)
         report.scrape_p99_ms = round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 2)
-
-
-async def _no_reload() -> str | None:
-    return "the soak does not reload"
 
 
 async def run_soak(options: SoakOptions) -> SoakReport:

@@ -177,7 +177,10 @@ async def serve(
     security: WebSecurity | None = None,
     started: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    signals: bool = True,
 ) -> int:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``signals``); 1 if the poll or
+    render loop died, 0 otherwise. Benchmarks and tests embed it with ``signals=False``."""
     host, port = parse_listen(listen)
     if security is not None and ssl_context is None:
         ssl_context = security.ssl_context
@@ -205,11 +208,10 @@ async def serve(
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_reload_signal}
+    for sig, handler in handlers.items() if signals else ():
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+            loop.add_signal_handler(sig, handler)
 
     exporter.exposition.refresh()
     hooks = Hooks(
@@ -232,16 +234,26 @@ async def serve(
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
         asyncio.create_task(_refresh_loop(exporter, changed)),
     ]
+    stopped = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
         log.info("stopping")
-        for task in tasks:
+        for task in (*tasks, stopped):
             task.cancel()
         await asyncio.wait(tasks, timeout=5)
         await exporter.client.close()
         await runner.cleanup()
-    return EXIT_OK
+        for sig in handlers if signals else ():
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    # Both loops run until cancelled: one that ended on its own died, and a process that
+    # no longer polls or renders must not look healthy.
+    died = [task for task in tasks if task in done]
+    for task in died:
+        log.error("background_task_died", task=task.get_coro().__qualname__,
+                  reason=repr(task.exception()) if not task.cancelled() else "cancelled")
+    return EXIT_FAILURE if died else EXIT_OK
 
 
 def _print_config_error(exc: ConfigError) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.cli import Exporter, _reload, build_exporter
+from exporter.cli import Exporter, _reload, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
 from exporter.simulator import Simulator
@@ -347,3 +348,26 @@ async def test_reload_to_another_token_file_takes_the_new_token(simulator, tmp_p
         assert set(select(samples(exporter), "applivery_exporter_target_up").values()) == {1.0}
     finally:
         await exporter.client.close()
+
+
+async def test_serve_reports_a_dead_render_loop_as_a_failure(simulator, monkeypatch):
+    sim, url = simulator
+    exporter = make_exporter(sim, url)
+
+    first_refresh = exporter.exposition.refresh
+    calls = 0
+
+    def refresh_that_breaks_later() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("render bug")
+        return first_refresh()
+
+    monkeypatch.setattr(exporter.exposition, "refresh", refresh_that_breaks_later)
+    monkeypatch.setattr("exporter.cli.REFRESH_SECONDS", 0.05)
+    stop = asyncio.Event()
+    code = await asyncio.wait_for(
+        serve(exporter, f"127.0.0.1:{free_port()}", stop=stop, signals=False), timeout=10
+    )
+    assert code == 1

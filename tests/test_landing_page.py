@@ -71,7 +71,7 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     await exporter.scheduler.run_round()
     stop = asyncio.Event()
     port = free_port()
-    server = asyncio.create_task(serve(exporter, f"127.0.0.1:{port}", stop=stop))
+    server = asyncio.create_task(serve(exporter, f"127.0.0.1:{port}", stop=stop, signals=False))
     try:
         await asyncio.sleep(0.3)
         dom = await rendered_dom(f"http://127.0.0.1:{port}/", str(tmp_path / "profile"))

@@ -114,7 +114,7 @@ async def running_exporter(sim: Simulator, base_url: str) -> AsyncIterator[str]:
     )
     address = f"127.0.0.1:{free_port()}"
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(exporter, address, stop=stop))
+    task = asyncio.create_task(serve(exporter, address, stop=stop, signals=False))
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
 
