@@ -17,7 +17,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import socket
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import free_port
 from exporter.client import ApiClient, TokenSource
 from exporter.selfmetrics import SelfMetrics
 
@@ -40,12 +40,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "client_pages.json"
 
 
 # --- the simulator in a child process ---------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve(conn: Any, port: int, devices: int, batches: int) -> None:
@@ -88,7 +82,7 @@ def _serve(conn: Any, port: int, devices: int, batches: int) -> None:
 
 class SimulatorProcess:
     def __init__(self, devices: int, batches: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._conn, child = multiprocessing.Pipe()
         self._process = multiprocessing.Process(
             target=_serve, args=(child, self.port, devices, batches), daemon=True

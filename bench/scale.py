@@ -38,6 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import rss_bytes
+
 START = 1_770_717_600.0  # 2026-02-10T10:00:00Z
 TOKEN = "bench-token"
 ORG = "bench"
@@ -52,14 +54,6 @@ class Size:
     devices: int
     batches: int = 20
     actions: int = 10
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 # --- the simulator child -------------------------------------------------------------------------

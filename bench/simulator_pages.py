@@ -29,7 +29,6 @@ import asyncio
 import json
 import multiprocessing
 import random
-import socket
 import sys
 import threading
 import time
@@ -41,6 +40,8 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import free_port, rss_mb
 
 TOKEN = "bench-token"
 ORG = "bench"
@@ -74,19 +75,6 @@ class Size:
 
 FULL = Size(devices=10_000, batches=20, big_batches=400, warm_requests=4000, history_requests=2000)
 SMOKE = Size(devices=300, batches=5, big_batches=40, warm_requests=300, history_requests=200)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _commands(rng: random.Random) -> list[dict[str, Any]]:
@@ -124,7 +112,7 @@ async def _serve_forever(app: Any, port: int, conn: Any, ready: Any) -> None:
 def _serve_simulator(conn: Any, port: int, size: Size) -> None:
     from exporter.simulator import Simulator
 
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     started = time.perf_counter()
     sim = Simulator(
         seed=1,
@@ -138,7 +126,7 @@ def _serve_simulator(conn: Any, port: int, size: Size) -> None:
         record_events=False,
     )
     build_seconds = time.perf_counter() - started
-    rss_after = _rss_mb()
+    rss_after = rss_mb()
     devices = sim.fleet.device_ids()
     history = sum(len(sim.fleet.batch_ids(d)) for d in devices)
     rng = random.Random(7)
@@ -171,7 +159,7 @@ def _serve_static(conn: Any, port: int, body: bytes) -> None:
 
 class Server:
     def __init__(self, target: Callable[..., None], *args: Any) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._conn, child = multiprocessing.Pipe()
         self._process = multiprocessing.Process(
             target=target, args=(child, self.port, *args), daemon=True

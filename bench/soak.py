@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import rss_mb
 from exporter.cli import Exporter, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
@@ -256,14 +257,6 @@ def compare(report: SoakReport, found: Samples, expected: Truth) -> None:
 
 
 # --- the run ----------------------------------------------------------------------------------
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def free_port() -> int:
