@@ -34,7 +34,7 @@ from exporter.records import (
     Device,
     InvalidBody,
     Page,
-    decode_action,
+    decode_actions_body,
     decode_batch,
     decode_device,
     decode_json,
@@ -369,15 +369,19 @@ class _Memo:
         return len(self._entries)
 
 
-def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[Any], Page[T]]:
-    def decode(data: Any) -> Page[T]:
-        return decode_page(data, decode_item)
+def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[bytes], Page[T]]:
+    def decode(body: bytes) -> Page[T]:
+        return decode_page(envelope_data(decode_json(body)), decode_item)
 
     return decode
 
 
-def _decode_batch_strict(data: Any) -> Batch:
-    batch = decode_batch(data)
+_decode_devices = _page_decoder(decode_device)
+_decode_batches = _page_decoder(decode_batch)
+
+
+def _decode_batch_strict(body: bytes) -> Batch:
+    batch = decode_batch(envelope_data(decode_json(body)))
     if batch is None:
         raise InvalidBody("command has no id")
     return batch
@@ -462,7 +466,7 @@ class ApiClient:
         if sort is not None:
             params.append(("sort", sort))
         return await self._collect(
-            "devices", "/devices", decode_device, _device_key, params, stop=stop
+            "devices", "/devices", _decode_devices, _device_key, params, stop=stop
         )
 
     async def list_batches(
@@ -478,7 +482,7 @@ class ApiClient:
         return await self._collect(
             "commands",
             f"/devices/{_segment(device)}/commands",
-            decode_batch,
+            _decode_batches,
             _batch_key,
             [("sort", "createdAt:desc")],
             max_items=max_items,
@@ -491,7 +495,7 @@ class ApiClient:
 
     async def list_actions(self, device: str, batch: str) -> list[Action]:
         path = f"/devices/{_segment(device)}/commands/{_segment(batch)}/actions"
-        return await self._collect("actions", path, decode_action, _action_key, [])
+        return await self._collect("actions", path, decode_actions_body, _action_key, [])
 
     # --- paging -------------------------------------------------------------------------------
 
@@ -499,7 +503,7 @@ class ApiClient:
         self,
         endpoint: str,
         path: str,
-        decode_item: Callable[[Any], T | None],
+        decode: Callable[[bytes], Page[T]],
         key: Callable[[T], str],
         params: list[tuple[str, str]],
         *,
@@ -507,7 +511,6 @@ class ApiClient:
         stop: Callable[[T], bool] | None = None,
     ) -> list[T]:
         """Every item of a paged list once, re-reading from page 1 while pages shift."""
-        decode = _page_decoder(decode_item)
         union: dict[str, T] = {}
         for number in range(1, MAX_PASSES + 1):
             result = await self._pass(endpoint, path, decode, key, params, max_items, stop)
@@ -525,7 +528,7 @@ class ApiClient:
         self,
         endpoint: str,
         path: str,
-        decode: Callable[[Any], Page[T]],
+        decode: Callable[[bytes], Page[T]],
         key: Callable[[T], str],
         params: list[tuple[str, str]],
         max_items: int | None,
@@ -587,7 +590,7 @@ class ApiClient:
         endpoint: str,
         path: str,
         params: Sequence[tuple[str, str]],
-        decode: Callable[[Any], R],
+        decode: Callable[[bytes], R],
     ) -> R:
         """One logical request: attempts with retries until decoded or failed for good."""
         url = self._root + path
@@ -636,7 +639,7 @@ class ApiClient:
         endpoint: str,
         url: str,
         params: Sequence[tuple[str, str]],
-        decode: Callable[[Any], R],
+        decode: Callable[[bytes], R],
     ) -> R | _Failure:
         headers = self._auth_headers(endpoint)
         session = self._session or self._new_session()
@@ -665,7 +668,7 @@ class ApiClient:
             result = self._memo.get(key, body)
             if result is None:
                 try:
-                    result = decode(envelope_data(decode_json(body)))
+                    result = decode(body)
                 except InvalidBody as exc:
                     return self._failed(
                         endpoint, started, _Failure("invalid_body", f"invalid body: {exc}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from exporter.records import (
     Action,
     InvalidBody,
     decode_action,
+    decode_actions_body,
     decode_batch,
     decode_device,
     decode_json,
@@ -108,6 +108,81 @@ def test_reference_example_decodes_exactly() -> None:
     assert not action.problems
 
 
+def _general_path(body: bytes):
+    return decode_page(envelope_data(decode_json(body)), decode_action)
+
+
+def _action_page(*items: object, **meta: object) -> bytes:
+    data = {"items": list(items), "totalDocs": len(items), "page": 1, "limit": 100, **meta}
+    return json.dumps({"status": True, "data": data}).encode()
+
+
+GOOD = {
+    "cmdId": "a1",
+    "status": "Acknowledged",
+    "statusCode": 200,
+    "sentAt": "2026-02-10T10:05:00Z",
+}
+
+ACTION_BODIES = {
+    "reference example": json.dumps(reference_example()).encode(),
+    "canonical": _action_page(GOOD, {**GOOD, "cmdId": "a2", "receivedAt": "2026-02-10T10:05:15Z"}),
+    "doc-style timestamps": _action_page({**GOOD, "sentAt": "2026-02-10T10: 05: 00.000Z"}),
+    "epoch timestamps": _action_page({**GOOD, "sentAt": MOMENT * 1000, "receivedAt": MOMENT}),
+    "garbage timestamps": _action_page({**GOOD, "sentAt": "soon", "canceledAt": [1]}),
+    "unknown status": _action_page({**GOOD, "status": "BrandNew"}),
+    "missing status": _action_page({"cmdId": "a1"}),
+    "status of the wrong type": _action_page({**GOOD, "status": 7}),
+    "code as text": _action_page({**GOOD, "statusCode": "200"}),
+    "code as float": _action_page({**GOOD, "statusCode": 200.0}),
+    "code as bool": _action_page({**GOOD, "statusCode": True}),
+    "numeric cmdId": _action_page({**GOOD, "cmdId": 17}),
+    "no cmdId": _action_page({"status": "Pending"}, GOOD),
+    "empty cmdId": _action_page({**GOOD, "cmdId": ""}),
+    "item that is not an object": _action_page("a1", GOOD, None, 3),
+    "nulls everywhere": _action_page(
+        {"cmdId": "a1", "status": "Pending", "statusCode": None, "receivedAt": None}
+    ),
+    "paging meta of odd types": _action_page(GOOD, totalDocs="1", page=1.0, hasNextPage="no"),
+    "no paging meta": json.dumps({"status": True, "data": {"items": [GOOD]}}).encode(),
+    "data as a bare array": json.dumps({"status": True, "data": [GOOD]}).encode(),
+    "items without the envelope": json.dumps({"items": [GOOD], "totalDocs": 1}).encode(),
+    "duplicate keys": b'{"status": true, "data": {"items": [{"cmdId": "a", "cmdId": "b",'
+    b' "status": "Pending"}]}}',
+    "non-ASCII": _action_page({**GOOD, "cmdId": "acci\u00f3n-\ud83d\ude00"}),
+    "NaN literal": b'{"status": true, "data": {"items": [{"cmdId": "a", "status": "Pending",'
+    b' "statusCode": NaN}]}}',
+    "huge integer": b'{"status": true, "data": {"items": [{"cmdId": "a", "status": "Pending",'
+    b' "statusCode": 123456789012345678901234567890}]}}',
+}
+
+BROKEN_BODIES = {
+    "not JSON": b"<html>oops</html>",
+    "truncated": _action_page(GOOD)[:-7],
+    "error envelope": b'{"status": false, "error": {"code": 3001, "message": "nope"}}',
+    "no data": b'{"status": true}',
+    "items not a list": b'{"status": true, "data": {"items": {"a": 1}}}',
+    "top-level array": b"[1, 2]",
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "not UTF-8": b'{"status": true, "data": {"items": ["\xff\xfe"]}}',
+}
+
+
+@pytest.mark.parametrize("body", ACTION_BODIES.values(), ids=ACTION_BODIES.keys())
+def test_actions_body_decodes_as_the_general_path_does(body: bytes) -> None:
+    # The direct parse of actions pages is an optimisation: it must never change a result.
+    assert decode_actions_body(body) == _general_path(body)
+
+
+@pytest.mark.parametrize("body", BROKEN_BODIES.values(), ids=BROKEN_BODIES.keys())
+def test_broken_actions_body_is_refused_as_the_general_path_does(body: bytes) -> None:
+    with pytest.raises(InvalidBody) as general:
+        _general_path(body)
+    with pytest.raises(InvalidBody) as direct:
+        decode_actions_body(body)
+    assert str(direct.value) == str(general.value)
+
+
 def test_decoded_action_is_an_ordinary_frozen_record() -> None:
     raw = {
         "cmdId": "a1",
@@ -121,9 +196,21 @@ def test_decoded_action_is_an_ordinary_frozen_record() -> None:
     assert decoded == built
     assert hash(decoded) == hash(built)
     assert repr(decoded) == repr(built)
-    assert dataclasses.replace(built, status="Cancel") != decoded
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert built._replace(status="Cancel") != decoded
+    assert type(decoded) is Action
+    with pytest.raises(AttributeError):
         decoded.status = "Cancel"  # type: ignore[misc, union-attr]
+
+
+def test_repeated_timestamps_decode_alike_through_the_cache() -> None:
+    # The fast path remembers parsed strings; a remembered one must give the same moment,
+    # and an untidy spelling of it the same moment again.
+    first = decode_action({"cmdId": "a", "status": "Pending", "sentAt": "2026-02-10T10:05:00Z"})
+    again = decode_action({"cmdId": "b", "status": "Pending", "sentAt": "2026-02-10T10:05:00Z"})
+    untidy = decode_action(
+        {"cmdId": "c", "status": "Pending", "sentAt": "2026-02-10T10: 05: 00.000Z"}
+    )
+    assert first.sent_at == again.sent_at == untidy.sent_at == MOMENT
 
 
 def test_pending_action_without_answer_fields() -> None:
