@@ -73,6 +73,7 @@ class Scenario:
     seed: int = 7
     batches_per_device: int = 5
     new_batches_per_device_hour: float = 0.25
+    push: bool = True  # creating a batch pushes its device into a session (when it reaches)
 
 
 SMOKE = Scenario(devices=100, budget=600, interval=30, warmup=1500, window=1800, horizon=1800)
@@ -122,7 +123,8 @@ def config_text(base_url: str, scenario: Scenario, strategy: str) -> str:
 async def run_strategy(scenario: Scenario, strategy: str) -> tuple[Run, Simulator, ObservedState]:
     sim = Simulator(seed=scenario.seed, devices=scenario.devices, speed=0, start=START,
                     max_limit=100, batches_per_device=scenario.batches_per_device,
-                    new_batches_per_device_hour=scenario.new_batches_per_device_hour)
+                    new_batches_per_device_hour=scenario.new_batches_per_device_hour,
+                    push=scenario.push)
     run = Run(strategy)
     record = sim.stats.record
 
@@ -327,17 +329,22 @@ def main() -> None:
     parser.add_argument("--devices", type=int)
     parser.add_argument("--budget", type=float)
     parser.add_argument("--window", type=float, help="measured window, simulated seconds")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-push", dest="push", action="store_false", default=None,
+                        help="batches wait for their device's scheduled session")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     scenario = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("devices", args.devices), ("budget", args.budget),
-                                   ("window", args.window)) if v is not None}
+                                   ("window", args.window), ("seed", args.seed),
+                                   ("push", args.push)) if v is not None}
     if overrides:
         scenario = replace(scenario, **overrides)
     report = asyncio.run(main_async(scenario))
     print(f"{scenario.devices} devices, budget {scenario.budget:,.0f} requests/hour, "
           f"interval {scenario.interval:.0f} s, window {scenario.window / HOUR:.1f} h "
-          f"after {scenario.warmup / HOUR:.1f} h warm-up, horizon {scenario.horizon / HOUR:.1f} h")
+          f"after {scenario.warmup / HOUR:.1f} h warm-up, horizon {scenario.horizon / HOUR:.1f} h, "
+          f"seed {scenario.seed}, push {'on' if scenario.push else 'off'}")
     print(table(report["results"]))
     print("p95 delay, budget / round_robin: " + ", ".join(
         f"{k} {v}" for k, v in report["p95_ratio_budget_to_naive"].items()))

@@ -10,14 +10,15 @@ Two strategies (``poll.strategy``):
   previous one, on the devices most likely to have changed. Only a check-in (an OMA-DM
   session) changes an action, and the device list shows each device's
   ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
-  the last look. Devices that checked in while they had pending actions go first (those
-  certainly changed); then every device by the changes it may hold unseen: time since its
-  last read, plus twice the part of it before a check-in (a batch created then has already
-  run: three changes per action instead of one). That sweep is also what finds batches
-  created or canceled by an administrator, which no check-in announces. A
-  pending batch is not read again while its summary stays the same and its device has not
-  checked in: a summary counts actions per status, and on the path
-  ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
+  the last look. Devices that checked in since their last read go first: those with
+  pending actions (which certainly moved), then the others (creating a batch pushes the
+  device into a session, so a session most likely ran a new batch; the scheduler checks
+  that this holds, by how often such reads show a change next to sweep reads). The rest of
+  the budget, at least a quarter of it, sweeps the other devices, longest unread and silent
+  first: it finds batches whose push did not reach their device and cancellations by an
+  administrator, which no check-in announces. A pending batch is not read again while its
+  summary stays the same and its device has not checked in: a summary counts actions per
+  status, and on the path ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
 
 Results go to :class:`FleetState`; the scheduler never renders or serves anything.
 """
@@ -48,8 +49,14 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
 CHECKIN_WEIGHT = 2.0  # extra changes per new batch that a session after it already ran
+SILENCE_HORIZON = 3600.0  # silent this long, a device is read as if it never checked in
 CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
 CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
+# Share of reads that showed a change, for reads after a check-in with nothing known pending
+# and for sweep reads: a moving average over about this many reads of each kind, from priors
+# that expect pushes to work.
+REVEAL_READS = 50
+REVEAL_PRIORS = {"checkin": 0.2, "sweep": 0.05}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,21 +141,34 @@ class Tracking:
 # --- planning (pure) ---------------------------------------------------------------------------
 
 
-def priority(tracking: Tracking, now: float) -> tuple[int, float]:
-    """Sort key, lowest first: never read; then checked in with pending actions (longest
-    waiting first); then by the changes likely unseen (weighted time since the last read)."""
+def priority(
+    tracking: Tracking, now: float, *, checkins_first: bool = True
+) -> tuple[int, int, float]:
+    """Sort key, lowest first; the first item is the group :func:`select` shares out.
+
+    Never read; then checked in since the last read with pending actions (those certainly
+    moved), longest waiting first; then, with ``checkins_first``, the other devices that
+    checked in (creating a batch pushes the device into a session, so where pushes reach,
+    a session most likely ran a new batch); then the rest by the changes they may hold
+    unseen (what only the sweep finds: batches whose push did not reach the device,
+    cancellations by an administrator): time since the last read, plus twice the part of
+    it before a check-in (a batch created then has already run: three changes per action).
+    A device that checks in often shows such a batch at its next session anyway: its time
+    counts only in proportion to its silence since then, up to ``SILENCE_HORIZON``.
+    """
     if tracking.read_at is None:
-        return (0, 0.0)
-    if tracking.checked_in and tracking.pending:
+        return (0, 0, 0.0)
+    if tracking.checked_in and (tracking.pending or checkins_first):
         assert tracking.checkin is not None
-        return (1, tracking.checkin)  # its pending actions have certainly moved
-    # Unseen changes pile up with time since the last read: a batch created meanwhile is
-    # one change per action, three when a session after it already ran it.
+        return (1, 0 if tracking.pending else 1, tracking.checkin)
     age = max(0.0, now - tracking.read_at)
     if tracking.checked_in:
         assert tracking.checkin is not None
         age += CHECKIN_WEIGHT * max(0.0, min(now, tracking.checkin) - tracking.read_at)
-    return (2, -age)
+    elif tracking.checkin is not None:
+        silence = max(0.0, now - tracking.checkin)
+        age *= min(1.0, silence / SILENCE_HORIZON)
+    return (2, 0, -age)
 
 
 def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
@@ -159,9 +179,10 @@ def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
     return reads + (tracking.pending if tracking.checked_in else 0)
 
 
-def select(
-    candidates: Iterable[tuple[tuple[int, float], int, str]], credit: float
-) -> tuple[list[str], int]:
+Candidate = tuple[tuple[int, int, float], int, str]  # (priority, cost, device)
+
+
+def select(candidates: Iterable[Candidate], credit: float) -> tuple[list[str], int]:
     """Devices to poll this round, in order, and the requests they are expected to cost.
 
     ``candidates`` are (priority, cost, device). Devices never read go first (nothing of
@@ -171,14 +192,14 @@ def select(
     stops there and the credit is saved for it: cheaper devices behind it must not keep
     it waiting for ever.
     """
-    groups: tuple[list[tuple[tuple[int, float], int, str]], ...] = ([], [], [])
+    groups: tuple[list[Candidate], ...] = ([], [], [])
     for candidate in sorted(candidates):
         groups[candidate[0][0]].append(candidate)
     unread, changed, quiet = groups
     chosen: list[str] = []
     planned = 0
 
-    def take(group: list[tuple[tuple[int, float], int, str]], limit: float) -> bool:
+    def take(group: list[Candidate], limit: float) -> bool:
         """Take from the head of ``group`` up to ``limit``; False when its head did not fit."""
         nonlocal planned
         taken = 0
@@ -233,6 +254,7 @@ class Scheduler:
         self._credit_at: float | None = None
         self._credit_floor = 2.0
         self._sorted_since_full = False  # a look sorted by check-in since the last full list
+        self._reveals = dict(REVEAL_PRIORS)
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -353,13 +375,15 @@ class Scheduler:
         mark = self._signal_mark if full and self._sorted_since_full else None
         self._sorted_since_full = not full
         for device in devices:
+            key = self._key_of(device)
+            tracking = self._tracking.get(key) if key is not None else None
+            if key is not None and tracking is not None:
+                self._state.device_problems(key, device.problems)
             moment = device.last_status_report
             if moment is None:
                 continue
             if self._signal_mark is None or moment > self._signal_mark:
                 self._signal_mark = moment
-            key = self._key_of(device)
-            tracking = self._tracking.get(key) if key is not None else None
             if tracking is None:
                 continue
             if tracking.checkin is None or moment > tracking.checkin:
@@ -442,18 +466,25 @@ class Scheduler:
         spent = self._client.budget.spent
         if not await self._discover_devices():
             await self._read_checkins()
-        credit -= self._client.budget.spent - spent
+        looked = self._client.budget.spent - spent
+        credit -= looked
         now = self._clock()
+        checkins_first = self._reveals["checkin"] >= self._reveals["sweep"]
         candidates = []
         for device, target in self._targets.items():
             tracking = self._tracking[device]
             candidates.append(
-                (priority(tracking, now), estimated_cost(tracking, target.commands), device)
+                (
+                    priority(tracking, now, checkins_first=checkins_first),
+                    estimated_cost(tracking, target.commands),
+                    device,
+                )
             )
-        # Credit piles up to the dearest device, so that one is not deferred for ever.
-        self._credit_floor = max((cost for _, cost, _ in candidates), default=1)
+        # Credit piles up to the dearest device after this round's look at the device list,
+        # so that one is not deferred for ever.
+        self._credit_floor = looked + max((cost for _, cost, _ in candidates), default=1)
         chosen, planned = select(candidates, math.floor(credit))
-        result.planned = planned + (self._client.budget.spent - spent)
+        result.planned = planned + looked
         result.deferred = len(self._targets) - len(chosen)
         await self._poll_all([self._targets[d] for d in chosen], result)
 
@@ -475,10 +506,12 @@ class Scheduler:
         device = target.device
         tracking = self._tracking.setdefault(device, Tracking())
         read_at, checkin = self._clock(), tracking.checkin
+        kind = _read_kind(tracking)
+        moved = False
         try:
             batches = await self._device_batches(target, tracking)
             for batch in sorted(batches, key=_pending_first):
-                await self._poll_batch(device, batch, tracking, result)
+                moved |= await self._poll_batch(device, batch, tracking, result)
         except ApiError as exc:
             result.failed += 1
             self._state.poll_failed(device, exc.reason)
@@ -490,6 +523,8 @@ class Scheduler:
             self._state.poll_succeeded(device)
             self._completed.add(device)
             tracking.read_at, tracking.checkin_read = read_at, checkin
+            if kind is not None:
+                self._reveals[kind] += (moved - self._reveals[kind]) / REVEAL_READS
             tracking.pending = sum(1 for b in batches if not b.finished)
             current = {b.id for b in batches}
             for gone in tracking.summaries.keys() - current:
@@ -539,24 +574,27 @@ class Scheduler:
 
     async def _poll_batch(
         self, device: str, batch: Batch, tracking: Tracking, result: RoundResult
-    ) -> None:
+    ) -> bool:
+        """Apply one batch; True when its actions showed a change."""
         if not self._state.needs_actions(device, batch) or self._unchanged(tracking, batch):
             self._state.apply_summary(device, batch)
             result.batches_skipped += 1
-            return
+            return False
         try:
             actions = await self._client.list_actions(device, batch.id)
         except NotFoundError:
             self._state.drop_batch(device, batch.id)
             tracking.summaries.pop(batch.id, None)
             log.warning("batch_not_found", device=device, command=batch.id, action="dropped")
-            return
+            return False
+        events = self._state.events
         self._state.apply_actions(device, batch, actions)
         result.batches_fetched += 1
         if batch.finished or batch.summary is None:
             tracking.summaries.pop(batch.id, None)
         else:
             tracking.summaries[batch.id] = batch.summary
+        return self._state.events != events
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -582,6 +620,16 @@ class Scheduler:
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+
+def _read_kind(tracking: Tracking) -> str | None:
+    """Which guess a read tests: that a session without known pending actions ran a new
+    batch (``checkin``), or that a device unread for a while holds one (``sweep``)."""
+    if tracking.read_at is None or tracking.checkin is None:
+        return None
+    if tracking.checked_in:
+        return None if tracking.pending else "checkin"
+    return "sweep"
 
 
 def _pending_first(batch: Batch) -> bool:

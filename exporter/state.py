@@ -121,6 +121,7 @@ class _Device:
     info_gen: int = 0
     status_gen: int = 0
     commands_gen: int = 0
+    problems: int = 0  # problem kinds of its device document already counted
 
 
 class FleetState:
@@ -214,6 +215,12 @@ class FleetState:
             known.name, known.labels, known.info = name, labels, info
             known.info_gen = self._bump()
 
+    def device_problems(self, device: str, kinds: frozenset[str]) -> None:
+        """Problems of a watched device's document in the device list, each kind once."""
+        dev = self._devices.get(device)
+        if dev is not None and kinds:
+            dev.problems = self._count_problems(kinds, dev.problems)
+
     def unwatch(self, device: str) -> None:
         if self._devices.pop(device, None) is not None:
             self._bump()
@@ -249,6 +256,11 @@ class FleetState:
             known = dev.batches[batch.id] = _Batch()
         known.problems = self._count_problems(batch.problems, known.problems)
         return known
+
+    @property
+    def events(self) -> int:
+        """Transitions and latencies recorded so far: moves when a read showed a change."""
+        return self._events
 
     def apply_summary(self, device: str, batch: Batch) -> None:
         dev = self._devices.get(device)
@@ -371,7 +383,9 @@ class FleetState:
     def _final_moment(self, status: int, action: Action) -> float | None:
         if self._status_class[status] == "canceled" and action.canceled_at is not None:
             return action.canceled_at
-        return action.received_at
+        # A status of unknown class may be a cancellation by another name: an
+        # administrator's cancel carries canceledAt and no receivedAt.
+        return action.received_at if action.received_at is not None else action.canceled_at
 
     def _observe_latency(self, status: int, action: Action) -> None:
         if action.sent_at is None or action.received_at is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import signal
@@ -513,6 +514,33 @@ async def test_a_new_batch_is_sent_at_a_check_in_and_answered_seconds_later(api:
     for action in actions:
         if "receivedAt" in action:
             assert ts(action["receivedAt"]) - ts(action["sentAt"]) > 0
+
+
+def _session_delays(push: bool) -> list[float]:
+    """Seconds from each batch created on an often-connected device to its next session."""
+    sim = Simulator(seed=3, devices=60, speed=0, start=START, push=push,
+                    new_batches_per_device_hour=0)
+    fleet = sim.fleet
+    devices = [d for d in fleet.devices if d.online and d.mean_interval <= 3600]
+    delays = []
+    for device in devices:
+        sim.advance(1)
+        created = sim.clock.now()
+        fleet.create_batch(device.id, [_command("./Vendor/p")])
+        sim.advance(600)
+        sent = [e.time for e in fleet.events_since(created)
+                if e.device_id == device.id and e.status == "Awaiting"]
+        delays.append(min(sent, default=math.inf) - created)
+    return delays
+
+
+def test_creating_a_batch_pushes_the_device_into_a_session() -> None:
+    pushed, unpushed = _session_delays(push=True), _session_delays(push=False)
+    assert len(pushed) >= 30
+    quick = sum(delay <= 120 for delay in pushed) / len(pushed)
+    assert quick >= 0.8, f"{quick:.0%} of pushes answered within 2 minutes"
+    # Without push only the device's own schedule brings the session (5 to 60 minutes).
+    assert sum(delay <= 120 for delay in unpushed) / len(unpushed) < 0.3
 
 
 async def test_created_and_deleted_through_python(api: Api) -> None:

@@ -212,6 +212,22 @@ def test_canceled_on_first_sight_uses_canceled_at(state: FleetState) -> None:
     assert transitions(state) == {"Cancel": 1}
 
 
+def test_unknown_status_on_first_sight_dates_itself_by_canceled_at_without_received_at(
+    state: FleetState,
+) -> None:
+    # An administrator's cancel under a name the exporter does not know: canceledAt is the
+    # only moment it carries, and it decides like any final moment.
+    state.apply_actions(
+        DEVICE,
+        batch(created=START - 10),
+        [
+            action("1", "BrandNewStatus", canceled=START + 70),
+            action("2", "BrandNewStatus", canceled=START - 5),
+        ],
+    )
+    assert transitions(state) == {"BrandNewStatus": 1}
+
+
 def test_final_to_final_counts_the_new_status_and_latency_once(state: FleetState) -> None:
     state.apply_actions(
         DEVICE, batch(created=START - 10), [action("1", "Awaiting", sent=START - 5)]

@@ -85,6 +85,9 @@ class Upstream:
         default_factory=lambda: {BATCH_H: good_actions("h"), BATCH_E: good_actions("e")}
     )
     batches: dict[str, dict[str, Any]] | None = None  # overrides the derived documents
+    devices: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"id": HISTORY_DEVICE}, {"id": EXPLICIT_DEVICE}]
+    )
     garbage: dict[str, Handler] = field(default_factory=dict)
     served: Counter[str] = field(default_factory=Counter)  # garbage answers per endpoint
 
@@ -97,6 +100,7 @@ class Upstream:
     def app(self) -> web.Application:
         app = web.Application()
         route = app.router.add_get
+        route(f"{BASE}/devices", self._endpoint("devices", self._devices))
         route(f"{BASE}/devices/{{device}}/commands", self._endpoint("commands", self._history))
         route(f"{BASE}/devices/{{device}}/commands/{{batch}}", self._endpoint("command", self._one))
         route(f"{BASE}/devices/{{device}}/commands/{{batch}}/actions",
@@ -114,6 +118,9 @@ class Upstream:
             return await bad(request)
 
         return handle
+
+    async def _devices(self, _: web.Request) -> web.Response:
+        return web.Response(body=envelope(page(self.devices)), content_type="application/json")
 
     async def _history(self, request: web.Request) -> web.Response:
         items = [self.batch(BATCH_H)] if request.match_info["device"] == HISTORY_DEVICE else []
@@ -165,13 +172,16 @@ class Rig:
             return await response.read()
 
 
-def exporter_config(url: str, **api: Any) -> str:
+def exporter_config(url: str, *, discover: bool = False, **api: Any) -> str:
+    discovery: dict[str, Any] = {"batches": {"max_age": "3650d", "max_per_device": 20}}
+    if discover:
+        discovery["devices"] = {}
     return yaml.safe_dump({
         "organization": ORG,
         "api": {"base_url": url, "requests_per_hour": 1_000_000, **api},
         "devices": [{"id": HISTORY_DEVICE},
                     {"id": EXPLICIT_DEVICE, "commands": [BATCH_E]}],
-        "discovery": {"batches": {"max_age": "3650d", "max_per_device": 20}},
+        "discovery": discovery,
     })
 
 
@@ -179,10 +189,12 @@ def exporter_config(url: str, **api: Any) -> str:
 async def make_rig(aiohttp_server, aiohttp_client) -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
     exporters: list[Exporter] = []
 
-    async def make(upstream: Upstream | None = None, **api: Any) -> Rig:
+    async def make(upstream: Upstream | None = None, *, discover: bool = False, **api: Any) -> Rig:
         upstream = upstream or Upstream()
         server = await aiohttp_server(upstream.app())
-        config = parse_config(exporter_config(str(server.make_url("/v1")), **api))
+        config = parse_config(
+            exporter_config(str(server.make_url("/v1")), discover=discover, **api)
+        )
         exporter = build_exporter(config, TokenSource(value=TOKEN), config_path=None,
                                   clock=lambda: NOW)
         exporter.client.max_attempts = 2  # one retry: enough to see it counted, and quick
@@ -356,6 +368,25 @@ async def test_wrong_types_in_a_batch_field_are_a_problem_not_a_failure(
     assert len(command_gauges(found)) == 6  # the actions are the truth
     assert sum(problems(found).values()) == 2  # once per batch, not once per poll
     promtool_check(await rig.raw_scrape())
+
+
+async def test_problems_of_discovered_device_documents_are_counted_once_per_device(
+    make_rig,
+) -> None:
+    upstream = Upstream()
+    upstream.devices = [
+        {"id": HISTORY_DEVICE, "displayName": 12, "tags": "x", "lastStatusReportTime": "soon"},
+        {"id": EXPLICIT_DEVICE, "displayName": "kiosk", "lastStatusReportTime": ISO_SENT},
+        {"id": "65f0c0ffee65f0c0ffee0003", "tags": {"a": 1}},  # discovered, watched too
+    ]
+    rig = await make_rig(upstream, discover=True)
+    for _ in range(3):
+        await rig.poll()
+    found = await rig.scrape()
+    # Once per device and kind however often the list is read: two mistyped fields of one
+    # device are one schema problem.
+    assert +problems(found) == Counter({"schema": 2, "timestamp": 1})
+    assert up(found, HISTORY_DEVICE) == 1
 
 
 @pytest.mark.parametrize("value", [None, "", 12, ["x"], {"a": 1}, True])

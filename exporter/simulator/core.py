@@ -34,6 +34,7 @@ class Simulator:
         actions_per_batch: tuple[int, int] = (3, 12),
         record_events: bool = True,
         new_batches_per_device_hour: float = 0.25,
+        push: bool = True,
     ) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
@@ -54,6 +55,7 @@ class Simulator:
             actions_per_batch=actions_per_batch,
             record_events=record_events,
             new_batches_per_device_hour=new_batches_per_device_hour,
+            push=push,
         )
 
     def advance(self, seconds: float) -> None:

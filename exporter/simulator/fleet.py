@@ -11,6 +11,11 @@ batch and runs the heap up to the start. While building, a device checks in only
 work (check-ins are memoryless, so the first check-in after a creation is drawn then);
 afterwards every online device checks in on its own schedule.
 
+Creating a batch sends a push notification (WNS) that asks the device for a session; a
+device that is awake answers it within seconds, one that is asleep or rarely connected
+often does not, and its batch waits for the next scheduled session. Which pushes land is
+drawn from a generator of its own, so the fleet a seed builds does not depend on it.
+
 Action path: ``Pending`` → ``Awaiting`` (``sentAt`` = check-in) → a final status
 (``receivedAt`` a few seconds later, or at a later check-in), or → ``Cancel`` by the
 administrator (``canceledAt``) from either pending status. Device-side cancellations
@@ -56,6 +61,8 @@ BATCH_CANCEL_SHARE = 0.02
 MIN_INTERVAL = 30.0  # seconds between two sessions of one device, at least
 MAX_ANSWER_DELAY = 120.0
 _DELAY_MU, _DELAY_SIGMA = math.log(2.0), 0.9  # lognormal answer delay: median 2 s
+_PUSH_MU, _PUSH_SIGMA = math.log(15.0), 1.0  # push to session: median 15 s
+MAX_PUSH_DELAY = 600.0
 
 # Heap event kinds.
 _CREATE, _CHECKIN, _ANSWER, _CANCEL_ACTION, _CANCEL_BATCH, _ARRIVAL = range(6)
@@ -185,6 +192,7 @@ class Fleet:
         actions_per_batch: tuple[int, int] = (3, 12),
         record_events: bool = True,
         new_batches_per_device_hour: float = 0.25,
+        push: bool = True,
     ) -> None:
         low, high = actions_per_batch
         if devices < 0 or batches_per_device < 0 or not 1 <= low <= high:
@@ -195,6 +203,7 @@ class Fleet:
         self._actions_per_batch = (low, high)
         self._arrival_rate = new_batches_per_device_hour / HOUR
         self._rng = random.Random(f"{seed}/fleet")
+        self._push_rng = random.Random(f"{seed}/push") if push else None
         self._heap: list[tuple[float, int, int, object, object]] = []
         self._seq = itertools.count()
         self._lazy = True  # building history: devices check in only when they have work
@@ -441,7 +450,8 @@ class Fleet:
         if kind == _ANSWER:
             self._answer(when, subject, extra)  # type: ignore[arg-type]
         elif kind == _CHECKIN:
-            self._checkin(when, subject)  # type: ignore[arg-type]
+            if subject.next_checkin == when:  # type: ignore[attr-defined]
+                self._checkin(when, subject)  # type: ignore[arg-type]
         elif kind == _CREATE:
             configs, name = self._random_commands()
             self._create(subject, when, configs, name, None)  # type: ignore[arg-type]
@@ -486,7 +496,22 @@ class Fleet:
             self._plan_cancellations(batch, when)
         if self._lazy and device.next_checkin is None:
             self._schedule_checkin(device, when)
+        elif not self._lazy:
+            self._push_notification(device, when)
         return batch
+
+    def _push_notification(self, device: Device, when: float) -> None:
+        """A session soon after ``when``, when the push reaches the device."""
+        rng = self._push_rng
+        if rng is None or not device.online or rng.random() >= _push_reach(device):
+            return
+        delay = min(MAX_PUSH_DELAY, 1.0 + math.exp(_PUSH_MU + _PUSH_SIGMA * rng.gauss()))
+        moment = millis(when + delay)
+        if device.next_checkin is None or moment < device.next_checkin:
+            # The scheduled session's event stays on the heap and is skipped when it comes
+            # (see _apply): a device keeps one schedule.
+            device.next_checkin = moment
+            self._push(moment, _CHECKIN, device, None)
 
     def _plan_cancellations(self, batch: Batch, when: float) -> None:
         rng = self._rng
@@ -711,6 +736,15 @@ def _schedule_profile(rng: random.Random, start: float) -> tuple[float, float | 
     if draw < 0.97:
         return rng.uniform(1, 3) * DAY, None
     return rng.uniform(5, 60) * MINUTE, millis(start - rng.uniform(3, 30) * DAY)
+
+
+def _push_reach(device: Device) -> float:
+    """Share of pushes that wake a session: devices that sync often are usually awake."""
+    if device.mean_interval <= HOUR:
+        return 0.95
+    if device.mean_interval <= 12 * HOUR:
+        return 0.6
+    return 0.25
 
 
 def _error_share(rng: random.Random) -> float:
