@@ -14,9 +14,11 @@ Measured per size:
   last of a few steady rounds (nothing changed upstream: between those nothing may grow),
   and after rendering /metrics;
   bytes per tracked action = growth over the baseline / tracked actions;
-- CPU seconds (process time) of the first round and of a steady round;
-- /metrics: full render time, body size, and the latency of scrapes over HTTP (plain and
-  gzip, median of several).
+- CPU seconds (process time) of the first round and of a steady round, and how much of the
+  latter the garbage collector took;
+- /metrics: the first full render, run in the steps the serving loop runs it in, and its
+  longest step (how long a scrape may wait for the event loop meanwhile); body size; the
+  latency of scrapes over HTTP (plain and gzip, median of several).
 
 Usage: python bench/scale.py [--smoke] [--sizes 2500,5000,10000]
 Prints a table and writes bench/results/scale.json.
@@ -126,16 +128,26 @@ async def _measure(size: Size, url: str) -> dict[str, Any]:
     steady = [await timed_round()]
     gc.collect()
     out["rss_steady_first"] = rss_bytes()
+    collector = CollectorTime()
+    gc.callbacks.append(collector)
     steady += [await timed_round() for _ in range(STEADY_ROUNDS - 1)]
+    gc.callbacks.remove(collector)
+    out["steady_gc_s"] = collector.seconds / (STEADY_ROUNDS - 1)
     out["steady_cpu_s"] = statistics.median(cpu for cpu, _ in steady)
     out["steady_wall_s"] = statistics.median(wall for _, wall in steady)
     out["steady_requests"] = exporter.metrics.requests_planned
     gc.collect()
     out["rss_steady"] = rss_bytes()
 
-    started = time.perf_counter()
-    exporter.exposition.refresh()
+    # The first render in the steps the serving loop runs it in: the longest step is how
+    # long a scrape may wait for the event loop meanwhile.
+    started = mark = time.perf_counter()
+    longest = 0.0
+    for _ in exporter.exposition.refresh_steps():
+        now = time.perf_counter()
+        longest, mark = max(longest, now - mark), now
     out["render_s"] = time.perf_counter() - started
+    out["render_longest_step_s"] = max(longest, time.perf_counter() - mark)
     started = time.perf_counter()
     for openmetrics in (False, True):
         exporter.exposition.gzip_body(openmetrics=openmetrics)
@@ -175,6 +187,20 @@ async def _measure(size: Size, url: str) -> dict[str, Any]:
     return out
 
 
+class CollectorTime:
+    """Time spent in the garbage collector, from gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
 async def _no_reload() -> str | None:
     return "benchmark"
 
@@ -203,14 +229,15 @@ def run_size(size: Size) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'devices':>8} {'actions':>10} {'RSS MiB':>8} {'B/action':>9} {'B/act+exp':>9} "
-             f"{'growth':>9} {'fill cpu':>9} {'round cpu':>9} {'render s':>8} "
-             f"{'body MiB':>8} {'scrape ms':>9} {'gzip ms':>8}"]
+             f"{'growth':>9} {'fill cpu':>9} {'round cpu':>9} {'of it gc':>8} {'render s':>8} "
+             f"{'step ms':>7} {'body MiB':>8} {'scrape ms':>9} {'gzip ms':>8}"]
     for r in rows:
         lines.append(
             f"{r['devices']:>8,} {r['tracked_actions']:>10,} "
             f"{r['rss_rendered'] / 2**20:>8,.0f} {r['bytes_per_action_state']:>9,.0f} "
             f"{r['bytes_per_action_total']:>9,.0f} {r['steady_growth_bytes'] / 2**20:>8.1f}M "
-            f"{r['fill_cpu_s']:>9.1f} {r['steady_cpu_s']:>9.2f} {r['render_s']:>8.2f} "
+            f"{r['fill_cpu_s']:>9.1f} {r['steady_cpu_s']:>9.2f} {r['steady_gc_s']:>8.2f} "
+            f"{r['render_s']:>8.2f} {r['render_longest_step_s'] * 1000:>7.0f} "
             f"{r['body_bytes'] / 2**20:>8.1f} "
             f"{r['scrape_identity_s'] * 1000:>9.1f} {r['scrape_gzip_s'] * 1000:>8.1f}")
     return "\n".join(lines)

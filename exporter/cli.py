@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -154,13 +154,23 @@ async def _reload(exporter: Exporter) -> str | None:
     return None
 
 
+async def _in_steps(steps: Generator[None, None, bool]) -> bool:
+    """Run a stepwise job, letting the event loop serve requests between its steps."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return bool(done.value)
+        await asyncio.sleep(0)
+
+
 async def _refresh_loop(exporter: Exporter, changed: asyncio.Event) -> None:
     """Re-render after each round, and at least every REFRESH_SECONDS for self-metrics."""
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout=REFRESH_SECONDS)
         changed.clear()
-        if exporter.exposition.refresh():
+        if await _in_steps(exporter.exposition.refresh_steps()):
             # Compress ahead of the next scrape, off the loop (zlib releases the GIL).
             loop = asyncio.get_running_loop()
             for openmetrics in (True, False):

@@ -15,7 +15,7 @@ import math
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -39,6 +39,8 @@ TRUNCATED = "...[truncated]"
 # Level 1: on a 12 MB body of 74k series, 2.4x faster than level 6 for a body 14% larger
 # (bench/exposition.py); the CPU of the exporter matters more than scrape bandwidth.
 GZIP_LEVEL = 1
+# Devices rendered between two pauses of refresh_steps(): tens of milliseconds of work.
+RENDER_STEP_DEVICES = 200
 
 
 # --- negotiation --------------------------------------------------------------------------
@@ -585,20 +587,34 @@ class Exposition:
         )
 
     def refresh(self) -> bool:
+        """Bring the cached bodies up to date in one go; True when their bytes changed."""
+        steps = self.refresh_steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return bool(done.value)
+
+    def refresh_steps(self) -> Generator[None, None, bool]:
+        """:meth:`refresh` in steps: it pauses after every ``RENDER_STEP_DEVICES`` devices it
+        renders, so that a caller on the event loop lets scrapes through a large first render
+        (seconds for millions of actions). Changes made while it is paused are seen by the
+        next refresh."""
         state, metrics = self._state, self._metrics
-        state_moved = state.generation != self._state_generation
+        state_generation = state.generation
+        state_moved = state_generation != self._state_generation
         metrics_moved = metrics.generation != self._metrics_generation
         if not (state_moved or metrics_moved):
             return False
         changed = False
         if state_moved:
-            changed |= self._refresh_devices()
+            changed |= yield from self._refresh_devices()
             if state.counters_generation != self._counters_generation:
                 fleet = _fleet_sections(state.organization, state)
                 changed |= fleet != self._fleet
                 self._fleet = fleet
                 self._counters_generation = state.counters_generation
-            self._state_generation = state.generation
+            self._state_generation = state_generation
         if metrics_moved:
             self._metrics_generation = metrics.generation
             sections = {
@@ -620,7 +636,7 @@ class Exposition:
             self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
         return changed
 
-    def _refresh_devices(self) -> bool:
+    def _refresh_devices(self) -> Generator[None, None, bool]:
         """Re-render the devices whose generations moved; True when any bytes changed."""
         state = self._state
         watched = state.watched()
@@ -632,8 +648,12 @@ class Exposition:
                 del self._chunks[gone]
         organization = state.organization
         chunks = self._chunks
+        rendered = 0
         for device in self._order:
-            generations = state.device_generations(device)
+            try:
+                generations = state.device_generations(device)
+            except KeyError:
+                continue  # unwatched while paused: the next refresh drops it
             previous = chunks.get(device)
             if previous is None or previous.generations != generations:
                 fresh = _render_device(
@@ -642,6 +662,11 @@ class Exposition:
                 )
                 changed = changed or previous is None or fresh.lines() != previous.lines()
                 chunks[device] = fresh
+                rendered += 1
+                if rendered % RENDER_STEP_DEVICES == 0:
+                    yield
+        if rendered >= RENDER_STEP_DEVICES:  # paused: the watched set may have moved
+            self._order = [device for device in self._order if device in chunks]
         return changed
 
     def _assemble(self, *, openmetrics: bool) -> bytes:

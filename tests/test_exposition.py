@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter.exposition import (
     MAX_LABEL_VALUE,
+    RENDER_STEP_DEVICES,
     TRUNCATED,
     Exposition,
     wants_openmetrics,
@@ -351,6 +352,39 @@ def test_incremental_refresh_equals_a_full_render(
         for openmetrics in (False, True):
             assert incremental.body(openmetrics=openmetrics) == full.body(openmetrics=openmetrics)
     samples(incremental.body(openmetrics=True), openmetrics=True)
+
+
+def test_a_stepwise_refresh_pauses_and_changes_made_meanwhile_show_next_time(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    devices = [f"65f0c0ffee65f0c0ff{i:06d}" for i in range(RENDER_STEP_DEVICES * 3)]
+    for device in devices:
+        state.watch(device)
+        state.apply_actions(device, Batch(id=BATCH_1), [Action("1", "Pending")])
+    registry = CollectorRegistry()
+    exposition = make(state, metrics, registry=registry)
+    for device in devices:
+        state.apply_actions(device, Batch(id=BATCH_1), [Action("1", "Awaiting", sent_at=START)])
+    steps = exposition.refresh_steps()
+    next(steps)  # paused after the first slice of devices
+    # Meanwhile the poller moves on: a device already rendered changes, one goes, one comes.
+    state.apply_actions(devices[0], Batch(id=BATCH_2), [Action("2", "Pending")])
+    state.unwatch(devices[-1])
+    state.watch("65f0c0ffee65f0c0ffeeffff")
+    pauses = 1
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            assert done.value is True
+            break
+    assert pauses == 2  # after 200 and 400 of the 599 devices still watched
+    samples(exposition.body(openmetrics=True), openmetrics=True)  # whole and parseable
+    assert exposition.refresh() is True  # what changed while paused is not lost
+    full = make(state, metrics, registry=registry)
+    for openmetrics in (False, True):
+        assert exposition.body(openmetrics=openmetrics) == full.body(openmetrics=openmetrics)
 
 
 # --- gzip ---------------------------------------------------------------------------------------
