@@ -46,7 +46,7 @@ from exporter.cli import Exporter, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
 from exporter.simulator import Simulator
-from exporter.simulator.fleet import Action
+from exporter.simulator.fleet import Action, Batch
 from exporter.simulator.wire import ACTION_OPTIONAL
 from exporter.statuses import PENDING_STATUSES
 
@@ -157,7 +157,9 @@ class Truth:
     events: int
 
 
-def truth(sim: Simulator, watermark: float) -> Truth:
+def truth(sim: Simulator, watermark: float, deleted: dict[str, Batch]) -> Truth:
+    """What the exporter must show; ``deleted`` holds batches deleted after it saw them end
+    (their transitions stay counted, their gauges are gone)."""
     fleet = sim.fleet
     gauges = {}
     for device in fleet.device_ids():
@@ -172,7 +174,9 @@ def truth(sim: Simulator, watermark: float) -> Truth:
     for event in events:
         actions = by_batch.get(event.batch_id)
         if actions is None:
-            batch = fleet.batch(fleet.device(event.device_id), event.batch_id)
+            batch = deleted.get(event.batch_id) or fleet.batch(
+                fleet.device(event.device_id), event.batch_id
+            )
             actions = by_batch[event.batch_id] = {a.cmd_id: a for a in batch.actions}
         action = actions[event.cmd_id]
         hidden = _sent_hidden(sim, action)
@@ -304,6 +308,7 @@ class Soak:
         self.all_latencies: list[float] = []
         self.scrapes_in_row = 0
         self.watermark = SIM_START
+        self.deleted: dict[str, Batch] = {}
         self.kinds: set[str] = set()
 
     async def run(self) -> SoakReport:
@@ -361,7 +366,7 @@ class Soak:
         ends = time.monotonic() + options.seconds
         tasks = [
             asyncio.create_task(self._scrape_forever(session, url)),
-            asyncio.create_task(self._drive_fleet(ends)),
+            asyncio.create_task(self._drive_fleet(ends, exporter)),
             asyncio.create_task(self._drive_faults(ends)),
             asyncio.create_task(self._sample(exporter, ends)),
         ]
@@ -412,26 +417,43 @@ class Soak:
                     parse(text)
             await asyncio.sleep(self.options.scrape_period)
 
-    async def _drive_fleet(self, ends: float) -> None:
+    async def _drive_fleet(self, ends: float, exporter: Exporter) -> None:
         sim, rng, options = self.sim, self.rng, self.options
+        # As many batches are deleted as arrive, so the fleet keeps its size and RSS can be
+        # compared across the run.
+        size = self._live_batches()
         while time.monotonic() < ends:
             sim.advance(options.simulated_per_tick)
-            roll = rng.random()
-            if roll < 0.15:
+            if rng.random() < 0.15:
                 sim.fleet.create_random_batch(sim.fleet.random_device().id)
                 self.report.batches_created += 1
-            elif roll < 0.2:
-                self._delete_a_history_batch()
+            excess = self._live_batches() - size
+            for _ in range(3 * excess):  # a few devices may have nothing to delete
+                if excess <= 0:
+                    break
+                excess -= self._delete_a_settled_batch(exporter)
             await asyncio.sleep(options.tick_seconds)
 
-    def _delete_a_history_batch(self) -> None:
-        # Only batches settled before the watermark: deleting one never hides a transition
-        # the exporter has yet to read, so the counters stay comparable with the truth.
+    def _live_batches(self) -> int:
+        return sum(len(device.batches) for device in self.sim.fleet.devices)
+
+    def _delete_a_settled_batch(self, exporter: Exporter) -> bool:
+        # Only a batch that settled before its device's last complete read began: the
+        # exporter has seen its final state, so deleting it hides no transition and the
+        # counters stay comparable with the truth.
         device = self.sim.fleet.random_device()
-        settled = [b for b in device.batches if b.open_count == 0 and b.updated <= self.watermark]
-        if settled:
-            self.sim.fleet.delete_batch(device.id, self.rng.choice(settled).id)
-            self.report.batches_deleted += 1
+        tracking = exporter.scheduler.tracking.get(device.id)
+        read_at = tracking.read_at if tracking is not None else None
+        if read_at is None:
+            return False
+        settled = [b for b in device.batches if b.open_count == 0 and b.updated < read_at]
+        if not settled:
+            return False
+        batch = self.rng.choice(settled)
+        self.sim.fleet.delete_batch(device.id, batch.id)
+        self.deleted[batch.id] = batch
+        self.report.batches_deleted += 1
+        return True
 
     async def _drive_faults(self, ends: float) -> None:
         while time.monotonic() < ends:
@@ -472,7 +494,7 @@ class Soak:
         """Time stands still and the transport faults are off: scrape until every value
         equals the truth (a counter that double counted never comes back down)."""
         report = self.report
-        expected = truth(self.sim, self.watermark)
+        expected = truth(self.sim, self.watermark, self.deleted)
         started = time.monotonic()
         attempt = SoakReport(options=report.options)
         while not server.done():
