@@ -29,8 +29,10 @@ import socket
 import statistics
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,7 @@ class SoakOptions:
     scrape_period: float = 0.05
     sample_period: float = 2.0  # real seconds per row of the RSS / latency table
     converge_timeout: float = 60.0
+    trace_memory: bool = False
 
 
 @dataclass(slots=True)
@@ -98,6 +101,7 @@ class Row:
     rounds: int
     api_requests: int
     tracked_actions: int
+    exporter_mb: float | None = None  # with --trace-memory: allocated by exporter code
 
 
 @dataclass(slots=True)
@@ -483,6 +487,7 @@ class Soak:
             rounds=exporter.scheduler.rounds,
             api_requests=sum(exporter.metrics.api_requests.values()),
             tracked_actions=exporter.state.tracked_actions(),
+            exporter_mb=exporter_memory_mb() if self.options.trace_memory else None,
         ))
         self.latencies = []
         self.scrapes_in_row = 0
@@ -518,28 +523,52 @@ class Soak:
 
 
 async def run_soak(options: SoakOptions) -> SoakReport:
-    return await Soak(options).run()
+    if options.trace_memory:
+        tracemalloc.start()
+    try:
+        return await Soak(options).run()
+    finally:
+        tracemalloc.stop()
+
+
+_EXPORTER = str(Path(__file__).resolve().parents[1] / "exporter")
+
+
+def exporter_memory_mb() -> float:
+    """Memory still held that the exporter's own code allocated (the simulator's excluded):
+    RSS of this one process counts the simulator and the soak's ground truth as well."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([
+        tracemalloc.Filter(True, f"{_EXPORTER}/*"),
+        tracemalloc.Filter(False, f"{_EXPORTER}/simulator/*"),
+    ])
+    return round(sum(stat.size for stat in snapshot.statistics("filename")) / 2**20, 2)
 
 
 # --- the script -------------------------------------------------------------------------------
 
 
 def print_table(report: SoakReport) -> None:
+    traced = bool(report.rows) and report.rows[0].exporter_mb is not None
     head = ("t s", "RSS MB", "scrapes", "p50 ms", "p99 ms", "max ms", "rounds", "API req",
-            "actions")
+            "actions", *(("export MB",) if traced else ()))
     print(" ".join(f"{h:>9}" for h in head))
     for row in report.rows:
         print(" ".join(f"{v:>9}" for v in (
             row.elapsed, row.rss_mb, row.scrapes, row.scrape_p50_ms, row.scrape_p99_ms,
             row.scrape_max_ms, row.rounds, row.api_requests, row.tracked_actions,
+            *((row.exporter_mb,) if traced else ()),
         )))
     rows = report.rows
     if len(rows) >= 4:
         quarter = max(1, len(rows) // 4)
-        early = statistics.median(r.rss_mb for r in rows[:quarter])
-        late = statistics.median(r.rss_mb for r in rows[-quarter:])
-        print(f"RSS first quarter {early:.1f} MB, last quarter {late:.1f} MB "
-              f"(ratio {late / early:.3f})")
+        measures = [("RSS", attrgetter("rss_mb"))]
+        if traced:
+            measures.append(("exporter's memory", attrgetter("exporter_mb")))
+        for name, value in measures:
+            early = statistics.median(value(r) for r in rows[:quarter])
+            late = statistics.median(value(r) for r in rows[-quarter:])
+            print(f"{name} first quarter {early:.1f} MB, last quarter {late:.1f} MB "
+                  f"(ratio {late / early:.3f})")
     print(f"scrapes {report.scrapes}, failures {len(report.scrape_failures)}, "
           f"p99 {report.scrape_p99_ms} ms, max {report.scrape_max_ms} ms")
     print(f"fault kinds drawn: {', '.join(report.fault_kinds)}")
@@ -559,13 +588,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="about 20 seconds")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="also trace what the exporter's code allocates (slower)")
     args = parser.parse_args()
     if args.smoke:
         options = SoakOptions(seconds=12, devices=args.devices or 8, sample_period=2.0)
     else:
         options = SoakOptions(
             seconds=args.minutes * 60, devices=args.devices or 40, sample_period=15.0,
-            simulated_per_tick=10.0,
+            simulated_per_tick=10.0, trace_memory=args.trace_memory,
         )
     # Structured logs of every retry would drown the table.
     import logging

@@ -255,6 +255,7 @@ class Scheduler:
         self._credit_floor = 2.0
         self._sorted_since_full = False  # a look sorted by check-in since the last full list
         self._reveals = dict(REVEAL_PRIORS)
+        self._checkins_first = True
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -470,6 +471,14 @@ class Scheduler:
         credit -= looked
         now = self._clock()
         checkins_first = self._reveals["checkin"] >= self._reveals["sweep"]
+        if checkins_first != self._checkins_first:
+            self._checkins_first = checkins_first
+            # Worth knowing when freshness changes: pushes stopped (or started) reaching.
+            log.info(
+                "checkins_first" if checkins_first else "checkins_with_the_sweep",
+                checkin_reads_changed=round(self._reveals["checkin"], 3),
+                sweep_reads_changed=round(self._reveals["sweep"], 3),
+            )
         candidates = []
         for device, target in self._targets.items():
             tracking = self._tracking[device]
