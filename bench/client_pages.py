@@ -166,7 +166,7 @@ def client_loop(memo: bool) -> Callable[[str, list[tuple[str, str]], int], Await
             max_concurrency=concurrency,
             requests_per_hour=1e9,  # measure the client, not its budget
             page_size=PAGE,
-            memo_pages=len(pairs) if memo else 0,
+            memo_records=len(pairs) * PAGE if memo else 0,
         ) as client:
 
             async def fetch(device: str, batch: str) -> int:

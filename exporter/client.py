@@ -57,7 +57,7 @@ MIN_RATE_FACTOR = 1 / 16
 RECOVERY_SECONDS = 600.0  # a throttled rate climbs back by the full rate over this long
 MAX_PASSES = 4  # reads of a paged list from page 1 while its pages keep shifting
 CHUNK_BYTES = 64 * 1024
-MEMO_PAGES = 4096  # decoded answers kept for re-polls that bring the same bytes
+MEMO_RECORDS = 50_000  # decoded records kept for re-polls that bring the same bytes
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 BASE_PATH = "/organizations/{org}/mdm/windows/enterprise"
@@ -336,34 +336,42 @@ class _Memo:
 
     Most pending batches do not change between two polls: when a request brings back the
     very same bytes, the earlier decoding is reused and JSON parsing is skipped. Entries are
-    immutable records and tuples, so sharing them is safe. Least recently used go first.
+    immutable records and tuples, so sharing them is safe. Bounded by the records held (a
+    page weighs its items), so its memory does not depend on page sizes; least recently
+    used go first.
     """
 
-    __slots__ = ("_entries", "_size")
+    __slots__ = ("_entries", "_held", "_size")
 
     def __init__(self, size: int) -> None:
-        self._entries: dict[Hashable, tuple[int, int, Any]] = {}
+        self._entries: dict[Hashable, tuple[int, int, Any, int]] = {}
+        self._held = 0
         self._size = size
 
     def get(self, key: Hashable, body: bytes) -> Any | None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
-        length, digest, result = entry
+        length, digest, result, _ = entry
         # bytes cache their hash, so put() after a miss does not hash twice.
         if length != len(body) or digest != hash(body):
+            self._held -= entry[3]
             return None
         self._entries[key] = entry
         return result
 
     def put(self, key: Hashable, body: bytes, result: Any) -> None:
-        if self._size <= 0:
+        weight = len(result.items) if isinstance(result, Page) else 1
+        if weight > self._size:
             return
         entries = self._entries
-        entries.pop(key, None)
-        if len(entries) >= self._size:
-            del entries[next(iter(entries))]
-        entries[key] = (len(body), hash(body), result)
+        previous = entries.pop(key, None)
+        if previous is not None:
+            self._held -= previous[3]
+        while entries and self._held + weight > self._size:
+            self._held -= entries.pop(next(iter(entries)))[3]
+        entries[key] = (len(body), hash(body), result, weight)
+        self._held += weight
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -404,7 +412,7 @@ class ApiClient:
         max_pages: int = 1000,
         max_attempts: int = 4,
         max_body_bytes: int = 32 * 2**20,
-        memo_pages: int = MEMO_PAGES,
+        memo_records: int = MEMO_RECORDS,
         session: aiohttp.ClientSession | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -426,7 +434,7 @@ class ApiClient:
         self._monotonic = monotonic
         self._rng = random.Random(seed)
         self.budget = TokenBucket(requests_per_hour, monotonic=monotonic, sleep=sleep)
-        self._memo = _Memo(memo_pages)
+        self._memo = _Memo(memo_records)
         self._headers: dict[str, str] = {}
         self._headers_token = ""
 

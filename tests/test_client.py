@@ -1047,12 +1047,27 @@ async def test_without_the_memo_every_response_is_decoded(aiohttp_server: Any) -
     server = await aiohttp_server(changing_app(pages))
     metrics = SelfMetrics()
     base = str(server.make_url("/v1"))
-    async with make_client(base, metrics=metrics, memo_pages=0) as client:
+    async with make_client(base, metrics=metrics, memo_records=0) as client:
         first = await client.list_actions("d1", "b1")
         second = await client.list_actions("d1", "b1")
     assert first == second
     assert first[0] is not second[0]
     assert metrics.parse_problems[SCHEMA] == 2
+
+
+async def test_the_memo_holds_a_bounded_number_of_records(aiohttp_server: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"status": True, "data": {"items": action_items(3)}})
+
+    app = web.Application()
+    app.router.add_get(ACTIONS, handler)
+    server = await aiohttp_server(app)
+    async with make_client(str(server.make_url("/v1")), memo_records=6) as client:
+        first = {b: await client.list_actions("d1", b) for b in ("b1", "b2")}
+        assert (await client.list_actions("d1", "b1"))[0] is first["b1"][0]  # remembered
+        await client.list_actions("d1", "b3")  # 9 records: the least recent page (b2) goes
+        assert (await client.list_actions("d1", "b1"))[0] is first["b1"][0]
+        assert (await client.list_actions("d1", "b2"))[0] is not first["b2"][0]
 
 
 async def test_repolled_simulator_pages_follow_the_fleet(sim: Simulated) -> None:
