@@ -43,6 +43,7 @@ from exporter.records import (
     error_code,
 )
 from exporter.selfmetrics import SelfMetrics
+from exporter.statuses import is_pending
 
 log = structlog.get_logger()
 
@@ -362,7 +363,7 @@ class _Memo:
 
     def put(self, key: Hashable, body: bytes, result: Any) -> None:
         weight = len(result.items) if isinstance(result, Page) else 1
-        if weight > self._size:
+        if weight > self._size or not _may_be_read_again(result):
             return
         entries = self._entries
         previous = entries.pop(key, None)
@@ -375,6 +376,14 @@ class _Memo:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _may_be_read_again(result: Any) -> bool:
+    # A page of finished actions is not read again (the state knows they cannot change):
+    # remembering it would only push out pages that are.
+    if isinstance(result, Page) and result.items and isinstance(result.items[0], Action):
+        return any(is_pending(action.status) for action in result.items)
+    return True
 
 
 def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[bytes], Page[T]]:
