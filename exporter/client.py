@@ -362,13 +362,13 @@ class _Memo:
         return result
 
     def put(self, key: Hashable, body: bytes, result: Any) -> None:
+        entries = self._entries
+        previous = entries.pop(key, None)  # out of date either way
+        if previous is not None:
+            self._held -= previous[3]
         weight = len(result.items) if isinstance(result, Page) else 1
         if weight > self._size or not _may_be_read_again(result):
             return
-        entries = self._entries
-        previous = entries.pop(key, None)
-        if previous is not None:
-            self._held -= previous[3]
         while entries and self._held + weight > self._size:
             self._held -= entries.pop(next(iter(entries)))[3]
         entries[key] = (len(body), hash(body), result, weight)
