@@ -141,13 +141,18 @@ async def _measure(size: Size, url: str) -> dict[str, Any]:
 
     # The first render in the steps the serving loop runs it in: the longest step is how
     # long a scrape may wait for the event loop meanwhile.
+    collector = CollectorTime()
+    gc.callbacks.append(collector)
     started = mark = time.perf_counter()
     longest = 0.0
     for _ in exporter.exposition.refresh_steps():
         now = time.perf_counter()
         longest, mark = max(longest, now - mark), now
     out["render_s"] = time.perf_counter() - started
-    out["render_longest_step_s"] = max(longest, time.perf_counter() - mark)
+    out["render_last_step_s"] = time.perf_counter() - mark
+    out["render_longest_step_s"] = max(longest, out["render_last_step_s"])
+    gc.callbacks.remove(collector)
+    out["render_gc_longest_s"] = collector.longest
     started = time.perf_counter()
     for openmetrics in (False, True):
         exporter.exposition.gzip_body(openmetrics=openmetrics)
@@ -192,13 +197,16 @@ class CollectorTime:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.longest = 0.0
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self.seconds += time.perf_counter() - self._started
+            pause = time.perf_counter() - self._started
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
 
 
 async def _no_reload() -> str | None:
