@@ -597,9 +597,9 @@ class Exposition:
 
     def refresh_steps(self) -> Generator[None, None, bool]:
         """:meth:`refresh` in steps: it pauses after every ``RENDER_STEP_DEVICES`` devices it
-        renders, so that a caller on the event loop lets scrapes through a large first render
-        (seconds for millions of actions). Changes made while it is paused are seen by the
-        next refresh."""
+        renders and between the two bodies it assembles, so that a caller on the event loop
+        lets scrapes through a large first render (seconds for millions of actions). Changes
+        made while it is paused are seen by the next refresh."""
         state, metrics = self._state, self._metrics
         state_generation = state.generation
         state_moved = state_generation != self._state_generation
@@ -633,7 +633,9 @@ class Exposition:
             )
             changed |= self._choose_level(fixed)
         if changed:
-            self._bodies = {om: self._assemble(openmetrics=om) for om in (False, True)}
+            plain = self._assemble(openmetrics=False)
+            yield  # a large body takes a while to copy together: one at a time
+            self._bodies = {False: plain, True: self._assemble(openmetrics=True)}
         return changed
 
     def _refresh_devices(self) -> Generator[None, None, bool]:

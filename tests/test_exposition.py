@@ -379,7 +379,7 @@ def test_a_stepwise_refresh_pauses_and_changes_made_meanwhile_show_next_time(
         except StopIteration as done:
             assert done.value is True
             break
-    assert pauses == 2  # after 200 and 400 of the 599 devices still watched
+    assert pauses == 3  # after 200 and 400 of the 599 devices still watched, between bodies
     samples(exposition.body(openmetrics=True), openmetrics=True)  # whole and parseable
     assert exposition.refresh() is True  # what changed while paused is not lost
     full = make(state, metrics, registry=registry)
