@@ -14,6 +14,13 @@ watermark, the latency histogram the acknowledgements since it.
 
     python bench/soak.py --smoke          # ~20 s
     python bench/soak.py --minutes 5      # the long run: RSS and scrape latency over time
+    python bench/soak.py --minutes 5 --trace-memory   # and the memory the exporter's code holds
+
+As many batches are deleted as arrive (each once the exporter has seen it end), so the fleet
+keeps its size and memory can be compared across the run. RSS is the whole process's,
+simulator and ground truth included; ``--trace-memory`` separates what the exporter's own
+code allocated and still holds (its snapshots pause the loop: scrape latencies then mean
+nothing).
 
 Prints a table and writes bench/results/soak.json. ``tests/test_soak.py`` runs it short.
 """
