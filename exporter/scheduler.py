@@ -55,7 +55,7 @@ CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
 # Share of reads that showed a change, for reads after a check-in with nothing known pending
 # and for sweep reads: a moving average over about this many reads of each kind, from priors
 # that expect pushes to work.
-REVEAL_READS = 50
+REVEAL_READS = 200
 REVEAL_PRIORS = {"checkin": 0.2, "sweep": 0.05}
 
 
@@ -153,8 +153,9 @@ def priority(
     unseen (what only the sweep finds: batches whose push did not reach the device,
     cancellations by an administrator): time since the last read, plus twice the part of
     it before a check-in (a batch created then has already run: three changes per action).
-    A device that checks in often shows such a batch at its next session anyway: its time
-    counts only in proportion to its silence since then, up to ``SILENCE_HORIZON``.
+    While sessions go first, a device that checks in often shows such a batch at its next
+    session anyway: its time counts only in proportion to its silence since its last
+    check-in, up to ``SILENCE_HORIZON``.
     """
     if tracking.read_at is None:
         return (0, 0, 0.0)
@@ -165,7 +166,7 @@ def priority(
     if tracking.checked_in:
         assert tracking.checkin is not None
         age += CHECKIN_WEIGHT * max(0.0, min(now, tracking.checkin) - tracking.read_at)
-    elif tracking.checkin is not None:
+    elif tracking.checkin is not None and checkins_first:
         silence = max(0.0, now - tracking.checkin)
         age *= min(1.0, silence / SILENCE_HORIZON)
     return (2, 0, -age)
