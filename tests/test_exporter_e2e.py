@@ -354,17 +354,17 @@ async def test_serve_reports_a_dead_render_loop_as_a_failure(simulator, monkeypa
     sim, url = simulator
     exporter = make_exporter(sim, url)
 
-    first_refresh = exporter.exposition.refresh
+    steps = exporter.exposition.refresh_steps
     calls = 0
 
-    def refresh_that_breaks_later() -> bool:
+    def steps_that_break_later():
         nonlocal calls
         calls += 1
         if calls > 1:
             raise RuntimeError("render bug")
-        return first_refresh()
+        return (yield from steps())
 
-    monkeypatch.setattr(exporter.exposition, "refresh", refresh_that_breaks_later)
+    monkeypatch.setattr(exporter.exposition, "refresh_steps", steps_that_break_later)
     monkeypatch.setattr("exporter.cli.REFRESH_SECONDS", 0.05)
     stop = asyncio.Event()
     code = await asyncio.wait_for(
