@@ -48,6 +48,9 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # lastStatusReportTime is written by upstream when a session ends, maybe a little out of
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
+# A device answers its actions during its session, which may last a while after
+# lastStatusReportTime moved: a read that soon may find them still pending.
+ANSWER_SECONDS = 150.0
 CHECKIN_WEIGHT = 2.0  # extra changes per new batch that a session after it already ran
 SILENCE_HORIZON = 3600.0  # silent this long, a device is read as if it never checked in
 CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
@@ -137,6 +140,13 @@ class Tracking:
             return False
         return self.checkin_read is None or self.checkin > self.checkin_read
 
+    def answers_due(self, now: float) -> bool:
+        """The last read came while its session was still answering and left actions pending:
+        their answers have had time to arrive since (read once more, not before)."""
+        if self.checked_in or not self.pending or self.checkin is None or self.read_at is None:
+            return False
+        return self.read_at < self.checkin + ANSWER_SECONDS <= now
+
 
 # --- planning (pure) ---------------------------------------------------------------------------
 
@@ -147,7 +157,8 @@ def priority(
     """Sort key, lowest first; the first item is the group :func:`select` shares out.
 
     Never read; then checked in since the last read with pending actions (those certainly
-    moved), longest waiting first; then, with ``checkins_first``, the other devices that
+    moved; also a device read while its session was still answering, once its answers are
+    due), longest waiting first; then, with ``checkins_first``, the other devices that
     checked in (creating a batch pushes the device into a session, so where pushes reach,
     a session most likely ran a new batch); then the rest by the changes they may hold
     unseen (what only the sweep finds: batches whose push did not reach the device,
@@ -162,6 +173,9 @@ def priority(
     if tracking.checked_in and (tracking.pending or checkins_first):
         assert tracking.checkin is not None
         return (1, 0 if tracking.pending else 1, tracking.checkin)
+    if tracking.answers_due(now):
+        assert tracking.checkin is not None
+        return (1, 0, tracking.checkin + ANSWER_SECONDS)
     age = max(0.0, now - tracking.read_at)
     if tracking.checked_in:
         assert tracking.checkin is not None

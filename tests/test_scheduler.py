@@ -21,6 +21,7 @@ from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
 from exporter.exposition import Exposition
 from exporter.scheduler import (
+    ANSWER_SECONDS,
     RoundResult,
     Scheduler,
     Tracking,
@@ -438,6 +439,20 @@ def test_without_pushes_a_check_in_weighs_as_unread_time_only() -> None:
         reversed(expected), key=lambda t: priority(t, now, checkins_first=False)
     )
     assert ranked == expected
+
+
+def test_a_read_during_the_session_is_repeated_once_its_answers_are_due() -> None:
+    # Read 10 s after the check-in, two batches still pending: their answers trail the
+    # session. Not re-read at once (they would still be on their way), but once they are
+    # due, and only until a read comes after that moment.
+    checkin = 9_000.0
+    early = Tracking(read_at=checkin + 10, checkin=checkin, checkin_read=checkin, pending=2)
+    assert priority(early, checkin + 60)[0] == 2
+    assert priority(early, checkin + ANSWER_SECONDS + 1)[0] == 1
+    late = replace(early, read_at=checkin + ANSWER_SECONDS + 1)
+    assert priority(late, checkin + 3_600)[0] == 2
+    settled = replace(early, pending=0)
+    assert priority(settled, checkin + ANSWER_SECONDS + 1)[0] == 2
 
 
 def test_estimated_cost_counts_pending_batches_only_after_a_check_in() -> None:
