@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="enable the /_simulator/* control endpoint")
     parser.add_argument("--no-events", action="store_true",
                         help="keep no ground-truth event log (large fleets)")
+    parser.add_argument("--no-push", action="store_true",
+                        help="new batches wait for their device's scheduled session")
     return parser
 
 
@@ -85,6 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
         seed=args.seed, devices=args.devices, organization=args.organization, token=args.token,
         speed=args.speed, faults=args.faults, control=args.control, max_limit=args.max_limit,
         batches_per_device=args.batches_per_device, record_events=not args.no_events,
+        push=not args.no_push,
     )
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
     await runner.setup()
