@@ -366,7 +366,8 @@ class _Memo:
         previous = entries.pop(key, None)  # out of date either way
         if previous is not None:
             self._held -= previous[3]
-        weight = len(result.items) if isinstance(result, Page) else 1
+        # An empty page weighs one: every entry must count towards the bound.
+        weight = max(1, len(result.items)) if isinstance(result, Page) else 1
         if weight > self._size or not _may_be_read_again(result):
             return
         while entries and self._held + weight > self._size:

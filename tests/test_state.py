@@ -200,32 +200,19 @@ def test_canceled_from_pending(state: FleetState) -> None:
     assert gauges(state) == {BATCH: {"Cancel": 1}}
 
 
-def test_canceled_on_first_sight_uses_canceled_at(state: FleetState) -> None:
+# "BrandNewStatus": an administrator's cancel under a name the exporter does not know;
+# canceledAt is the only moment it carries, and it decides like any final moment.
+@pytest.mark.parametrize("status", ["Cancel", "BrandNewStatus"])
+def test_canceled_on_first_sight_uses_canceled_at(state: FleetState, status: str) -> None:
     state.apply_actions(
         DEVICE,
         batch(created=START - 10),
         [
-            action("1", "Cancel", canceled=START + 70),
-            action("2", "Cancel", canceled=START - 5),
+            action("1", status, canceled=START + 70),
+            action("2", status, canceled=START - 5),
         ],
     )
-    assert transitions(state) == {"Cancel": 1}
-
-
-def test_unknown_status_on_first_sight_dates_itself_by_canceled_at_without_received_at(
-    state: FleetState,
-) -> None:
-    # An administrator's cancel under a name the exporter does not know: canceledAt is the
-    # only moment it carries, and it decides like any final moment.
-    state.apply_actions(
-        DEVICE,
-        batch(created=START - 10),
-        [
-            action("1", "BrandNewStatus", canceled=START + 70),
-            action("2", "BrandNewStatus", canceled=START - 5),
-        ],
-    )
-    assert transitions(state) == {"BrandNewStatus": 1}
+    assert transitions(state) == {status: 1}
 
 
 def test_final_to_final_counts_the_new_status_and_latency_once(state: FleetState) -> None:
