@@ -1,7 +1,7 @@
 """Typed records of the upstream API and their tolerant decoding.
 
 Everything here is a pure function of the decoded JSON. Upstream is loosely specified
-(see shared/upstream-api.md §14), so decoding never raises for a bad field: the record
+(see docs/upstream-api.md §14), so decoding never raises for a bad field: the record
 keeps what could be read and names each problem by kind in ``problems``:
 
 - ``timestamp``: a date-time that could not be parsed (the field becomes ``None``);
@@ -31,7 +31,7 @@ PROBLEM_KINDS = (TIMESTAMP, UNKNOWN_STATUS, SCHEMA)
 
 NO_PROBLEMS: frozenset[str] = frozenset()
 
-# Upstream path-parameter patterns (shared/upstream-api.md §1).
+# Upstream path-parameter patterns (docs/upstream-api.md §1).
 ORGANIZATION_ID = re.compile(r"^(([a-fA-F0-9]{24})|([a-zA-Z0-9\-]{3,}))$")
 DEVICE_ID = re.compile(r"^(([a-fA-F0-9]{24})|(\w{1,}))$")
 COMMAND_ID = re.compile(r"^[a-fA-F0-9]{24}$")

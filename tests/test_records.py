@@ -27,7 +27,8 @@ from exporter.records import (
 )
 from exporter.statuses import KNOWN_STATUSES
 
-REFERENCE = Path(__file__).parents[2] / "shared" / "reference" / "actions-endpoint.txt"
+# The upstream reference page of the actions endpoint, as published (its 200 example body).
+REFERENCE = Path(__file__).parent / "data" / "actions-endpoint.txt"
 MOMENT = datetime(2026, 2, 10, 10, 5, 0, tzinfo=UTC).timestamp()
 
 

@@ -7,7 +7,7 @@ parameters against upstream's patterns (400) → query parameters (400) → enti
 3001) → the answer, to which body faults apply (2xx only).
 
 Upstream documents neither its 400 bodies nor its 5xx and 429 responses
-(shared/upstream-api.md §9, §10); ours are plausible stand-ins: an error envelope with code
+(docs/upstream-api.md §9, §10); ours are plausible stand-ins: an error envelope with code
 2001 for validation, 5000 for a 500, an nginx-style HTML page for 503 and
 express-rate-limit's plain-text message for 429. ``Retry-After`` is in real seconds (or an
 HTTP date), never simulated ones; a fractional argument gives a fractional value so that

@@ -2,7 +2,7 @@
 
 Paths are real Policy CSP and device CSP nodes so that generated batches read like an
 administrator's work. Outcome weights follow the SyncML codes Windows CSPs actually emit
-(shared/upstream-api.md §8): 404 for an absent node and 405 for a read-only one dominate.
+(docs/upstream-api.md §8): 404 for an absent node and 405 for a read-only one dominate.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Validation of what clients send: create bodies and query parameters (pure functions).
 
 Messages follow the Joi style Node APIs answer with; upstream does not document its 400
-bodies (shared/upstream-api.md §9), so the wording and the code are ours.
+bodies (docs/upstream-api.md §9), so the wording and the code are ours.
 """
 
 from __future__ import annotations
