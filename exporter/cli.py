@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --config.check: also make one authenticated API call")
     parser.add_argument("--web.listen-address", dest="listen", default=":10190")
     parser.add_argument("--web.config.file", dest="web_config", default=None)
+    parser.add_argument("--web.enable-lifecycle", dest="enable_lifecycle", action="store_true",
+                        help="allow POST /-/reload (SIGHUP reloads regardless)")
     parser.add_argument("--log.level", dest="log_level", default="info", choices=logs.LEVELS)
     parser.add_argument("--log.format", dest="log_format", default="console", choices=logs.FORMATS)
     parser.add_argument("--shard", dest="shard", default=None, help="INDEX/TOTAL, e.g. 0/3")
@@ -67,9 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_listen(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"--web.listen-address must be HOST:PORT or :PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bound_port(runner: web.AppRunner, requested: int) -> int:
+    """The port the server listens on: ``requested``, or the one the kernel chose for 0."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2 and address[1]:
+            return int(address[1])
+    return requested
 
 
 @dataclass(slots=True)
@@ -188,9 +202,11 @@ async def serve(
     started: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
     signals: bool = True,
+    lifecycle: bool = False,
 ) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``signals``); 1 if the poll or
-    render loop died, 0 otherwise. Benchmarks and tests embed it with ``signals=False``."""
+    render loop died, 0 otherwise. Benchmarks and tests embed it with ``signals=False``.
+    ``lifecycle`` enables ``POST /-/reload``; port 0 binds a free port (logged)."""
     host, port = parse_listen(listen)
     if security is not None and ssl_context is None:
         ssl_context = security.ssl_context
@@ -232,14 +248,18 @@ async def serve(
         version=__version__,
         organization=lambda: exporter.config.organization,
     )
-    runner = web.AppRunner(make_app(hooks, security), access_log=None)
+    runner = web.AppRunner(make_app(hooks, security, lifecycle=lifecycle), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
     await site.start()
-    log.info("listening", address=f"{host}:{port}", version=__version__)
+    # The port actually bound: the one asked for, or the kernel's pick for port 0.
+    port = bound_port(runner, port)
+    log.info("listening", address=_join_host_port(host, port), version=__version__,
+             tls=ssl_context is not None)
     if started is not None:
         scheme = "https" if ssl_context is not None else "http"
-        started(f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
+        local = "127.0.0.1" if host == "0.0.0.0" else host
+        started(f"{scheme}://{_join_host_port(local, port)}")
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
         asyncio.create_task(_refresh_loop(exporter, changed)),
@@ -305,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     security = _load_security(args.web_config, problems)
     if args.demo and not problems:
-        return asyncio.run(run_demo(args.listen, security))
+        return asyncio.run(run_demo(args.listen, security, lifecycle=args.enable_lifecycle))
     try:
         if not args.demo:
             config = load_config(args.config_file)
@@ -324,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     shard = Shard.parse(args.shard) if args.shard else None
     exporter = build_exporter(config, token, config_path=args.config_file, shard=shard)
-    return asyncio.run(serve(exporter, args.listen, security=security))
+    return asyncio.run(
+        serve(exporter, args.listen, security=security, lifecycle=args.enable_lifecycle)
+    )
 
 
 DEMO_CONFIG = """
@@ -345,7 +367,9 @@ discovery:
 """
 
 
-async def run_demo(listen: str, security: WebSecurity | None = None) -> int:
+async def run_demo(
+    listen: str, security: WebSecurity | None = None, *, lifecycle: bool = False
+) -> int:
     """The simulator in accelerated time and the exporter against it, in one process."""
     from exporter.simulator import Simulator  # only the demo needs it
 
@@ -376,7 +400,9 @@ async def run_demo(listen: str, security: WebSecurity | None = None) -> int:
         )
 
     try:
-        return await serve(exporter, listen, security=security, started=started)
+        return await serve(
+            exporter, listen, security=security, started=started, lifecycle=lifecycle
+        )
     finally:
         await sim_runner.cleanup()
 

@@ -40,6 +40,7 @@ class Hooks:
 
 
 HOOKS = web.AppKey("hooks", Hooks)
+LIFECYCLE = web.AppKey("lifecycle", bool)
 
 
 def _accepts_gzip(request: web.Request) -> bool:
@@ -74,6 +75,9 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
+    if not request.app[LIFECYCLE]:
+        # As Prometheus does: the HTTP lifecycle API is off unless asked for; SIGHUP works.
+        return web.Response(status=403, text="Lifecycle API is not enabled.\n")
     problem = await request.app[HOOKS].reload()
     if problem is None:
         return web.Response(text="Reloaded.\n")
@@ -124,10 +128,14 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head>
     return web.Response(text=page, content_type="text/html")
 
 
-def make_app(hooks: Hooks, security: WebSecurity | None = None) -> web.Application:
-    """The routes; with a web config, every one of them behind its rate limit and basic auth."""
+def make_app(
+    hooks: Hooks, security: WebSecurity | None = None, *, lifecycle: bool = False
+) -> web.Application:
+    """The routes; with a web config, every one of them behind its rate limit and basic auth.
+    ``POST /-/reload`` answers 403 unless ``lifecycle`` (``--web.enable-lifecycle``)."""
     app = web.Application()
     app[HOOKS] = hooks
+    app[LIFECYCLE] = lifecycle
     if security is not None:
         install(app, security)
     app.router.add_get("/metrics", metrics)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from processes import fetch, free_port, process, run_cli, valid_config, wait_for
@@ -48,7 +52,9 @@ def test_missing_token_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args", [["--no-such-flag"], ["--shard", "3/3"], ["--web.listen-address", "nowhere"]]
+    "args",
+    [["--no-such-flag"], ["--shard", "3/3"], ["--web.listen-address", "nowhere"],
+     ["--web.listen-address", "127.0.0.1:65536"], ["--web.listen-address", "127.0.0.1:-1"]],
 )
 def test_bad_usage_exits_2(args):
     result = run_cli(*args)
@@ -70,7 +76,8 @@ def test_runs_against_the_simulator_reloads_and_stops_cleanly(tmp_path):
             config.read_text().replace("api:\n", f"api:\n  token_file: {token_file}\n")
         )
         with process("-m", "exporter", "--config.file", str(config), "--web.listen-address",
-                     f"127.0.0.1:{port}", "--log.format", "json") as exporter:
+                     f"127.0.0.1:{port}", "--log.format", "json",
+                     "--web.enable-lifecycle") as exporter:
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: fetch(f"{url}/-/healthy")[0] == 200, what="healthy")
             wait_for(lambda: fetch(f"{url}/-/ready")[0] == 200, what="ready")
@@ -127,3 +134,67 @@ def test_demo_serves_changing_metrics_and_stops_on_sigterm():
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=10) == 0
         assert f"{url}/metrics" in demo.stdout.read()
+
+
+def log_events(stream) -> queue.Queue:
+    """JSON log events of a running process, read in the background (never blocks a test)."""
+    events: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            try:
+                events.put(json.loads(line))
+            except ValueError:
+                events.put({"event": "not-json", "line": line})
+
+    threading.Thread(target=pump, daemon=True).start()
+    return events
+
+
+def next_event(events: queue.Queue, name: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            break
+        if event.get("event") == name:
+            return event
+    raise AssertionError(f"no {name!r} log event within {timeout} s")
+
+
+def test_port_zero_binds_a_free_port_and_logs_it(tmp_path):
+    with process("-m", "exporter", "--config.file", str(valid_config(tmp_path)),
+                 "--web.listen-address", "127.0.0.1:0", "--log.format", "json",
+                 env={"APPLIVERY_API_TOKEN": TOKEN}) as exporter:
+        listening = next_event(log_events(exporter.stderr), "listening")
+        host, _, port = listening["address"].rpartition(":")
+        assert host == "127.0.0.1" and 0 < int(port) < 65536
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: fetch(f"{url}/-/healthy")[0] == 200, what="healthy on the logged port")
+        exporter.send_signal(signal.SIGTERM)
+        assert exporter.wait(timeout=10) == 0
+
+
+def test_http_reload_needs_the_lifecycle_flag_and_sighup_works_without(tmp_path):
+    config = valid_config(tmp_path)
+    with process("-m", "exporter", "--config.file", str(config),
+                 "--web.listen-address", "127.0.0.1:0", "--log.format", "json",
+                 env={"APPLIVERY_API_TOKEN": TOKEN}) as exporter:
+        events = log_events(exporter.stderr)
+        port = next_event(events, "listening")["address"].rpartition(":")[2]
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: fetch(f"{url}/-/healthy")[0] == 200, what="healthy")
+        config.write_text("organization: [broken\n")
+        for method in ("POST", "PUT"):
+            status, _, body = fetch(f"{url}/-/reload", method=method)
+            assert status == 403 and b"Lifecycle API is not enabled" in body
+        # The refused request read nothing: the broken file is still unread.
+        assert b"\napplivery_exporter_config_last_reload_successful 1" in fetch(
+            f"{url}/metrics")[2]
+        os.kill(exporter.pid, signal.SIGHUP)
+        next_event(events, "config_reload_failed")
+        wait_for(lambda: b"\napplivery_exporter_config_last_reload_successful 0"
+                 in fetch(f"{url}/metrics")[2], what="the SIGHUP reload's outcome")
+        exporter.send_signal(signal.SIGTERM)
+        assert exporter.wait(timeout=10) == 0

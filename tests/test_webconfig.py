@@ -186,7 +186,7 @@ def security_from(tmp_path: Path, text: str) -> WebSecurity:
 
 
 @asynccontextmanager
-async def serving(security: WebSecurity) -> AsyncIterator[str]:
+async def serving(security: WebSecurity, *, lifecycle: bool = True) -> AsyncIterator[str]:
     """make_app behind the web config on a real port; yields the base URL."""
     metrics = SelfMetrics()
     state = FleetState(organization="acme", latency_buckets=(1.0, 10.0), metrics=metrics)
@@ -204,7 +204,8 @@ async def serving(security: WebSecurity) -> AsyncIterator[str]:
         version="test",
         organization=lambda: "acme",
     )
-    runner = web.AppRunner(make_app(hooks, security), access_log=None)
+    # By default the lifecycle API is on (--web.enable-lifecycle): POST /-/reload is a route.
+    runner = web.AppRunner(make_app(hooks, security, lifecycle=lifecycle), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=security.ssl_context)
     await site.start()
@@ -464,6 +465,19 @@ def test_token_bucket_refills_one_request_per_interval():
 
 
 # --- reload -------------------------------------------------------------------------------
+
+
+async def test_http_reload_without_the_lifecycle_flag_is_forbidden_after_auth(
+    tmp_path, password_hash
+):
+    security = security_from(tmp_path, users_block(password_hash))
+    async with serving(security, lifecycle=False) as url:
+        status, _, _ = await get(f"{url}/-/reload", method="POST")
+        assert status == 401, "credentials are asked for first, as on every route"
+        status, _, body = await get(
+            f"{url}/-/reload", method="POST", headers=basic("prometheus", PASSWORD)
+        )
+        assert status == 403 and b"Lifecycle API is not enabled" in body
 
 
 async def test_reload_swaps_users_and_keeps_the_old_config_when_invalid(tmp_path, password_hash):
