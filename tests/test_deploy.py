@@ -39,6 +39,12 @@ DOCKERFILE = ROOT / "Dockerfile"
 KUBE = ROOT / "deploy" / "kubernetes"
 BASE = KUBE / "base"
 SHARDED = KUBE / "overlays" / "sharded"
+EXAMPLE = KUBE / "overlays" / "example"
+COMPONENTS = KUBE / "components"
+OPERATOR = COMPONENTS / "prometheus-operator"
+RULE_MANIFEST = OPERATOR / "prometheusrule.yaml"
+# The Secret the workload mounts; the user creates it (docs/deploy.md), the base ships none.
+TOKEN_SECRET, TOKEN_KEY = "applivery-mdm-exporter-token", "token"
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "applivery-mdm-exporter.service"
 RULE_FILES = (ROOT / "prometheus" / "recording.yml", ROOT / "prometheus" / "alerts.yml")
@@ -311,7 +317,9 @@ def test_hadolint_config_fails_on_warnings() -> None:
 # Kubernetes: rendering
 # ---------------------------------------------------------------------------------------------
 
-KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
+KUSTOMIZE_FIELDS = {
+    "apiVersion", "kind", "namespace", "resources", "components", "patches", "images",
+}
 CLUSTER_SCOPED = {"Namespace"}
 
 
@@ -349,12 +357,26 @@ def identity(document: dict[str, Any]) -> tuple[str, str]:
 def render_in_python(directory: Path) -> list[dict[str, Any]]:
     """The subset of kustomize these manifests use; anything else fails instead of guessing."""
     spec = kustomization(directory)
+    assert spec["kind"] == "Kustomization", f"{directory}: a {spec['kind']} is not buildable"
+    return build_in_python(directory, spec, [])
+
+
+def build_in_python(
+    directory: Path, spec: dict[str, Any], accumulated: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """kustomize's order: the resources add to what was accumulated, each component then
+    works on all of it (its resources added, its transformers applied to everything so far),
+    and this kustomization's own transformers come last."""
     unsupported = set(spec) - KUSTOMIZE_FIELDS
     assert not unsupported, f"the fallback renderer does not know {unsupported}"
-    documents: list[dict[str, Any]] = []
+    documents = list(accumulated)
     for entry in spec.get("resources", []):
         path = directory / entry
         documents += render_in_python(path) if path.is_dir() else load_documents(path)
+    for entry in spec.get("components", []):
+        component = kustomization(directory / entry)
+        assert component["kind"] == "Component", f"{directory / entry} is not a Component"
+        documents = build_in_python(directory / entry, component, documents)
     for entry in spec.get("patches", []):
         assert set(entry) == {"path"}, f"only file patches are supported: {entry}"
         (patch,) = load_documents(directory / entry["path"])
@@ -429,36 +451,114 @@ def flag(args: list[str], name: str) -> str:
     return value
 
 
-OVERLAYS = [pytest.param(BASE, id="base"), pytest.param(SHARDED, id="sharded")]
+OVERLAYS = [
+    pytest.param(BASE, id="base"),
+    pytest.param(SHARDED, id="sharded"),
+    pytest.param(EXAMPLE, id="example"),
+]
 KUSTOMIZATIONS = sorted(KUBE.glob("**/kustomization.yaml"))
+
+
+def listed_paths(spec: dict[str, Any]) -> list[str]:
+    return [*spec.get("resources", []), *spec.get("components", []),
+            *(p["path"] for p in spec.get("patches", []))]
 
 
 def test_every_path_a_kustomization_lists_exists() -> None:
     assert KUSTOMIZATIONS
     for path in KUSTOMIZATIONS:
-        spec = kustomization(path.parent)
-        listed = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
-        for entry in listed:
+        for entry in listed_paths(kustomization(path.parent)):
             assert (path.parent / entry).exists(), f"{path}: {entry} does not exist"
 
 
 def test_every_manifest_file_is_used_by_a_kustomization() -> None:
     used: set[Path] = set()
     for path in KUSTOMIZATIONS:
-        spec = kustomization(path.parent)
-        listed = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
+        listed = listed_paths(kustomization(path.parent))
         used |= {(path.parent / entry).resolve() for entry in listed}
     manifests = {p.resolve() for p in KUBE.glob("**/*.yaml") if p.name != "kustomization.yaml"}
     assert manifests - used == set()
 
 
-@pytest.mark.parametrize("directory", OVERLAYS)
-def test_python_renderer_agrees_with_kustomize(directory: Path) -> None:
+@pytest.mark.parametrize("directory", [*OVERLAYS, pytest.param(None, id="sharded+components")])
+def test_python_renderer_agrees_with_kustomize(directory: Path | None, tmp_path: Path) -> None:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    directory = directory or sharded_with_components(tmp_path)
     ours = sorted(render_in_python(directory), key=identity)
     theirs = sorted(render_with_kubectl(directory), key=identity)
     assert ours == theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: a plain base, optional components
+# ---------------------------------------------------------------------------------------------
+
+OPERATOR_GROUP = "monitoring.coreos.com"
+COMPONENT_KINDS = {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+
+
+def api_group(document: dict[str, Any]) -> str:
+    return document["apiVersion"].rpartition("/")[0]
+
+
+def sharded_with_components(directory: Path) -> Path:
+    """A user's overlay: the sharded one with both components (kustomize needs relative
+    paths)."""
+    def relative(path: Path) -> str:
+        return os.path.relpath(path, directory)
+
+    spec = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [relative(SHARDED)],
+        "components": [relative(p) for p in sorted(COMPONENTS.iterdir())],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("directory", [BASE, SHARDED], ids=["base", "sharded"])
+def test_base_and_sharded_are_plain_kubernetes(directory: Path) -> None:
+    documents = rendered(directory)
+    assert not [identity(d) for d in documents if api_group(d) == OPERATOR_GROUP], (
+        "the Prometheus operator's kinds belong in components/prometheus-operator"
+    )
+    assert not [identity(d) for d in documents if d["kind"] in COMPONENT_KINDS | {"Secret"}]
+    assert all(api_group(d) in {"", "apps"} for d in documents), "core and apps kinds only"
+
+
+def test_components_are_kustomize_components() -> None:
+    directories = sorted(p for p in COMPONENTS.iterdir() if p.is_dir())
+    assert [p.name for p in directories] == ["networkpolicy", "prometheus-operator"]
+    for directory in directories:
+        spec = kustomization(directory)
+        assert spec["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+        assert spec["kind"] == "Component"
+
+
+def test_example_overlay_is_the_base_plus_the_components() -> None:
+    base = {identity(d) for d in rendered(BASE)}
+    example = rendered(EXAMPLE)
+    added = {identity(d) for d in example} - base
+    assert {kind for kind, _ in added} == COMPONENT_KINDS
+    operator = {d["kind"] for d in example if api_group(d) == OPERATOR_GROUP}
+    assert operator == CUSTOM_KINDS
+
+
+def test_components_compose_with_the_sharded_overlay(tmp_path: Path) -> None:
+    documents = rendered(sharded_with_components(tmp_path))
+    assert {d["kind"] for d in documents} >= COMPONENT_KINDS | {"StatefulSet"}
+    assert not [d for d in documents if d["kind"] == "Deployment"]
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_every_namespaced_resource_lives_in_the_shipped_namespace(directory: Path) -> None:
+    documents = rendered(directory)
+    namespace = one(documents, "Namespace")["metadata"]["name"]
+    for document in documents:
+        if document["kind"] not in CLUSTER_SCOPED:
+            assert document["metadata"].get("namespace") == namespace, identity(document)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +695,33 @@ def test_manifests_validate_against_kubernetes_schemas(directory: Path, version:
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)
+def test_rendered_output_passes_the_kubernetes_validate_cli(
+    directory: Path, tmp_path: Path
+) -> None:
+    """`kubectl kustomize DIR | kubernetes-validate --strict`, as a user would check it: every
+    built-in kind passes, and the only kinds without a schema are the operator's (checked
+    against CRD_SCHEMAS below)."""
+    try:
+        import kubernetes_validate  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("kubernetes-validate is not installed, and CI must run this check")
+        pytest.skip("kubernetes-validate is not installed")
+    documents = rendered(directory)
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all(documents), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet",
+         "--kubernetes-version", OLDEST_KUBERNETES, str(path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", output))
+    assert unknown == {d["kind"] for d in documents if d["kind"] in CUSTOM_KINDS}, output
+
+
+@pytest.mark.parametrize("directory", [EXAMPLE], ids=["example"])
 def test_custom_resources_are_structurally_sound(directory: Path) -> None:
     import jsonschema
 
@@ -608,18 +735,18 @@ def test_custom_resources_are_structurally_sound(directory: Path) -> None:
 def test_crd_schemas_reject_what_the_operator_would() -> None:
     import jsonschema
 
-    monitor = one(rendered(BASE), "ServiceMonitor")
+    monitor = one(rendered(EXAMPLE), "ServiceMonitor")
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(monitor, CRD_SCHEMAS["ServiceMonitor"])
-    rule = one(rendered(BASE), "PrometheusRule")
+    rule = one(rendered(EXAMPLE), "PrometheusRule")
     rule["spec"]["groups"][0]["rules"][0] = {"record": "a", "alert": "b", "expr": "1"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(rule, CRD_SCHEMAS["PrometheusRule"])
 
 
 def test_service_monitor_scrapes_the_metrics_port_of_the_service() -> None:
-    documents = rendered(BASE)
+    documents = rendered(EXAMPLE)
     monitor, service = one(documents, "ServiceMonitor"), one(documents, "Service")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
@@ -629,7 +756,7 @@ def test_service_monitor_scrapes_the_metrics_port_of_the_service() -> None:
 
 
 def test_alert_rules_select_the_job_the_service_monitor_produces() -> None:
-    documents = rendered(BASE)
+    documents = rendered(EXAMPLE)
     monitor, service = one(documents, "ServiceMonitor"), one(documents, "Service")
     job_label = monitor["spec"].get("jobLabel")
     # The operator names the job after the Service, or after the value of its jobLabel label.
@@ -663,11 +790,12 @@ def test_prometheus_rule_is_generated_from_the_rule_files() -> None:
     if missing:
         pytest.skip(f"rule files not written yet: {', '.join(missing)}")
     generator = load_generator()
-    committed = (BASE / "prometheusrule.yaml").read_text(encoding="utf-8")
+    assert generator.OUTPUT == RULE_MANIFEST
+    committed = RULE_MANIFEST.read_text(encoding="utf-8")
     assert committed == generator.render(generator.load_groups()), (
-        "base/prometheusrule.yaml is stale: run python3 deploy/kubernetes/generate.py"
+        f"{RULE_MANIFEST.relative_to(ROOT)} is stale: run python3 deploy/kubernetes/generate.py"
     )
-    groups = one(rendered(BASE), "PrometheusRule")["spec"]["groups"]
+    groups = one(rendered(EXAMPLE), "PrometheusRule")["spec"]["groups"]
     expected = [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
     assert groups == expected
 
@@ -675,7 +803,7 @@ def test_prometheus_rule_is_generated_from_the_rule_files() -> None:
 def test_prometheus_rule_groups_load_in_promtool(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     rules = tmp_path / "rules.yml"
-    spec = one(rendered(BASE), "PrometheusRule")["spec"]
+    spec = one(rendered(EXAMPLE), "PrometheusRule")["spec"]
     rules.write_text(yaml.safe_dump({"groups": spec["groups"]}), encoding="utf-8")
     result = subprocess.run(
         [promtool, "check", "rules", str(rules)],
@@ -774,10 +902,24 @@ def test_config_and_token_are_mounted_where_the_config_says(directory: Path) -> 
 
     token_path = config["api"]["token_file"]
     secret_volume = by_path[posixpath.dirname(token_path)]["secret"]
-    secret = one(documents, "Secret")
-    assert secret_volume["secretName"] == secret["metadata"]["name"]
+    assert secret_volume["secretName"] == TOKEN_SECRET
+    assert not secret_volume.get("optional"), "without its token the pod must not start"
     (item,) = [i for i in secret_volume["items"] if i["path"] == posixpath.basename(token_path)]
-    assert item["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+    assert item["key"] == TOKEN_KEY
+    assert not [d for d in documents if d["kind"] == "Secret"], (
+        "no placeholder Secret: applying it would overwrite the user's token"
+    )
+
+
+def test_docs_create_the_secret_the_workload_mounts() -> None:
+    """Every `kubectl create secret` in the deploy guide makes the Secret the pods mount."""
+    namespace = one(rendered(BASE), "Namespace")["metadata"]["name"]
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    commands = re.findall(
+        r"kubectl -n (\S+) create secret generic (\S+)\s+(?:\\\s+)?--from-file=([\w.-]+)=", text
+    )
+    assert commands, "docs/deploy.md explains how to create the token Secret"
+    assert set(commands) == {(namespace, TOKEN_SECRET, TOKEN_KEY)}
 
 
 def test_workload_labels_select_its_pods_for_service_and_network_policy() -> None:
@@ -786,12 +928,12 @@ def test_workload_labels_select_its_pods_for_service_and_network_policy() -> Non
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert one(documents, "Service")["spec"]["selector"].items() <= labels.items()
-    policy = one(documents, "NetworkPolicy")["spec"]
+    policy = one(rendered(EXAMPLE), "NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_network_policy_admits_only_monitoring_and_dns_plus_https_out() -> None:
-    documents = rendered(BASE)
+    documents = rendered(EXAMPLE)
     policy = one(documents, "NetworkPolicy")["spec"]
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     (ingress,) = policy["ingress"]

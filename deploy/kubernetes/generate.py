@@ -1,4 +1,4 @@
-"""Build base/prometheusrule.yaml from the project's Prometheus rule files.
+"""Build components/prometheus-operator/prometheusrule.yaml from the project's rule files.
 
 The PrometheusRule carries exactly the groups of prometheus/recording.yml and
 prometheus/alerts.yml (recording rules first), so the rules that promtool tests are the
@@ -20,7 +20,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE_FILES = (ROOT / "prometheus" / "recording.yml", ROOT / "prometheus" / "alerts.yml")
-OUTPUT = Path(__file__).resolve().parent / "base" / "prometheusrule.yaml"
+OUTPUT = (
+    Path(__file__).resolve().parent / "components" / "prometheus-operator" / "prometheusrule.yaml"
+)
 NAME = "applivery-mdm-exporter"
 
 HEADER = """\
