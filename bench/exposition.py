@@ -125,9 +125,14 @@ def client_registry(state: FleetState) -> CollectorRegistry:
         ["organization", "device", "command", "name"],
         registry=registry,
     )
-    up = Gauge("applivery_exporter_target_up", "Up.", ["device"], registry=registry)
+    up = Gauge(
+        "applivery_exporter_target_up", "Up.", ["organization", "device"], registry=registry
+    )
     last = Gauge(
-        "applivery_exporter_last_success_timestamp_seconds", "Last.", ["device"], registry=registry
+        "applivery_exporter_last_success_timestamp_seconds",
+        "Last.",
+        ["organization", "device"],
+        registry=registry,
     )
     org = state.organization
     for status, status_class, count in state.transitions():
@@ -143,8 +148,8 @@ def client_registry(state: FleetState) -> CollectorRegistry:
         if view.oldest_pending is not None:
             oldest.labels(org, device).set(view.oldest_pending)
         info.labels(org, device, view.name or "", view.labels["site"]).set(1)
-        up.labels(device).set(1)
-        last.labels(device).set(view.last_success or 0)
+        up.labels(org, device).set(1)
+        last.labels(org, device).set(view.last_success or 0)
     return registry
 
 

@@ -46,8 +46,8 @@ DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 # design.md's reserved names, plus the identifiers device_info carries for discovered devices.
 RESERVED_LABELS = frozenset((
-    "organization", "device", "command", "status", "status_class", "name", "endpoint", "code",
-    "kind", "job", "instance", "le", "quantile", "serial", "imei", "win_id",
+    "organization", "device", "command", "status", "status_class", "name", "api_endpoint",
+    "endpoint", "code", "kind", "job", "instance", "le", "quantile", "serial", "imei", "win_id",
 ))  # fmt: skip
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_PAGE_SIZE = 10_000  # the largest `limit` upstream declares anywhere

@@ -178,7 +178,7 @@ LAST_SUCCESS = Family(
 API_REQUESTS = Family(
     "applivery_exporter_api_requests",
     "counter",
-    "Upstream API requests by endpoint and HTTP code (or timeout, connection, invalid_body).",
+    "Upstream API requests by API endpoint and HTTP code (or timeout, connection, invalid_body).",
 )
 API_DURATION = Family(
     "applivery_exporter_api_request_duration_seconds",
@@ -192,6 +192,14 @@ BUDGET = Family(
 )
 ROUND = Family(
     "applivery_exporter_poll_round_duration_seconds", "gauge", "Duration of the last poll round."
+)
+POLL_ROUNDS = Family(
+    "applivery_exporter_poll_rounds", "counter", "Poll rounds started, crashed ones included."
+)
+POLL_FAILURES = Family(
+    "applivery_exporter_poll_failures",
+    "counter",
+    "Polls that raised outside the API's own errors: round = a whole round, device = one device.",
 )
 PLANNED = Family(
     "applivery_exporter_api_requests_planned",
@@ -288,12 +296,12 @@ def _info_lines(organization: str, view: DeviceView) -> bytes:
     return f"{DEVICE_INFO.name}{{{_labels(pairs)}}} 1\n".encode(errors="replace")
 
 
-def _status_lines(view: DeviceView) -> tuple[bytes, bytes]:
-    device = f'device="{escape_label_value(view.device)}"'
-    up = f"{TARGET_UP.name}{{{device}}} {1 if view.up else 0}\n".encode(errors="replace")
+def _status_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
+    base = _labels((("organization", organization), ("device", view.device)))
+    up = f"{TARGET_UP.name}{{{base}}} {1 if view.up else 0}\n".encode(errors="replace")
     if view.last_success is None:
         return up, b""
-    line = f"{LAST_SUCCESS.name}{{{device}}} {format_value(view.last_success)}\n"
+    line = f"{LAST_SUCCESS.name}{{{base}}} {format_value(view.last_success)}\n"
     return up, line.encode(errors="replace")
 
 
@@ -380,7 +388,7 @@ def _render_device(
     if previous is not None and old is not None and old.status == generations.status:
         up, last_success = previous.up, previous.last_success
     else:
-        up, last_success = _status_lines(view)
+        up, last_success = _status_lines(organization, view)
     if previous is not None and not commands_moved:
         return _Chunks(
             generations, info, up, last_success, previous.actions, previous.oldest,
@@ -424,7 +432,7 @@ def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> b
     family(
         API_REQUESTS,
         (
-            f'{API_REQUESTS.name}_total{{endpoint="{escape_label_value(endpoint)}",'
+            f'{API_REQUESTS.name}_total{{api_endpoint="{escape_label_value(endpoint)}",'
             f'code="{escape_label_value(code)}"}} {count}\n'
             for (endpoint, code), count in sorted(metrics.api_requests.items())
         ),
@@ -432,11 +440,19 @@ def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> b
     durations: list[str] = []
     for endpoint, histogram in sorted(metrics.api_durations.items()):
         durations += _histogram_lines(
-            API_DURATION.name, f'endpoint="{escape_label_value(endpoint)}"', histogram
+            API_DURATION.name, f'api_endpoint="{escape_label_value(endpoint)}"', histogram
         )
     family(API_DURATION, durations)
     family(BUDGET, [f"{BUDGET.name} {format_value(float(metrics.budget_requests_per_hour))}\n"])
     family(ROUND, [f"{ROUND.name} {format_value(float(metrics.poll_round_seconds))}\n"])
+    family(POLL_ROUNDS, [f"{POLL_ROUNDS.name}_total {metrics.poll_rounds}\n"])
+    family(
+        POLL_FAILURES,
+        (
+            f'{POLL_FAILURES.name}_total{{kind="{kind}"}} {count}\n'
+            for kind, count in sorted(metrics.poll_failures.items())
+        ),
+    )
     family(PLANNED, [f"{PLANNED.name} {metrics.requests_planned}\n"])
     family(
         PARSE_PROBLEMS,

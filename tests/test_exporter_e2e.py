@@ -250,7 +250,7 @@ async def test_batch_deleted_upstream_leaves_metrics(simulator):
         assert (device, kept) in command_gauges(found)
         # A missing batch does not mark its device down.
         assert select(found, "applivery_exporter_target_up", device=device) == {
-            frozenset({("device", device)}): 1.0
+            frozenset({("organization", sim.organization), ("device", device)}): 1.0
         }
     finally:
         await exporter.client.close()

@@ -143,11 +143,11 @@ def test_values_equal_the_scenario(
         ): 1,
         key("applivery_windows_device_info", **org, device=DEV_B, name=""): 1,
         key("applivery_windows_command_info", **a1, name="Store policy"): 1,
-        key("applivery_exporter_target_up", device=DEV_A): 1,
-        key("applivery_exporter_target_up", device=DEV_B): 0,
-        key("applivery_exporter_last_success_timestamp_seconds", device=DEV_A): START + 60,
-        key("applivery_exporter_api_requests_total", endpoint="actions", code="200"): 1,
-        key("applivery_exporter_api_requests_total", endpoint="commands", code="timeout"): 1,
+        key("applivery_exporter_target_up", **org, device=DEV_A): 1,
+        key("applivery_exporter_target_up", **org, device=DEV_B): 0,
+        key("applivery_exporter_last_success_timestamp_seconds", **org, device=DEV_A): START + 60,
+        key("applivery_exporter_api_requests_total", api_endpoint="actions", code="200"): 1,
+        key("applivery_exporter_api_requests_total", api_endpoint="commands", code="timeout"): 1,
         key("applivery_exporter_api_budget_requests_per_hour"): 9000,
         key("applivery_exporter_poll_round_duration_seconds"): 0,
         key("applivery_exporter_config_last_reload_successful"): 1,
@@ -180,10 +180,10 @@ def test_values_equal_the_scenario(
     }
     duration = "applivery_exporter_api_request_duration_seconds"
     expected |= {
-        key(f"{duration}_bucket", endpoint="commands", le="5.0"): 0,
-        key(f"{duration}_bucket", endpoint="commands", le="10.0"): 1,
-        key(f"{duration}_count", endpoint="commands"): 1,
-        key(f"{duration}_sum", endpoint="actions"): 0.2,
+        key(f"{duration}_bucket", api_endpoint="commands", le="5.0"): 0,
+        key(f"{duration}_bucket", api_endpoint="commands", le="10.0"): 1,
+        key(f"{duration}_count", api_endpoint="commands"): 1,
+        key(f"{duration}_sum", api_endpoint="actions"): 0.2,
     }
     assert {k: got.get(k) for k in expected} == expected
     # Nothing about commands beyond the scenario, and every known status counted from 0.
@@ -204,6 +204,20 @@ def test_formats_differ_only_where_the_specs_do(
     assert samples(text.encode(), openmetrics=False) == samples(om.encode(), openmetrics=True)
 
 
+def test_every_series_that_names_a_device_names_its_organization(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    # Rules aggregate device series per organization across shards: none may lack it.
+    scenario(state, clock, metrics)
+    got = samples(make(state, metrics).body(openmetrics=False), openmetrics=False)
+    with_device = {name for name, labels in got if any(k == "device" for k, _ in labels)}
+    assert {"applivery_exporter_target_up", "applivery_exporter_last_success_timestamp_seconds"} \
+        <= with_device
+    for name, labels in got:
+        if any(k == "device" for k, _ in labels):
+            assert ("organization", "acme") in labels, (name, labels)
+
+
 def test_expired_and_unwatched_devices_leave(
     state: FleetState, clock: Clock, metrics: SelfMetrics
 ) -> None:
@@ -211,6 +225,7 @@ def test_expired_and_unwatched_devices_leave(
     exposition = make(state, metrics)
     clock.now = START + 1000
     state.poll_failed(DEV_A, "HTTP 503")
+    clock.now = START + 1301  # staleness counts from the first failure
     assert state.expire(300) == [DEV_A, DEV_B]
     state.unwatch(DEV_B)
     assert exposition.refresh()
@@ -221,7 +236,7 @@ def test_expired_and_unwatched_devices_leave(
         "applivery_exporter_target_up",
         "applivery_exporter_last_success_timestamp_seconds",
     }
-    assert got[key("applivery_exporter_target_up", device=DEV_A)] == 0
+    assert got[key("applivery_exporter_target_up", organization="acme", device=DEV_A)] == 0
     assert not any(("device", DEV_B) in labels for _, labels in got)
     transitions = key(
         "applivery_windows_command_action_transitions_total",

@@ -228,7 +228,7 @@ def command_gauges(found: Samples) -> dict[tuple[str, str, str], float]:
 
 def requests(found: Samples, endpoint: str, code: str) -> float:
     return sum(select(found, "applivery_exporter_api_requests_total",
-                      endpoint=endpoint, code=code).values())
+                      api_endpoint=endpoint, code=code).values())
 
 
 def problems(found: Samples) -> Counter[str]:
@@ -238,7 +238,7 @@ def problems(found: Samples) -> Counter[str]:
 
 def up(found: Samples, device: str) -> float:
     return select(found, "applivery_exporter_target_up", device=device)[
-        frozenset({("device", device)})
+        frozenset({("organization", ORG), ("device", device)})
     ]
 
 

@@ -727,7 +727,7 @@ def test_cli_serves_https_with_basic_auth_against_the_simulator(tmp_path, pki, p
             status, body = https_fetch(f"{url}/metrics", pki, auth)
             assert status == 200
             assert b"applivery_windows_command_actions{" in body
-            assert b'applivery_exporter_target_up{device="' in body
+            assert b'applivery_exporter_target_up{organization="' in body
             assert https_fetch(f"{url}/metrics", pki)[0] == 401
             assert https_fetch(f"{url}/metrics", pki, basic("prometheus", "nope"))[0] == 401
             with pytest.raises((urllib.error.URLError, ConnectionError)):
