@@ -33,6 +33,7 @@ log = structlog.get_logger("exporter")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
+LEDGER_MARGIN_SECONDS = 86400.0
 
 
 class UsageError(Exception):
@@ -114,6 +115,7 @@ def build_exporter(
         metrics=metrics,
         clock=clock,
         wall_clock=time.time,
+        ledger_retention_seconds=ledger_retention(config),
     )
     share = 1 / shard.total if shard else 1.0
     api = config.api
@@ -135,6 +137,12 @@ def build_exporter(
         state, metrics, version=__version__, max_series=config.metrics.max_series
     )
     return Exporter(config, metrics, state, exposition, client, scheduler, config_path)
+
+
+def ledger_retention(config: Config) -> float:
+    """How long the exactly-once ledger remembers a batch no response has shown: as long as
+    discovery may list it again, and a day more for clock skew and late pages."""
+    return config.discovery.batches.max_age_seconds + LEDGER_MARGIN_SECONDS
 
 
 def token_source(config: Config) -> TokenSource:
@@ -160,6 +168,7 @@ async def _reload(exporter: Exporter) -> str | None:
         # pretend the new values apply.
         log.warning("config_reload_api_settings_need_restart")
     exporter.scheduler.reload(config)
+    exporter.state.ledger_retention_seconds = ledger_retention(config)
     exporter.exposition.max_series = config.metrics.max_series
     exporter.config = config
     exporter.metrics.config_reload_successful = True
@@ -178,13 +187,47 @@ async def _in_steps(steps: Generator[None, None, bool]) -> bool:
         await asyncio.sleep(0)
 
 
-async def _refresh_loop(exporter: Exporter, changed: asyncio.Event) -> None:
+class Renders:
+    """Between the render loop and those who change what it renders.
+
+    ``ask()`` wakes the loop; ``rendered()`` waits until a render that began after the ask
+    has finished, so a reload's outcome is on the very next scrape without anybody but the
+    loop rendering (a render may be paused between two of its steps).
+    """
+
+    def __init__(self) -> None:
+        self.wanted = asyncio.Event()
+        self.started = 0
+        self.finished = 0
+        self._done = asyncio.Condition()
+
+    def ask(self) -> int:
+        self.wanted.set()
+        return self.started + 1
+
+    async def rendered(self, ticket: int, timeout: float = 5.0) -> None:
+        async with self._done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._done.wait_for(lambda: self.finished >= ticket), timeout
+                )
+
+    async def finish(self) -> None:
+        async with self._done:
+            self.finished = self.started
+            self._done.notify_all()
+
+
+async def _refresh_loop(exporter: Exporter, renders: Renders) -> None:
     """Re-render after each round, and at least every REFRESH_SECONDS for self-metrics."""
     while True:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout=REFRESH_SECONDS)
-        changed.clear()
-        if await _in_steps(exporter.exposition.refresh_steps()):
+            await asyncio.wait_for(renders.wanted.wait(), timeout=REFRESH_SECONDS)
+        renders.wanted.clear()
+        renders.started += 1
+        rendered = await _in_steps(exporter.exposition.refresh_steps())
+        await renders.finish()
+        if rendered:
             # Compress ahead of the next scrape, off the loop (zlib releases the GIL).
             loop = asyncio.get_running_loop()
             for openmetrics in (True, False):
@@ -211,7 +254,7 @@ async def serve(
     if security is not None and ssl_context is None:
         ssl_context = security.ssl_context
     stop = stop or asyncio.Event()
-    changed = asyncio.Event()
+    renders = Renders()
     loop = asyncio.get_running_loop()
 
     pending: set[asyncio.Task[str | None]] = set()
@@ -224,8 +267,9 @@ async def serve(
             exporter.metrics.config_reload_successful = False
             exporter.metrics.touch()
             problem = f"{problem}\n{web_problem}" if problem else web_problem
-        exporter.exposition.refresh()  # the reload's outcome shows on the very next scrape
-        changed.set()
+        # Only the render loop renders (a render may be paused between two of its steps);
+        # it picks the reload up at once.
+        await renders.rendered(renders.ask())
         return problem
 
     def on_reload_signal() -> None:
@@ -261,8 +305,8 @@ async def serve(
         local = "127.0.0.1" if host == "0.0.0.0" else host
         started(f"{scheme}://{_join_host_port(local, port)}")
     tasks = [
-        asyncio.create_task(exporter.scheduler.run(on_round=lambda _: changed.set())),
-        asyncio.create_task(_refresh_loop(exporter, changed)),
+        asyncio.create_task(exporter.scheduler.run(on_round=lambda _: renders.ask())),
+        asyncio.create_task(_refresh_loop(exporter, renders)),
     ]
     stopped = asyncio.create_task(stop.wait())
     try:

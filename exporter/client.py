@@ -77,11 +77,15 @@ class ApiError(Exception):
 
 
 class AuthError(ApiError):
-    """401 (upstream codes 4002 no token, 4004 invalid token); not retried."""
+    """401 (upstream codes 4002 no token, 4004 invalid token); retried only once, and only
+    when the token file changed since the request was sent (``token_changed``)."""
 
-    def __init__(self, endpoint: str, reason: str, code: int | None = None) -> None:
+    def __init__(
+        self, endpoint: str, reason: str, code: int | None = None, *, token_changed: bool = False
+    ) -> None:
         super().__init__(endpoint, reason)
         self.code = code
+        self.token_changed = token_changed
 
 
 class TokenUnavailable(AuthError):
@@ -614,7 +618,15 @@ class ApiClient:
         url = self._root + path
         failure: _Failure | None = None
         for attempt in range(1, self.max_attempts + 1):
-            outcome = await self._attempt(endpoint, url, params, decode)
+            try:
+                outcome = await self._attempt(endpoint, url, params, decode)
+            except AuthError as exc:
+                if not exc.token_changed:
+                    raise
+                # Rotated while the request was on its way: one more try with the new token
+                # (a second 401 cannot be a rotation again, so it is final).
+                log.info("api_token_changed_retrying", endpoint=endpoint)
+                outcome = await self._attempt(endpoint, url, params, decode, auth_retry=False)
             if not isinstance(outcome, _Failure):
                 return outcome
             failure = outcome
@@ -658,8 +670,11 @@ class ApiClient:
         url: str,
         params: Sequence[tuple[str, str]],
         decode: Callable[[bytes], R],
+        *,
+        auth_retry: bool = True,
     ) -> R | _Failure:
         headers = self._auth_headers(endpoint)
+        token_sent = self._headers_token
         session = self._session or self._new_session()
         async with self._slots:
             await self.budget.acquire()
@@ -698,7 +713,22 @@ class ApiClient:
             self._observe(endpoint, str(status), started)
             return result
         self._observe(endpoint, str(status), started)
+        if status == 401:
+            raise self._auth_failure(endpoint, body, token_sent if auth_retry else None)
         return self._http_failure(endpoint, status, body, retry_header, date_header, started)
+
+    def _auth_failure(self, endpoint: str, body: bytes, token_sent: str | None) -> AuthError:
+        """A 401; ``token_changed`` when the token file now holds another token than
+        ``token_sent`` (None: no retry wanted)."""
+        code = _upstream_code(body)
+        self._token.invalidate()
+        changed = False
+        if token_sent is not None:
+            try:
+                changed = self._token.get() != token_sent
+            except TokenUnavailable:
+                changed = False
+        return AuthError(endpoint, _reason(401, code), code, token_changed=changed)
 
     def _http_failure(
         self,
@@ -710,16 +740,8 @@ class ApiClient:
         sent_at: float,
     ) -> _Failure:
         """Classify a non-2xx answer: raise for the final ones, describe the retryable ones."""
-        try:
-            upstream_code = error_code(decode_json(body))
-        except InvalidBody:
-            upstream_code = None
-        reason = f"HTTP {status}" + (
-            f" (code {upstream_code})" if upstream_code is not None else ""
-        )
-        if status == 401:
-            self._token.invalidate()
-            raise AuthError(endpoint, reason, upstream_code)
+        upstream_code = _upstream_code(body)
+        reason = _reason(status, upstream_code)
         if status == 404:
             raise NotFoundError(endpoint, reason, upstream_code)
         if status not in RETRYABLE_STATUSES and not 500 <= status < 600:
@@ -796,6 +818,17 @@ def _next_page(
     elif served is None and more and count < limit:
         limit = count
     return more, limit
+
+
+def _upstream_code(body: bytes) -> int | None:
+    try:
+        return error_code(decode_json(body))
+    except InvalidBody:
+        return None
+
+
+def _reason(status: int, upstream_code: int | None) -> str:
+    return f"HTTP {status}" + (f" (code {upstream_code})" if upstream_code is not None else "")
 
 
 def _segment(value: str) -> str:

@@ -14,9 +14,10 @@ Only a body that is not a JSON envelope at all raises :class:`InvalidBody`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -152,8 +153,52 @@ def parse_timestamp(value: object) -> float | None:
     if isinstance(value, str):
         return _cached_timestamp(value) or _parse_iso(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value / 1000.0 if value > 1e11 else float(value)
+        seconds = value / 1000.0 if value > 1e11 else float(value)
+        if not math.isfinite(seconds):  # NaN or 1e400: never a moment
+            raise ValueError("not a finite date-time")
+        return seconds
     raise ValueError(f"not a date-time: {type(value).__name__}")
+
+
+# A timestamp this far past the reader's clock is garbage (a year 9999, a misplaced
+# factor), not a moment: kept, it would pin check-in marks and skew latency sums.
+FUTURE_SLACK_SECONDS = 86400.0
+
+
+def _future(moment: float | None, limit: float) -> bool:
+    return moment is not None and moment > limit
+
+
+def action_until(action: Action, limit: float) -> Action:
+    """``action`` with each timestamp after ``limit`` treated as missing (a problem)."""
+    sent, received, canceled = action.sent_at, action.received_at, action.canceled_at
+    if not (_future(sent, limit) or _future(received, limit) or _future(canceled, limit)):
+        return action
+    return action._replace(
+        sent_at=None if _future(sent, limit) else sent,
+        received_at=None if _future(received, limit) else received,
+        canceled_at=None if _future(canceled, limit) else canceled,
+        problems=action.problems | {TIMESTAMP},
+    )
+
+
+def batch_until(batch: Batch, limit: float) -> Batch:
+    """``batch`` with each timestamp after ``limit`` treated as missing (a problem)."""
+    if not (_future(batch.created_at, limit) or _future(batch.updated_at, limit)):
+        return batch
+    return replace(
+        batch,
+        created_at=None if _future(batch.created_at, limit) else batch.created_at,
+        updated_at=None if _future(batch.updated_at, limit) else batch.updated_at,
+        problems=batch.problems | {TIMESTAMP},
+    )
+
+
+def device_until(device: Device, limit: float) -> Device:
+    """``device`` with a check-in time after ``limit`` treated as missing (a problem)."""
+    if not _future(device.last_status_report, limit):
+        return device
+    return replace(device, last_status_report=None, problems=device.problems | {TIMESTAMP})
 
 
 def _when(value: Any, problems: set[str]) -> float | None:
@@ -179,7 +224,8 @@ def _int(value: object) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
+    # isdecimal, not isdigit: "²" is a digit that int() refuses.
+    if isinstance(value, str) and value.strip().isdecimal():
         return int(value)
     return None
 

@@ -38,7 +38,14 @@ import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
 from exporter.config import Config, DeviceConfig
-from exporter.records import Batch, Device
+from exporter.records import (
+    FUTURE_SLACK_SECONDS,
+    Batch,
+    Device,
+    action_until,
+    batch_until,
+    device_until,
+)
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 
@@ -60,6 +67,8 @@ CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
 # that expect pushes to work.
 REVEAL_READS = 200
 REVEAL_PRIORS = {"checkin": 0.2, "sweep": 0.05}
+# A configured batch that answered 404 is asked again after this many poll intervals.
+DROPPED_RETRY_ROUNDS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +80,7 @@ class Shard:
     def parse(cls, text: str) -> Shard:
         """``INDEX/TOTAL`` with 0 <= INDEX < TOTAL."""
         index_text, sep, total_text = text.partition("/")
-        if not sep or not index_text.isdigit() or not total_text.isdigit():
+        if not sep or not index_text.isdecimal() or not total_text.isdecimal():
             raise ValueError(f"--shard must be INDEX/TOTAL (e.g. 0/3), got {text!r}")
         index, total = int(index_text), int(total_text)
         if total < 1 or index >= total:
@@ -131,7 +140,8 @@ class Tracking:
     # Pending batches whose actions were read: their summary then. Finished ones need no
     # entry (the state knows they cannot change), so this stays small.
     summaries: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
-    dropped: set[str] = field(default_factory=set)  # configured batches that answered 404
+    # Configured batches that answered 404, and when (scheduler clock): asked again later.
+    dropped: dict[str, float] = field(default_factory=dict)
 
     @property
     def checked_in(self) -> bool:
@@ -282,18 +292,29 @@ class Scheduler:
         return self._shard is None or self._shard.owns(device)
 
     def _apply_targets(self) -> None:
-        """Merge explicit and discovered devices; watch new ones, unwatch gone ones."""
-        wanted: dict[str, Target] = {}
-        for device in self.config.devices:
-            if self._owns(device.id):
-                wanted[device.id] = Target.from_config(device)
-        explicit = {key.lower() for key in wanted}
+        """Merge explicit and discovered devices; watch new ones, unwatch gone ones.
+
+        Shards split the fleet by each device's canonical 24-hex id when discovery knows
+        it, so a device configured by serial number or IMEI and also discovered is watched
+        by exactly one shard, once. An explicit entry wins (its name, labels and commands
+        are what the user asked for).
+        """
+        canonical: dict[str, str] = {}  # lower-case id, serial or IMEI -> discovered id
         for device_id, target in self._discovered.items():
-            # An explicit entry wins (its name, labels and commands are what the user asked
-            # for), also when it names the device by serial number or IMEI.
-            idents = {device_id.lower()}
-            idents.update(v.lower() for k, v in target.info if k in ("serial", "imei"))
-            if explicit.isdisjoint(idents) and self._owns(device_id):
+            canonical[device_id.lower()] = device_id
+            for key, value in target.info:
+                if key in ("serial", "imei"):
+                    canonical.setdefault(value.lower(), device_id)
+        wanted: dict[str, Target] = {}
+        claimed: set[str] = set()  # discovered ids that a configured entry names
+        for device in self.config.devices:
+            owner = canonical.get(device.id.lower())
+            if owner is not None:
+                claimed.add(owner)
+            if self._owns(owner or device.id):
+                wanted[device.id] = Target.from_config(device)
+        for device_id, target in self._discovered.items():
+            if device_id not in claimed and self._owns(device_id):
                 wanted[device_id] = target
         for device_id in self._targets.keys() - wanted.keys():
             self._state.unwatch(device_id)
@@ -359,6 +380,7 @@ class Scheduler:
         except ApiError as exc:
             log.error("discovery_failed", endpoint="devices", reason=str(exc))
             return False
+        devices = self._until_now(devices)
         self._discovered = {d.id: Target.discovered(d) for d in devices}
         self._discovered_at = now
         self._apply_targets()
@@ -384,7 +406,14 @@ class Scheduler:
         except ApiError as exc:
             log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
             return
-        self._note_checkins(devices, full=False)
+        self._note_checkins(self._until_now(devices), full=False)
+
+    def _future_limit(self) -> float:
+        return self._clock() + FUTURE_SLACK_SECONDS
+
+    def _until_now(self, devices: Sequence[Device]) -> list[Device]:
+        limit = self._future_limit()
+        return [device_until(device, limit) for device in devices]
 
     def _note_checkins(self, devices: Sequence[Device], *, full: bool) -> None:
         missed = 0
@@ -457,6 +486,7 @@ class Scheduler:
         stale_after = self.config.poll.stale_after_rounds * self.config.poll.interval_seconds
         for device in self._state.expire(stale_after):
             log.warning("device_series_expired", device=device, stale_after_seconds=stale_after)
+        self._state.prune_ledger()
         self.rounds += 1
         self._metrics.poll_round_seconds = time.monotonic() - started
         self._metrics.requests_planned = result.planned
@@ -513,19 +543,19 @@ class Scheduler:
         await self._poll_all([self._targets[d] for d in chosen], result)
 
     async def _poll_all(self, targets: Sequence[Target], result: RoundResult) -> None:
-        queue: asyncio.Queue[Target] = asyncio.Queue()
-        for target in targets:
-            queue.put_nowait(target)
+        """Poll ``targets`` with bounded concurrency; every worker ends with the round."""
+        queue = list(reversed(targets))
 
         async def worker() -> None:
-            while not queue.empty():
-                target = queue.get_nowait()
-                await self._poll_device(target, result)
+            while queue:
+                await self._poll_device(queue.pop(), result)
 
-        workers = max(1, min(self.config.api.max_concurrency * 2, queue.qsize()))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(self.config.api.max_concurrency * 2, len(queue)))):
+                group.create_task(worker())
 
     async def _poll_device(self, target: Target, result: RoundResult) -> None:
+        """One device's read; whatever goes wrong is that device's failure, not the round's."""
         result.polled += 1
         device = target.device
         tracking = self._tracking.setdefault(device, Tracking())
@@ -542,6 +572,14 @@ class Scheduler:
             level = log.error if isinstance(exc, AuthError) else log.warning
             level("device_poll_failed", device=device, endpoint=exc.endpoint, reason=str(exc))
             return
+        except Exception as exc:
+            # A bug or an input nobody foresaw: the device shows down with the reason, the
+            # other devices of the round go on.
+            result.failed += 1
+            self._metrics.poll_failed("device")
+            self._state.poll_failed(device, f"internal error ({type(exc).__name__})")
+            log.exception("device_poll_crashed", device=device)
+            return
         if device in self._targets:  # a reload may have removed it meanwhile
             result.succeeded += 1
             self._state.poll_succeeded(device)
@@ -556,6 +594,7 @@ class Scheduler:
 
     async def _device_batches(self, target: Target, tracking: Tracking) -> list[Batch]:
         device = target.device
+        limit = self._future_limit()
         if target.commands is None:
             spec = self.config.discovery.batches
             batches = await self._client.list_batches(
@@ -563,26 +602,39 @@ class Scheduler:
                 max_items=spec.max_per_device,
                 since=self._clock() - spec.max_age_seconds,
             )
-            self._state.retain_batches(device, [b.id for b in batches])
-            return batches
+        else:
+            batches = await self._configured_batches(device, target.commands, tracking)
+        batches = [batch_until(batch, limit) for batch in batches]
+        self._state.retain_batches(device, [b.id for b in batches])
+        return batches
+
+    async def _configured_batches(
+        self, device: str, commands: Sequence[str], tracking: Tracking
+    ) -> list[Batch]:
+        now = self._clock()
+        retry_after = DROPPED_RETRY_ROUNDS * self.config.poll.interval_seconds
         batches = []
-        for command in target.commands:
-            if command in tracking.dropped:
+        for command in commands:
+            dropped_at = tracking.dropped.get(command)
+            if dropped_at is not None and now - dropped_at < retry_after:
                 continue
             try:
                 batches.append(await self._client.get_batch(device, command))
             except NotFoundError:
                 await self._batch_not_found(device, command, tracking)
-        self._state.retain_batches(device, [b.id for b in batches])
+                continue
+            if tracking.dropped.pop(command, None) is not None:
+                log.info("batch_found_again", device=device, command=command)
         return batches
 
     async def _batch_not_found(self, device: str, command: str, tracking: Tracking) -> None:
         # Upstream answers 3001 for a missing device and a missing batch alike: one
         # history call tells them apart, and only when a 404 happens.
         await self._client.list_batches(device, max_items=1)
-        tracking.dropped.add(command)
+        if command not in tracking.dropped:
+            log.warning("batch_not_found", device=device, command=command, action="dropped")
+        tracking.dropped[command] = self._clock()
         self._state.drop_batch(device, command)
-        log.warning("batch_not_found", device=device, command=command, action="dropped")
 
     def _unchanged(self, tracking: Tracking, batch: Batch) -> bool:
         """A pending batch that cannot have changed since its actions were read.
@@ -612,7 +664,8 @@ class Scheduler:
             log.warning("batch_not_found", device=device, command=batch.id, action="dropped")
             return False
         events = self._state.events
-        self._state.apply_actions(device, batch, actions)
+        limit = self._future_limit()
+        self._state.apply_actions(device, batch, [action_until(a, limit) for a in actions])
         result.batches_fetched += 1
         if batch.finished or batch.summary is None:
             tracking.summaries.pop(batch.id, None)
@@ -631,16 +684,21 @@ class Scheduler:
         """Poll rounds until cancelled."""
         while True:
             started = time.monotonic()
+            # Cleared before the round, not after: a reload that lands during the round
+            # wakes the next one at once instead of being forgotten.
+            self._wake.clear()
+            self._metrics.poll_rounds += 1
             try:
                 result = await self.run_round()
             except Exception:
-                # A bug must not end polling silently: say so and try again next round,
-                # while /metrics keeps serving the last good values.
+                # A bug must not end polling silently: count it, say so and try again next
+                # round, while /metrics keeps serving the last good values.
+                self._metrics.poll_failed("round")
                 log.exception("poll_round_crashed")
             else:
                 if on_round is not None:
                     on_round(result)
-            self._wake.clear()
+            self._metrics.touch()
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

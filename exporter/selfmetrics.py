@@ -14,6 +14,7 @@ from exporter.records import PROBLEM_KINDS
 
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ENDPOINTS = ("devices", "commands", "command", "actions")
+POLL_FAILURE_KINDS = ("round", "device")
 
 
 @dataclass(slots=True)
@@ -24,6 +25,11 @@ class SelfMetrics:
     )
     parse_problems: Counter[str] = field(
         default_factory=lambda: Counter({kind: 0 for kind in PROBLEM_KINDS})
+    )
+    poll_rounds: int = 0
+    # Every kind starts at 0 so the first failure shows in rate().
+    poll_failures: Counter[str] = field(
+        default_factory=lambda: Counter({kind: 0 for kind in POLL_FAILURE_KINDS})
     )
     budget_requests_per_hour: float = 0.0
     poll_round_seconds: float = 0.0
@@ -43,6 +49,11 @@ class SelfMetrics:
         if count:
             self.parse_problems[kind] += count
             self.generation += 1
+
+    def poll_failed(self, kind: str) -> None:
+        """A round (``round``) or a device poll (``device``) raised outside the API errors."""
+        self.poll_failures[kind] += 1
+        self.generation += 1
 
     def touch(self) -> None:
         """Mark a change made to a plain attribute."""

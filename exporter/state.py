@@ -3,20 +3,30 @@
 The scheduler applies poll results here; exposition.py and the landing page read it. No I/O:
 the only notion of time is the injected clock.
 
-Exactly-once. Per action, keyed by (device, batch, cmdId), the state keeps one small int: the
-last status seen (as an index into an interned table), whether ``receivedAt`` was already
-observed, which parse-problem kinds were already counted, and whether the action is absent
-from the latest list. Transitions and latencies are derived by comparing each poll with that
-int, so re-polls, retries and repeated lists never count twice. The rules (design.md,
-docs/architecture.md):
+Two separate things live here:
 
-- seen before in status P, now S != P: forward along ``Pending -> Awaiting -> final`` count
-  every status after P up to S (``Awaiting`` only when ``sentAt`` is set); any other change
-  (final -> final, a step back) counts S;
-- first sight: count each status on the path up to S whose own timestamp is after the
-  device's watermark; a missing timestamp counts nothing;
-- latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears on an
-  action seen before without it, or on first sight when ``receivedAt`` is after the watermark.
+- **The ledger**, the single source of exactly-once truth. Per action, keyed by
+  (device, batch, cmdId), one small int: the set of statuses the action has entered, the
+  furthest step it reached on ``Pending -> Awaiting -> in progress -> final``, whether its
+  ``receivedAt`` was seen, and which parse-problem kinds were counted. It does not depend
+  on what the latest response lists: a batch that answers 404, leaves the history window
+  or is briefly listed short keeps its entries, so its actions never count again. Entries
+  are pruned only by age (not seen for ``ledger_retention_seconds``).
+- **The view**, the exported per-batch gauges: the counts of the latest list (or summary)
+  of each batch currently watched. Dropping a batch from the view forgets nothing.
+
+Counting rules (docs/design.md, "Exactly-once rules"):
+
+- each status counts at most once per action, ever; a status already in the ledger counts
+  nothing, whatever came between;
+- a step back (a status before the furthest one reached, e.g. ``Pending`` after an answer)
+  is a stale read and counts nothing;
+- statuses skipped between two reads are filled in when their evidence is there
+  (``Awaiting`` when ``sentAt`` is set);
+- at first sight a status counts only when its own timestamp is after the device's
+  threshold (its watermark, raised to the last sight of any entry pruned since): history is
+  never counted. Seen before, every new status happened after that sight and counts;
+- the latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears.
 """
 
 from __future__ import annotations
@@ -41,12 +51,26 @@ AWAITING = KNOWN_STATUSES.index("Awaiting")
 
 CLASSES: tuple[str, ...] = tuple(c.value for c in StatusClass)
 
-# Layout of the per-action int: status index above the flag bits.
+# Distinct unknown status names kept as they are; later ones become OTHER_STATUS, so an
+# upstream that invents names cannot grow the series for ever.
+MAX_UNKNOWN_STATUSES = 100
+OTHER_STATUS = "other"
+
+# How far each status is along Pending -> Awaiting -> in progress -> final. A read below the
+# furthest step an action reached is stale.
+_RANK_PENDING, _RANK_AWAITING, _RANK_PROGRESS, _RANK_FINAL = range(4)
+
+# Layout of the per-action ledger int, low bits first: problem kinds counted, receivedAt
+# seen, furthest rank (2 bits), then one bit per status index entered.
 _PROBLEM_BIT = {kind: 1 << i for i, kind in enumerate(PROBLEM_KINDS)}
 _PROBLEM_MASK = (1 << len(PROBLEM_KINDS)) - 1
 _RECEIVED = 1 << len(PROBLEM_KINDS)
-_ABSENT = _RECEIVED << 1
-_STATUS_SHIFT = len(PROBLEM_KINDS) + 2
+_RANK_SHIFT = len(PROBLEM_KINDS) + 1
+_RANK_MASK = 0b11 << _RANK_SHIFT
+_ENTERED_SHIFT = _RANK_SHIFT + 2
+# Distinct ledger ints shared between actions (a few dozen in practice): each action then
+# holds a pointer, not an int of its own. Bounded against a pathological upstream.
+_MAX_SHARED_INTS = 1 << 14
 
 
 def problem_bits(kinds: Iterable[str]) -> int:
@@ -92,17 +116,26 @@ class DeviceGenerations(NamedTuple):
 
 
 @dataclass(slots=True)
+class _Entry:
+    """The ledger of one batch: what its actions entered, whatever the latest list says."""
+
+    seen_at: float  # upstream clock, last time a response showed the batch
+    problems: int = 0  # problem kinds of the batch document already counted
+    actions: dict[str, int] = field(default_factory=dict)  # cmdId -> ledger int
+
+
+@dataclass(slots=True)
 class _Batch:
+    """The exported view of one batch, from its latest list or summary."""
+
     name: str | None = None
     created_at: float | None = None
     # Last summary applied (from apply_summary or the batch passed to apply_actions).
     summary: tuple[tuple[str, int], ...] | None = None
-    # cmdId -> packed int; None while only the summary is known (history).
-    actions: dict[str, int] | None = None
+    from_actions: bool = False  # counts come from an action list (else from the summary)
     # status index -> count, the exported gauges (counts > 0 only).
     counts: dict[int, int] = field(default_factory=dict)
     oldest_pending: float | None = None
-    problems: int = 0
 
 
 @dataclass(slots=True)
@@ -116,6 +149,7 @@ class _Device:
     polled: bool = False
     last_success: float | None = None
     last_error: str | None = None
+    failing_since: float | None = None  # wall clock of the first failed read in a row
     expired: bool = False
     batches: dict[str, _Batch] = field(default_factory=dict)
     info_gen: int = 0
@@ -133,15 +167,18 @@ class FleetState:
         metrics: SelfMetrics,
         clock: Callable[[], float] = time.time,
         wall_clock: Callable[[], float] | None = None,
+        ledger_retention_seconds: float = 8 * 86400.0,
     ) -> None:
         """``clock`` is the upstream's time line (watermarks are compared with upstream
         timestamps); ``wall_clock`` dates polls and staleness. They differ only when the
-        upstream runs in accelerated time (the simulator)."""
+        upstream runs in accelerated time (the simulator). A ledger entry is kept until its
+        batch has not been seen for ``ledger_retention_seconds`` (on ``clock``)."""
         self.organization = organization
         # Sorted, finite and unique: the renderer adds +Inf, and OpenMetrics rejects disorder.
         self.latency_buckets = tuple(
             sorted({float(b) for b in latency_buckets if math.isfinite(b)})
         )
+        self.ledger_retention_seconds = ledger_retention_seconds
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock or clock
@@ -149,12 +186,17 @@ class FleetState:
         # Moves when the fleet-wide counters (transitions, latency) change.
         self.counters_generation = 0
         self._devices: dict[str, _Device] = {}
+        # device -> batch -> entry; survives unwatch, drop_batch and retain_batches.
+        self._ledger: dict[str, dict[str, _Entry]] = {}
+        # device -> last sight of the newest entry pruned: first sights count from there.
+        self._floors: dict[str, float] = {}
+        self._pruned_at: float | None = None
         self._status_names: list[str] = list(KNOWN_STATUSES)
         self._status_index: dict[str, int] = {s: i for i, s in enumerate(KNOWN_STATUSES)}
         self._status_class: list[str] = [classify(s).value for s in KNOWN_STATUSES]
-        # Shared int objects for the packed per-action values (ints above 256 are not cached
-        # by CPython; sharing them saves ~28 bytes per tracked action).
-        self._ints: list[int] = list(range(len(KNOWN_STATUSES) << _STATUS_SHIFT))
+        self._status_rank: list[int] = [_rank(s) for s in KNOWN_STATUSES]
+        self._unknown_statuses = 0
+        self._shared_ints: dict[int, int] = {}
         # Every known status starts at 0 so the first increase shows in rate().
         self._transitions: list[int] = [0] * len(KNOWN_STATUSES)
         self._latency: dict[str, Histogram] = {c: Histogram(self.latency_buckets) for c in CLASSES}
@@ -168,14 +210,26 @@ class FleetState:
 
     def _intern(self, status: str) -> int:
         index = self._status_index.get(status)
-        if index is None:
-            index = len(self._status_names)
-            self._status_names.append(status)
-            self._status_index[status] = index
-            self._status_class.append(classify(status).value)
-            self._transitions.append(0)
-            self._ints.extend(range(len(self._ints), (index + 1) << _STATUS_SHIFT))
+        if index is not None:
+            return index
+        if self._unknown_statuses >= MAX_UNKNOWN_STATUSES and status != OTHER_STATUS:
+            return self._intern(OTHER_STATUS)
+        self._unknown_statuses += 1
+        index = len(self._status_names)
+        self._status_names.append(status)
+        self._status_index[status] = index
+        self._status_class.append(classify(status).value)
+        self._status_rank.append(_rank(status))
+        self._transitions.append(0)
         return index
+
+    def _shared(self, value: int) -> int:
+        shared = self._shared_ints.get(value)
+        if shared is not None:
+            return shared
+        if len(self._shared_ints) < _MAX_SHARED_INTS:
+            self._shared_ints[value] = value
+        return value
 
     def _count_problems(self, kinds: frozenset[str], already: int) -> int:
         """Count the kinds not counted before; returns the bits now counted."""
@@ -222,6 +276,7 @@ class FleetState:
             dev.problems = self._count_problems(kinds, dev.problems)
 
     def unwatch(self, device: str) -> None:
+        """Stop exporting the device; its ledger stays until pruned by age."""
         if self._devices.pop(device, None) is not None:
             self._bump()
 
@@ -241,7 +296,7 @@ class FleetState:
             history = (
                 batch.finished
                 and batch.updated_at is not None
-                and batch.updated_at <= dev.watermark
+                and batch.updated_at <= self._threshold(device, dev)
                 and SCHEMA not in batch.problems
             )
             return not history
@@ -249,12 +304,33 @@ class FleetState:
         settled = not any(self._status_class[s] == "pending" for s in known.counts)
         return not (batch.finished and batch.summary == known.summary and settled)
 
-    def _batch_seen(self, dev: _Device, batch: Batch) -> _Batch:
-        """The state of ``batch``, created on first sight; its problems counted once."""
+    def _threshold(self, device: str, dev: _Device) -> float:
+        """Statuses seen at first sight count only when their timestamps are after this."""
+        floor = self._floors.get(device)
+        return dev.watermark if floor is None else max(dev.watermark, floor)
+
+    def _entry(self, device: str, batch: Batch) -> _Entry:
+        """The ledger entry of ``batch``, created on first sight; its problems counted once."""
+        batches = self._ledger.get(device)
+        if batches is None:
+            batches = self._ledger[device] = {}
+        entry = batches.get(batch.id)
+        now = self._clock()
+        if entry is None:
+            entry = batches[batch.id] = _Entry(seen_at=now)
+        else:
+            entry.seen_at = now
+        entry.problems = self._count_problems(batch.problems, entry.problems)
+        return entry
+
+    def _view(self, dev: _Device, batch: Batch) -> _Batch:
         known = dev.batches.get(batch.id)
         if known is None:
             known = dev.batches[batch.id] = _Batch()
-        known.problems = self._count_problems(batch.problems, known.problems)
+        if batch.name is not None:
+            known.name = batch.name
+        if batch.created_at is not None:
+            known.created_at = batch.created_at
         return known
 
     @property
@@ -266,12 +342,13 @@ class FleetState:
         dev = self._devices.get(device)
         if dev is None:
             return
-        known = self._batch_seen(dev, batch)
-        before = (known.name, known.counts, known.oldest_pending)
-        self._remember_batch(known, batch)
+        self._entry(device, batch)
+        known = dev.batches.get(batch.id)
+        before = None if known is None else (known.name, dict(known.counts), known.oldest_pending)
+        known = self._view(dev, batch)
         # Counts from actions are the truth; the summary only stands in for them when no
         # action list was applied, or when it disagrees with the one that was.
-        if known.actions is None or batch.summary != known.summary:
+        if not known.from_actions or batch.summary != known.summary:
             known.counts = {}
             for status, count in batch.summary or ():
                 if count > 0:
@@ -288,104 +365,117 @@ class FleetState:
         dev = self._devices.get(device)
         if dev is None:
             return
-        known = self._batch_seen(dev, batch)
-        before = (known.name, known.counts, known.oldest_pending)
-        self._remember_batch(known, batch)
-        known.summary = batch.summary
+        entry = self._entry(device, batch)
+        known = dev.batches.get(batch.id)
+        before = None if known is None else (known.name, dict(known.counts), known.oldest_pending)
+        known = self._view(dev, batch)
+        known.summary, known.from_actions = batch.summary, True
         events_before = self._events
-        fresh, counts, oldest = self._diff_actions(dev.watermark, known, actions)
-        known.actions, known.counts, known.oldest_pending = fresh, counts, oldest
+        threshold = self._threshold(device, dev)
+        known.counts, known.oldest_pending = self._record(
+            entry.actions, threshold, known.created_at, actions
+        )
         if self._events != events_before:
             self.counters_generation = self._bump()
         if (known.name, known.counts, known.oldest_pending) != before:
             dev.commands_gen = self._bump()
 
-    @staticmethod
-    def _remember_batch(known: _Batch, batch: Batch) -> None:
-        if batch.name is not None:
-            known.name = batch.name
-        if batch.created_at is not None:
-            known.created_at = batch.created_at
-
-    def _enter(self, status: int) -> None:
-        self._transitions[status] += 1
-        self._events += 1
-
-    def _diff_actions(
-        self, watermark: float, known: _Batch, actions: Sequence[Action]
-    ) -> tuple[dict[str, int], dict[int, int], float | None]:
-        old = known.actions if known.actions is not None else {}
-        ints = self._ints
-        fresh: dict[str, int] = {}
+    def _record(
+        self,
+        ledger: dict[str, int],
+        threshold: float,
+        created_at: float | None,
+        actions: Sequence[Action],
+    ) -> tuple[dict[int, int], float | None]:
+        """Enter each listed action in the ledger; the gauges of this list."""
         counts: dict[int, int] = {}
         oldest: float | None = None
+        seen: set[str] = set()
         # Reversed: when a shifted page repeats an action, its later copy is the newer one.
         for action in reversed(actions):
             cmd = action.cmd_id
-            if cmd in fresh:
+            if cmd in seen:
                 continue
+            seen.add(cmd)
             status = self._intern(action.status)
-            previous = old.get(cmd)
+            previous = ledger.get(cmd)
             if previous is None:
-                flags = self._first_sight(watermark, known.created_at, status, action)
+                value = self._first_sight(threshold, created_at, status, action)
             else:
-                flags = self._seen_again(previous, status, action)
-            fresh[cmd] = ints[(status << _STATUS_SHIFT) | flags]
+                value = self._seen_again(previous, status, action)
+            if value != previous:
+                ledger[cmd] = self._shared(value)
             counts[status] = counts.get(status, 0) + 1
             if self._status_class[status] == "pending":
-                moment = action.sent_at if action.sent_at is not None else known.created_at
+                moment = action.sent_at if action.sent_at is not None else created_at
                 if moment is not None and (oldest is None or moment < oldest):
                     oldest = moment
-        self._keep_absent(old, fresh)
-        return fresh, counts, oldest
+        return counts, oldest
 
-    @staticmethod
-    def _keep_absent(old: Mapping[str, int], fresh: dict[str, int]) -> None:
-        """Remember actions missing from this list, so a page that shifted under pagination
-        cannot make them look new next time. Bounded: when absent ones outnumber present
-        ones, the batch really changed and they are forgotten."""
-        absent = [(cmd, code) for cmd, code in old.items() if cmd not in fresh]
-        if absent and len(absent) <= len(fresh):
-            for cmd, code in absent:
-                fresh[cmd] = code | _ABSENT
+    def _path(self, value: int, status: int, action: Action) -> list[int]:
+        """Statuses the action entered to reach ``status`` that the ledger lacks, in order."""
+        rank = self._status_rank[status]
+        path = [PENDING]
+        if rank >= _RANK_AWAITING and (status == AWAITING or action.sent_at is not None):
+            path.append(AWAITING)
+        if status not in (PENDING, AWAITING):
+            path.append(status)
+        entered = value >> _ENTERED_SHIFT
+        return [s for s in path if not entered >> s & 1]
+
+    def _mark(self, value: int, statuses: Iterable[int], rank: int) -> int:
+        for status in statuses:
+            value |= 1 << (status + _ENTERED_SHIFT)
+        if rank > (value & _RANK_MASK) >> _RANK_SHIFT:
+            value = (value & ~_RANK_MASK) | rank << _RANK_SHIFT
+        return value
 
     def _first_sight(
-        self, watermark: float, created_at: float | None, status: int, action: Action
+        self, threshold: float, created_at: float | None, status: int, action: Action
     ) -> int:
-        if created_at is not None and created_at > watermark:
-            self._enter(PENDING)
-        if status != PENDING and action.sent_at is not None and action.sent_at > watermark:
-            self._enter(AWAITING)
-        if status not in (PENDING, AWAITING):
-            moment = self._final_moment(status, action)
-            if moment is not None and moment > watermark:
-                self._enter(status)
-        flags = self._count_problems(action.problems, 0)
+        path = self._path(0, status, action)
+        for entered in path:
+            moment = self._moment(entered, created_at, action)
+            if moment is not None and moment > threshold:
+                self._enter(entered)
+        value = self._count_problems(action.problems, 0)
+        value = self._mark(value, path, self._status_rank[status])
         if action.received_at is not None:
-            flags |= _RECEIVED
-            if action.received_at > watermark:
+            value |= _RECEIVED
+            if action.received_at > threshold:
                 self._observe_latency(status, action)
-        return flags
+        return value
 
     def _seen_again(self, previous: int, status: int, action: Action) -> int:
-        last = previous >> _STATUS_SHIFT
-        if status != last:
-            if last == PENDING and status != AWAITING and action.sent_at is not None:
-                self._enter(AWAITING)  # answered between two polls
-            self._enter(status)
-        flags = self._count_problems(action.problems, previous & _PROBLEM_MASK)
-        flags |= previous & _RECEIVED
-        if action.received_at is not None and not flags & _RECEIVED:
-            flags |= _RECEIVED
+        value = self._count_problems(action.problems, previous & _PROBLEM_MASK)
+        value |= previous & ~_PROBLEM_MASK
+        rank = self._status_rank[status]
+        if rank < (previous & _RANK_MASK) >> _RANK_SHIFT:
+            return value  # a stale read: behind what this action already reached
+        path = self._path(previous, status, action)
+        for entered in path:
+            self._enter(entered)
+        value = self._mark(value, path, rank)
+        if action.received_at is not None and not value & _RECEIVED:
+            value |= _RECEIVED
             self._observe_latency(status, action)
-        return flags
+        return value
 
-    def _final_moment(self, status: int, action: Action) -> float | None:
+    def _moment(self, status: int, created_at: float | None, action: Action) -> float | None:
+        """When the action entered ``status``, by its own timestamps (None if unknown)."""
+        if status == PENDING:
+            return created_at
+        if status == AWAITING:
+            return action.sent_at
         if self._status_class[status] == "canceled" and action.canceled_at is not None:
             return action.canceled_at
         # A status of unknown class may be a cancellation by another name: an
         # administrator's cancel carries canceledAt and no receivedAt.
         return action.received_at if action.received_at is not None else action.canceled_at
+
+    def _enter(self, status: int) -> None:
+        self._transitions[status] += 1
+        self._events += 1
 
     def _observe_latency(self, status: int, action: Action) -> None:
         if action.sent_at is None or action.received_at is None:
@@ -396,6 +486,7 @@ class FleetState:
             self._events += 1
 
     def retain_batches(self, device: str, batch_ids: Collection[str]) -> None:
+        """Keep only these batches in the view (the ledger keeps every entry)."""
         dev = self._devices.get(device)
         if dev is None:
             return
@@ -407,15 +498,42 @@ class FleetState:
             dev.commands_gen = self._bump()
 
     def drop_batch(self, device: str, batch_id: str) -> None:
+        """The batch leaves the view (a 404); its ledger entry stays."""
         dev = self._devices.get(device)
         if dev is not None and dev.batches.pop(batch_id, None) is not None:
             dev.commands_gen = self._bump()
+
+    def prune_ledger(self) -> int:
+        """Forget entries not seen for the retention period; returns how many went.
+
+        Cheap to call every round: the walk runs at most once per hundredth of the period.
+        """
+        now = self._clock()
+        retention = self.ledger_retention_seconds
+        if self._pruned_at is not None and now - self._pruned_at < retention / 100:
+            return 0
+        self._pruned_at = now
+        horizon = now - retention
+        pruned = 0
+        for device in list(self._ledger):
+            batches = self._ledger[device]
+            old = [(b, e.seen_at) for b, e in batches.items() if e.seen_at < horizon]
+            for batch_id, seen_at in old:
+                del batches[batch_id]
+                self._floors[device] = max(self._floors.get(device, seen_at), seen_at)
+            pruned += len(old)
+            if not batches:
+                del self._ledger[device]
+                if device not in self._devices:
+                    # Watched again later, it gets a watermark newer than any floor.
+                    self._floors.pop(device, None)
+        return pruned
 
     def poll_succeeded(self, device: str) -> None:
         dev = self._devices.get(device)
         if dev is None:
             return
-        dev.up, dev.polled, dev.last_error = True, True, None
+        dev.up, dev.polled, dev.last_error, dev.failing_since = True, True, None, None
         dev.last_success = self._wall_clock()
         dev.status_gen = self._bump()
         if dev.expired:
@@ -426,20 +544,23 @@ class FleetState:
         dev = self._devices.get(device)
         if dev is None:
             return
-        changed = dev.up or not dev.polled
+        changed = dev.up or not dev.polled or dev.last_error != reason
+        if dev.failing_since is None:
+            dev.failing_since = self._wall_clock()
         dev.up, dev.polled, dev.last_error = False, True, reason
         if changed:
             dev.status_gen = self._bump()
 
     def expire(self, stale_after_seconds: float) -> list[str]:
+        """Drop the command series of devices whose reads have failed, in a row, for longer
+        than ``stale_after_seconds`` since the first failure."""
         now = self._wall_clock()
         expired = []
         for device, dev in self._devices.items():
-            if dev.up or not dev.polled or dev.expired:
+            if dev.up or dev.failing_since is None or dev.expired:
                 continue
-            since = dev.last_success if dev.last_success is not None else dev.watched_at
-            if now - since > stale_after_seconds:
-                # The per-action memory stays: when the device is back, nothing counts twice.
+            if now - dev.failing_since > stale_after_seconds:
+                # The ledger stays: when the device is back, nothing counts twice.
                 dev.expired = True
                 dev.commands_gen = self._bump()
                 expired.append(device)
@@ -493,7 +614,21 @@ class FleetState:
         """Latency histogram per status_class (read-only use)."""
         return MappingProxyType(self._latency)
 
+    def entered(self, device: str, batch_id: str, cmd_id: str) -> frozenset[str]:
+        """The statuses the ledger holds for one action (for tests and the soak's checks)."""
+        value = self._ledger.get(device, {}).get(batch_id, _Entry(0.0)).actions.get(cmd_id, 0)
+        entered = value >> _ENTERED_SHIFT
+        names = self._status_names
+        return frozenset(names[i] for i in range(len(names)) if entered >> i & 1)
+
     def tracked_actions(self) -> int:
-        return sum(
-            len(b.actions) for d in self._devices.values() for b in d.batches.values() if b.actions
-        )
+        """Actions in the ledger."""
+        return sum(len(e.actions) for b in self._ledger.values() for e in b.values())
+
+
+def _rank(status: str) -> int:
+    if status == "Pending":
+        return _RANK_PENDING
+    if status == "Awaiting":
+        return _RANK_AWAITING
+    return _RANK_PROGRESS if classify(status) is StatusClass.PENDING else _RANK_FINAL

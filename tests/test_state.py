@@ -537,7 +537,10 @@ def test_expire_after_stale_after(state: FleetState, clock: Clock) -> None:
     state.poll_failed(DEVICE, "HTTP 503")
     assert state.expire(180) == []
     assert gauges(state) == {BATCH: {"Awaiting": 1}}  # last good values stay
-    clock.now = START + 241
+    clock.now = START + 241  # 181 s after the last success, but only 121 s of failing
+    assert state.expire(180) == []
+    clock.now = START + 301
+    state.poll_failed(DEVICE, "HTTP 503")  # failing on: measured from the first failure
     assert state.expire(180) == [DEVICE]
     view = state.device_view(DEVICE)
     assert (view.batches, view.oldest_pending, view.up) == ((), None, False)
@@ -551,10 +554,10 @@ def test_expire_after_stale_after(state: FleetState, clock: Clock) -> None:
 
 
 def test_expire_device_that_never_succeeded(state: FleetState, clock: Clock) -> None:
-    state.poll_failed(DEVICE, "HTTP 401")
-    clock.now = START + 180
+    state.poll_failed(DEVICE, "HTTP 401")  # at START + 60: the first failure
+    clock.now = START + 240
     assert state.expire(180) == []
-    clock.now = START + 181
+    clock.now = START + 241
     assert state.expire(180) == [DEVICE]
 
 
