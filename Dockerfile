@@ -10,10 +10,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 WORKDIR /src
-# Only what the package build reads: the metadata (readme included) and the package itself.
-COPY pyproject.toml README.md ./
+# Only what the package build reads: the metadata (readme and licence included), the lock of
+# the runtime dependencies and the package itself. The lock pins every dependency, direct or
+# not, to one version, so two builds of one commit install the same (refresh: deploy/lock.py).
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY exporter/ exporter/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock .
 
 # ---- runtime: wheels installed offline, no compilers, no build context ------------------------
 FROM python:3.12.11-slim-bookworm

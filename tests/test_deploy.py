@@ -34,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import yaml
 
+from exporter import __version__
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -51,7 +53,7 @@ RULE_FILES = (ROOT / "prometheus" / "recording.yml", ROOT / "prometheus" / "aler
 IN_CI = bool(os.environ.get("CI"))
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-VERSION: str = PYPROJECT["project"]["version"]
+VERSION: str = __version__  # the single source; pyproject reads it (tests/test_packaging.py)
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 
 # The exporter's own endpoints (design: HTTP endpoints); probes must use these.
