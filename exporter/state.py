@@ -24,7 +24,7 @@ Counting rules (docs/design.md, "Exactly-once rules"):
 - statuses skipped between two reads are filled in when their evidence is there
   (``Awaiting`` when ``sentAt`` is set);
 - at first sight a status counts only when its own timestamp is after the device's
-  threshold (its watermark, raised to the last sight of any entry pruned since): history is
+  threshold (its watermark, raised past the last sight of any entry pruned since): history is
   never counted. Seen before, every new status happened after that sight and counts;
 - the latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears.
 """
@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from exporter.histogram import Histogram
-from exporter.records import PROBLEM_KINDS, SCHEMA, Action, Batch
+from exporter.records import FUTURE_SLACK_SECONDS, PROBLEM_KINDS, SCHEMA, Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.statuses import KNOWN_STATUSES, StatusClass, classify
 
@@ -188,7 +188,8 @@ class FleetState:
         self._devices: dict[str, _Device] = {}
         # device -> batch -> entry; survives unwatch, drop_batch and retain_batches.
         self._ledger: dict[str, dict[str, _Entry]] = {}
-        # device -> last sight of the newest entry pruned: first sights count from there.
+        # device -> a day past the last sight of the newest entry pruned: first sights
+        # count only statuses after it.
         self._floors: dict[str, float] = {}
         self._pruned_at: float | None = None
         self._status_names: list[str] = list(KNOWN_STATUSES)
@@ -402,7 +403,7 @@ class FleetState:
             if previous is None:
                 value = self._first_sight(threshold, created_at, status, action)
             else:
-                value = self._seen_again(previous, status, action)
+                value = self._seen_again(previous, threshold, created_at, status, action)
             if value != previous:
                 ledger[cmd] = self._shared(value)
             counts[status] = counts.get(status, 0) + 1
@@ -446,7 +447,14 @@ class FleetState:
                 self._observe_latency(status, action)
         return value
 
-    def _seen_again(self, previous: int, status: int, action: Action) -> int:
+    def _seen_again(
+        self,
+        previous: int,
+        threshold: float,
+        created_at: float | None,
+        status: int,
+        action: Action,
+    ) -> int:
         value = self._count_problems(action.problems, previous & _PROBLEM_MASK)
         value |= previous & ~_PROBLEM_MASK
         rank = self._status_rank[status]
@@ -454,11 +462,16 @@ class FleetState:
             return value  # a stale read: behind what this action already reached
         path = self._path(previous, status, action)
         for entered in path:
-            self._enter(entered)
+            # Seen before, a new status came after that sight, unless its own timestamp says
+            # otherwise (the sight was a lagging replica's view of the time before watching).
+            moment = self._moment(entered, created_at, action)
+            if moment is None or moment > threshold:
+                self._enter(entered)
         value = self._mark(value, path, rank)
         if action.received_at is not None and not value & _RECEIVED:
             value |= _RECEIVED
-            self._observe_latency(status, action)
+            if action.received_at > threshold:
+                self._observe_latency(status, action)
         return value
 
     def _moment(self, status: int, created_at: float | None, action: Action) -> float | None:
@@ -520,7 +533,10 @@ class FleetState:
             old = [(b, e.seen_at) for b, e in batches.items() if e.seen_at < horizon]
             for batch_id, seen_at in old:
                 del batches[batch_id]
-                self._floors[device] = max(self._floors.get(device, seen_at), seen_at)
+                # What that entry counted had timestamps up to a day past its last sight
+                # (later ones are refused as garbage), so first sights count after that.
+                floor = seen_at + FUTURE_SLACK_SECONDS
+                self._floors[device] = max(self._floors.get(device, floor), floor)
             pruned += len(old)
             if not batches:
                 del self._ledger[device]
