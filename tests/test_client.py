@@ -837,6 +837,28 @@ async def test_rotated_token_file_takes_effect_without_restart(
     assert sim.served("command", 200) == 2
 
 
+async def test_a_401_is_retried_once_when_the_token_file_changed_meanwhile(
+    sim: Simulated, tmp_path: Path
+) -> None:
+    device, batch_id = sim.batch_with_actions()
+    path = tmp_path / "token"
+    path.write_text("old-token-123\n")
+    async with sim.client(token=TokenSource(path=str(path))) as client:
+        sim.sim.token = "new-token-456"
+        with pytest.raises(AuthError):  # the file still holds the old token: final
+            await client.get_batch(device, batch_id)
+        assert sim.served("command", 401) == 1
+        # Rotated in place within the file's timestamp granularity: the client cannot see
+        # it before sending, only after the 401.
+        stat = path.stat()
+        with open(path, "r+") as handle:
+            handle.write("new-token-456\n")
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert (await client.get_batch(device, batch_id)).id == batch_id
+    assert sim.served("command", 401) == 2  # one per call, no storm
+    assert sim.served("command", 200) == 1
+
+
 async def test_vanished_token_file_fails_before_any_request(sim: Simulated, tmp_path: Path) -> None:
     device, batch_id = sim.batch_with_actions()
     async with sim.client(token=TokenSource(path=str(tmp_path / "absent"))) as client:
