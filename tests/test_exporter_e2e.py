@@ -12,6 +12,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 from processes import free_port
@@ -371,3 +372,48 @@ async def test_serve_reports_a_dead_render_loop_as_a_failure(simulator, monkeypa
         serve(exporter, f"127.0.0.1:{free_port()}", stop=stop, signals=False), timeout=10
     )
     assert code == 1
+
+
+async def test_a_reload_is_rendered_by_the_render_loop_and_shows_on_the_next_scrape(
+    simulator, tmp_path, monkeypatch
+):
+    # A render proceeds in steps with pauses; a reload that rendered on its own could publish
+    # a body assembled half before and half after it. Only the loop may render.
+    sim, url = simulator
+    monkeypatch.setenv("APPLIVERY_API_TOKEN", sim.token)
+    path = tmp_path / "config.yaml"
+    exporter = make_exporter(sim, url, path=path)
+    direct = []
+    started = asyncio.Event()
+    real_refresh = exporter.exposition.refresh
+
+    def refresh() -> bool:
+        if started.is_set():
+            direct.append(1)
+        return real_refresh()
+
+    monkeypatch.setattr(exporter.exposition, "refresh", refresh)
+    stop = asyncio.Event()
+    address: list[str] = []
+
+    def on_start(base: str) -> None:
+        address.append(base)
+        started.set()
+
+    server = asyncio.create_task(serve(
+        exporter, f"127.0.0.1:{free_port()}", stop=stop, signals=False, started=on_start,
+        lifecycle=True,
+    ))
+    try:
+        await asyncio.wait_for(started.wait(), timeout=10)
+        path.write_text("organization: [not, valid\n")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(address[0] + "/-/reload") as response:
+                assert response.status != 200
+            async with session.get(address[0] + "/metrics") as response:
+                text = await response.text()
+        assert "\napplivery_exporter_config_last_reload_successful 0" in text
+        assert direct == []
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(server, timeout=10) == 0
