@@ -3,10 +3,11 @@
 One process, one loop, real HTTP on both sides. For the soak's length the simulator draws a
 fresh random mix of every transport fault kind each second (latency, 500, 503 with and without
 Retry-After, 429 with seconds, with an HTTP date and bare, resets, invalid and truncated JSON,
-shifting pages, slow and huge bodies) while its data faults (doc-style timestamps, unknown
-status names, missing fields) stay on throughout, so the ground truth the simulator reports
-stays the data the exporter reads. Underneath, simulated time runs, new batches arrive and old
-ones are deleted. A scraper hits ``/metrics`` (text, OpenMetrics, gzip) all along.
+shifting pages, slow and huge bodies, and what lagging replicas serve: transient 404s, batches
+missing from the history, lists briefly short, actions read back as Pending) while its data
+faults (doc-style timestamps, unknown status names, missing fields) stay on throughout, so the
+ground truth the simulator reports stays the data the exporter reads. Underneath, simulated
+time runs, new batches arrive and old ones are deleted. A scraper hits ``/metrics`` (text, OpenMetrics, gzip) all along.
 
 Then the transport faults stop, time stands still, and after two clean poll rounds every
 gauge must equal the simulator's grouped counts, the transition counter the events since the
@@ -77,6 +78,10 @@ TRANSPORT: dict[str, tuple[float, tuple[float, float] | None]] = {
     "invalid_json": (0.1, None),
     "truncated_json": (0.1, None),
     "shifting_pages": (0.5, None),
+    "transient_404": (0.1, None),
+    "short_list": (0.1, None),
+    "stale_read": (0.1, None),
+    "window_churn": (0.2, None),
     "slow_body": (0.05, (20_000.0, 200_000.0)),
     "huge_body": (0.03, (0.2, 2.0)),
 }
@@ -291,6 +296,14 @@ def exporter_config(base_url: str) -> str:
     })
 
 
+def _shown_counts(exporter: Exporter, device: str) -> dict[str, dict[str, int]]:
+    """Per batch of ``device``, the action counts per status the exporter exports."""
+    if device not in exporter.state.watched():
+        return {}
+    view = exporter.state.device_view(device)
+    return {b.id: {status: n for status, _, n in b.counts} for b in view.batches}
+
+
 def fault_mix(rng: random.Random) -> tuple[str, list[str]]:
     """A random subset of the transport faults, with random probabilities and arguments."""
     parts, kinds = [DATA_FAULTS], []
@@ -458,6 +471,13 @@ class Soak:
         if read_at is None:
             return False
         settled = [b for b in device.batches if b.open_count == 0 and b.updated < read_at]
+        # A complete read may have been stale or short (the faults serve both): only a batch
+        # whose exported counts are its final ones was seen to end.
+        shown = _shown_counts(exporter, device.id)
+        settled = [
+            b for b in settled
+            if shown.get(b.id) == self.sim.fleet.grouped_counts(device.id, b.id)
+        ]
         if not settled:
             return False
         batch = self.rng.choice(settled)
@@ -595,15 +615,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="about 20 seconds")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=SoakOptions.seed)
     parser.add_argument("--trace-memory", action="store_true",
                         help="also trace what the exporter's code allocates (slower)")
     args = parser.parse_args()
     if args.smoke:
-        options = SoakOptions(seconds=12, devices=args.devices or 8, sample_period=2.0)
+        options = SoakOptions(seconds=12, devices=args.devices or 8, sample_period=2.0,
+                              seed=args.seed)
     else:
         options = SoakOptions(
             seconds=args.minutes * 60, devices=args.devices or 40, sample_period=15.0,
-            simulated_per_tick=10.0, trace_memory=args.trace_memory,
+            simulated_per_tick=10.0, trace_memory=args.trace_memory, seed=args.seed,
         )
     # Structured logs of every retry would drown the table.
     import logging

@@ -636,7 +636,7 @@ class Scheduler:
         tracking.dropped[command] = self._clock()
         self._state.drop_batch(device, command)
 
-    def _unchanged(self, tracking: Tracking, batch: Batch) -> bool:
+    def _unchanged(self, device: str, tracking: Tracking, batch: Batch) -> bool:
         """A pending batch that cannot have changed since its actions were read.
 
         Two independent witnesses must agree: the summary is the same, and the device list
@@ -646,13 +646,16 @@ class Scheduler:
         """
         if self.strategy == ROUND_ROBIN or batch.summary is None or tracking.checkin is None:
             return False
-        return not tracking.checked_in and tracking.summaries.get(batch.id) == batch.summary
+        if tracking.checked_in or tracking.summaries.get(batch.id) != batch.summary:
+            return False
+        # The last list must also have matched that summary: a short or stale one did not.
+        return self._state.agrees(device, batch)
 
     async def _poll_batch(
         self, device: str, batch: Batch, tracking: Tracking, result: RoundResult
     ) -> bool:
         """Apply one batch; True when its actions showed a change."""
-        if not self._state.needs_actions(device, batch) or self._unchanged(tracking, batch):
+        if not self._state.needs_actions(device, batch) or self._unchanged(device, tracking, batch):
             self._state.apply_summary(device, batch)
             result.batches_skipped += 1
             return False

@@ -301,9 +301,32 @@ class FleetState:
                 and SCHEMA not in batch.problems
             )
             return not history
-        # Our own view must be finished too: a summary can run ahead of the action list.
+        # Our own view must be finished too, and agree with the summary: a summary can run
+        # ahead of the action list, and a list can be briefly short or stale.
         settled = not any(self._status_class[s] == "pending" for s in known.counts)
-        return not (batch.finished and batch.summary == known.summary and settled)
+        return not (batch.finished and settled and self._agrees(known, batch))
+
+    def agrees(self, device: str, batch: Batch) -> bool:
+        """The exported view of ``batch`` matches its summary (an action list with the same
+        counts per status, or that summary itself): nothing was missed or read stale."""
+        dev = self._devices.get(device)
+        known = dev.batches.get(batch.id) if dev is not None else None
+        return known is not None and self._agrees(known, batch)
+
+    def _agrees(self, known: _Batch, batch: Batch) -> bool:
+        if batch.summary is None:
+            return False
+        if not known.from_actions:  # the view is a summary: the same one still
+            return batch.summary == known.summary
+        return known.counts == self._summary_counts(batch.summary)
+
+    def _summary_counts(self, summary: tuple[tuple[str, int], ...]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for status, count in summary:
+            if count > 0:
+                index = self._intern(status)
+                counts[index] = counts.get(index, 0) + count
+        return counts
 
     def _threshold(self, device: str, dev: _Device) -> float:
         """Statuses seen at first sight count only when their timestamps are after this."""
@@ -350,11 +373,7 @@ class FleetState:
         # Counts from actions are the truth; the summary only stands in for them when no
         # action list was applied, or when it disagrees with the one that was.
         if not known.from_actions or batch.summary != known.summary:
-            known.counts = {}
-            for status, count in batch.summary or ():
-                if count > 0:
-                    index = self._intern(status)
-                    known.counts[index] = known.counts.get(index, 0) + count
+            known.counts = self._summary_counts(batch.summary or ())
             pending = any(self._status_class[s] == "pending" for s in known.counts)
             known.oldest_pending = known.created_at if pending else None
         if batch.summary is not None:

@@ -17,6 +17,11 @@ tests need not wait whole seconds.
 real batch is created on the device, so everything moves one place down as upstream's would;
 elsewhere the page window slides back 1–3 places, as if items had been inserted at the head
 — items of the previous page come again, none is skipped, ``totalDocs`` stays true.
+
+What a lagging replica or a cache can serve, drawn per request: ``transient_404`` answers a
+batch or its actions with 404 (3001); ``short_list`` serves one action of the list (with a
+``totalDocs`` that agrees); ``stale_read`` serves each action as it was before it left
+``Pending`` (no timestamps, no code); ``window_churn`` leaves one batch out of a history page.
 """
 
 from __future__ import annotations
@@ -283,21 +288,34 @@ class _Api:
             ordered = batches[::-1]  # createdAt:desc, upstream's default for the history
         else:
             ordered = list(listing.sort_items(batches, order, listing.BATCH_KEYS))
-        shown = listing.window(ordered, number, limit, shift)
-        body = wire.page((self.render.batch(b) for b in shown), len(ordered), number, limit)
+        shown = list(listing.window(ordered, number, limit, shift))
+        total = len(ordered)
+        if shown and self.faults.draw("window_churn") is not None:
+            del shown[self.faults.randint(0, len(shown) - 1)]
+            total -= 1
+        body = wire.page((self.render.batch(b) for b in shown), total, number, limit)
         return _json(200, body)
 
     async def command(self, request: web.Request) -> web.Response:
         batch = self._batch(request)
+        if self.faults.draw("transient_404") is not None:
+            raise not_found()
         return _json(200, wire.success(self.render.batch(batch)))
 
     async def actions(self, request: web.Request) -> web.Response:
         batch = self._batch(request)
+        if self.faults.draw("transient_404") is not None:
+            raise not_found()
         number, limit, order = self._paging(request)
         ordered = listing.sort_items(batch.actions, order, listing.ACTION_KEYS)
         shown = listing.window(ordered, number, limit, self._shift(number, limit))
-        body = wire.page((self.render.action(a) for a in shown), len(ordered), number, limit)
-        return _json(200, body)
+        items = [self.render.action(a) for a in shown]
+        total = len(ordered)
+        if self.faults.draw("stale_read") is not None:
+            items = [wire.stale_action(item) for item in items]
+        if items and self.faults.draw("short_list") is not None:
+            items, total, number = items[:1], 1, 1
+        return _json(200, wire.page(items, total, number, limit))
 
     async def create(self, request: web.Request) -> web.Response:
         device = self._device(request)

@@ -6,7 +6,8 @@ Transport faults (latency, errors, throttles, resets, broken or slow bodies) are
 request from a seeded RNG and never change fleet state. Data faults (``doc_timestamps``,
 ``unknown_status``, ``missing_fields``) are decided per entity by a stable hash of the seed
 and the entity's key, so one action looks the same on every request while the fault is set.
-``shifting_pages`` is drawn per request (see app.py for what it does).
+``shifting_pages``, ``transient_404``, ``short_list``, ``stale_read`` and ``window_churn``
+are drawn per request and never change fleet state (see app.py for what each does).
 
 Ground truth under data faults (``fleet.grouped_counts``, ``events_since``, ``acks_since``):
 
@@ -47,6 +48,11 @@ KINDS: dict[str, tuple[float | None, bool]] = {
     "unknown_status": (None, False),
     "missing_fields": (None, False),
     "shifting_pages": (None, False),
+    # What replicas and caches in front of a real API do now and then (see app.py):
+    "transient_404": (None, False),  # a batch or its actions answer 404 (3001) once
+    "short_list": (None, False),  # an actions list holds one item (totalDocs agrees)
+    "stale_read": (None, False),  # actions served as they were before they left Pending
+    "window_churn": (None, False),  # a batch history misses one of its batches
     "slow_body": (2048.0, True),  # bytes per second
     "huge_body": (5.0, True),  # megabytes of padding
 }

@@ -88,6 +88,15 @@ def page(items: Iterable[bytes], total: int, number: int, limit: int) -> bytes:
     return success(b'{"items":[' + b",".join(items) + b"]," + meta[1:])
 
 
+def stale_action(document: bytes) -> bytes:
+    """An action as a lagging replica serves it: still ``Pending``, nothing answered yet."""
+    action = json.loads(document)
+    action["status"] = "Pending"
+    for key in ("sentAt", "receivedAt", "canceledAt", "statusCode"):
+        action.pop(key, None)
+    return dumps(action)
+
+
 class Renderer:
     """Serialises fleet entities as upstream does, applying the data faults in force."""
 
