@@ -7,7 +7,8 @@ shifting pages, slow and huge bodies, and what lagging replicas serve: transient
 missing from the history, lists briefly short, actions read back as Pending) while its data
 faults (doc-style timestamps, unknown status names, missing fields) stay on throughout, so the
 ground truth the simulator reports stays the data the exporter reads. Underneath, simulated
-time runs, new batches arrive and old ones are deleted. A scraper hits ``/metrics`` (text, OpenMetrics, gzip) all along.
+time runs, new batches arrive and old ones are deleted. A scraper hits ``/metrics`` (text,
+OpenMetrics, gzip) all along.
 
 Then the transport faults stop, time stands still, and after two clean poll rounds every
 gauge must equal the simulator's grouped counts, the transition counter the events since the
