@@ -45,9 +45,13 @@ DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
     7200.0, 14400.0, 28800.0, 86400.0, 259200.0,
 )  # fmt: skip
 # design.md's reserved names, plus the identifiers device_info carries for discovered devices.
+# The Prometheus Operator adds these to every series it scrapes: a config label of the same
+# name would be renamed exported_* and break every rule that joins on it.
+OPERATOR_TARGET_LABELS = ("endpoint", "namespace", "pod", "service", "container")
 RESERVED_LABELS = frozenset((
     "organization", "device", "command", "status", "status_class", "name", "api_endpoint",
-    "endpoint", "code", "kind", "job", "instance", "le", "quantile", "serial", "imei", "win_id",
+    "code", "kind", "job", "instance", "le", "quantile", "serial", "imei", "win_id",
+    "rollout", "setting", "operation", "state", *OPERATOR_TARGET_LABELS,
 ))  # fmt: skip
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_PAGE_SIZE = 10_000  # the largest `limit` upstream declares anywhere

@@ -590,6 +590,17 @@ BAD = [
         ],
     ),
     Bad(
+        "labels the Prometheus Operator sets on every target, and the fleet views' own",
+        ORG
+        + f"devices:\n  - id: {DEVICE}\n    labels: {{namespace: a, pod: b, endpoint: c, "
+        + "service: d, container: e, rollout: f, setting: g, state: h}\n",
+        [
+            (f"devices[0].labels.{name}", "reserved label name")
+            for name in ("namespace", "pod", "endpoint", "service", "container", "rollout",
+                         "setting", "state")
+        ],
+    ),
+    Bad(
         "label values that are not strings",
         ORG + f"devices:\n  - id: {DEVICE}\n    labels: {{kiosk: yes, site: null, floors: [1]}}\n",
         [
