@@ -5,7 +5,9 @@
 
 The dashboard is code so that panel ids, grid positions, datasource references and the
 label filters of every query stay consistent; tests/test_dashboard.py checks the result.
-Queries read the exporter's metrics and the series of prometheus/recording.yml.
+Queries read the exporter's metrics and the series of prometheus/recording.yml; the alert
+thresholds quoted in panel descriptions and the stuck-pending table come from
+prometheus/params.yml.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OUTPUT = Path(__file__).resolve().parent / "dashboards" / "applivery-mdm-exporter.json"
+import yaml
+
+HERE = Path(__file__).resolve().parent
+OUTPUT = HERE / "dashboards" / "applivery-mdm-exporter.json"
+PARAMS = HERE.parent / "prometheus" / "params.yml"
 
 UID = "applivery-mdm-exporter"
 TITLE = "Applivery MDM / Windows commands"
@@ -28,6 +34,21 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Label filters shared by the queries.
 SEL = 'job=~"$job", instance=~"$instance"'
 SEL_DEVICE = f'{SEL}, device=~"$device"'
+DEVICE_KEY = "job, instance, device"
+
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _alert_params() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(PARAMS.read_text(encoding="utf-8"))["alerts"]
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * _DURATION_SECONDS[duration[-1]]
+
+
+def _percent(ratio: float) -> str:
+    return f"{ratio * 100:g} %"
 
 Json = dict[str, Any]
 
@@ -82,6 +103,7 @@ def timeseries(
     stacked: bool = False,
     log_scale: bool = False,
     thresholds: Sequence[tuple[str, float | None]] = (),
+    overrides: Sequence[Json] = (),
 ) -> Panel:
     custom: Json = {
         "drawStyle": "line",
@@ -96,6 +118,7 @@ def timeseries(
     if thresholds:
         config["defaults"]["custom"]["thresholdsStyle"] = {"mode": "dashed"}
         config["defaults"]["thresholds"] = _thresholds(thresholds)
+    config["overrides"] = list(overrides)
     return Panel(
         "timeseries",
         title,
@@ -178,7 +201,15 @@ def stat(
 
 
 def table(
-    title: str, description: str, query: Query, *, rename: Json, width: int = 8, height: int = 9
+    title: str,
+    description: str,
+    query: Query,
+    *,
+    rename: Json,
+    sort_by: str,
+    unit: str = "none",
+    width: int = 8,
+    height: int = 9,
 ) -> Panel:
     return Panel(
         "table",
@@ -187,8 +218,8 @@ def table(
         [query],
         width,
         height,
-        _defaults("none", align="auto"),
-        {"showHeader": True, "sortBy": [{"displayName": "Error actions", "desc": True}]},
+        _defaults(unit, align="auto"),
+        {"showHeader": True, "sortBy": [{"displayName": sort_by, "desc": True}]},
         {
             "transformations": [
                 {
@@ -237,21 +268,57 @@ def heatmap(
 # --- the dashboard ---------------------------------------------------------------------------
 
 
+def _with_names(devices: str) -> str:
+    """A per-device vector with each device's configured name as a label."""
+    names = f"max by ({DEVICE_KEY}, name) (applivery_windows_device_info{{{SEL}}})"
+    # Devices without an info series keep their row, just without a name.
+    return (
+        f"({devices} * on ({DEVICE_KEY}) group_left (name) {names})"
+        f" or on ({DEVICE_KEY}) {devices}"
+    )
+
+
 def _error_devices_query() -> str:
-    errors = (
+    return _with_names(
         "topk(10, sum by (job, instance, device) ("
         "instance_device_status_class:applivery_windows_command_actions:sum"
         f'{{status_class="error", {SEL_DEVICE}}}) > 0)'
     )
-    names = f"max by (job, instance, device, name) (applivery_windows_device_info{{{SEL}}})"
-    # Devices without an info series keep their row, just without a name.
-    return (
-        f"({errors} * on (job, instance, device) group_left (name) {names})"
-        f" or on (job, instance, device) {errors}"
+
+
+def _failing_devices_query() -> str:
+    """Devices whose last poll failed, by time since their last successful poll (+Inf when
+    none ever succeeded)."""
+    down = f"applivery_exporter_target_up{{{SEL_DEVICE}}} == 0"
+    since = f"time() - applivery_exporter_last_success_timestamp_seconds{{{SEL_DEVICE}}}"
+    failing = f"(({since}) and on ({DEVICE_KEY}) ({down})) or on ({DEVICE_KEY}) (({down}) + inf)"
+    return _with_names(f"topk(100, max by ({DEVICE_KEY}, organization) ({failing}))")
+
+
+def _stuck_devices_query(after_seconds: int) -> str:
+    return _with_names(
+        "topk(100, max by (job, instance, device, organization) (time() - "
+        "applivery_windows_command_oldest_pending_sent_timestamp_seconds"
+        f"{{{SEL_DEVICE}}}) > {after_seconds})"
     )
 
 
+def _error_ratio_query(window: str) -> str:
+    """Errors per finished action over the selected instances, per organization: what the
+    error alerts compute over a whole deployment."""
+    rate = f"instance_status_class:applivery_windows_command_action_transitions:rate{window}"
+    finished = f'sum by (job, organization) ({rate}{{status_class!="pending", {SEL}}})'
+    errors = f'sum by (job, organization) ({rate}{{status_class="error", {SEL}}})'
+    return f"({errors} or {finished} * 0) / {finished}"
+
+
 def rows() -> list[Row]:
+    alerts = _alert_params()
+    high = alerts["AppliveryCommandErrorRatioHigh"]
+    spike = alerts["AppliveryCommandErrorSpike"]
+    stuck = alerts["AppliveryActionsStuckPending"]
+    down = alerts["AppliveryDeviceTargetsDown"]
+    stuck_after = _seconds(stuck["after"])
     commands = Row(
         "Windows commands",
         [
@@ -273,22 +340,17 @@ def rows() -> list[Row]:
             timeseries(
                 "Error ratio of finished actions",
                 "Share of actions leaving the pending class (success, canceled, error, unknown) "
-                "that ended in error. AppliveryCommandErrorRatioHigh fires above 25 % over 1h "
-                "with at least 20 finished actions.",
+                "that ended in error, over the selected instances together (all shards of a "
+                "deployment count as one). AppliveryCommandErrorRatioHigh fires above "
+                f"{_percent(high['ratio'])} over 1h with at least {high['min_finished']} "
+                f"finished actions, AppliveryCommandErrorSpike above {_percent(spike['ratio'])} "
+                f"over 5m with at least {spike['min_finished']}.",
                 [
-                    Query(
-                        "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m"
-                        f"{{{SEL}}}",
-                        "5m {{instance}}",
-                    ),
-                    Query(
-                        "instance:applivery_windows_command_action_errors_per_final:ratio_rate1h"
-                        f"{{{SEL}}}",
-                        "1h {{instance}}",
-                    ),
+                    Query(_error_ratio_query("5m"), "5m {{organization}}"),
+                    Query(_error_ratio_query("1h"), "1h {{organization}}"),
                 ],
                 unit="percentunit",
-                thresholds=(("green", None), ("orange", 0.25), ("red", 0.5)),
+                thresholds=(("green", None), ("orange", high["ratio"]), ("red", spike["ratio"])),
             ),
             bargauge(
                 "Transitions per status (top 10)",
@@ -307,12 +369,13 @@ def rows() -> list[Row]:
                 "Devices whose watched batches hold the most actions in an error status now.",
                 Query(_error_devices_query(), instant=True, format="table"),
                 rename={"device": "Device", "name": "Name", "Value": "Error actions"},
+                sort_by="Error actions",
             ),
             bargauge(
                 "Oldest pending action age",
                 "How long the oldest action still pending on each device has waited. Devices "
-                "answer on their next OMA-DM session; AppliveryActionsStuckPending fires after "
-                "24h.",
+                "answer on their next OMA-DM session; AppliveryActionsStuckPending fires when "
+                f"{stuck['min_devices']} devices have waited over {stuck['after']}.",
                 Query(
                     "topk(10, time() - "
                     "applivery_windows_command_oldest_pending_sent_timestamp_seconds"
@@ -321,7 +384,48 @@ def rows() -> list[Row]:
                     instant=True,
                 ),
                 unit="s",
-                thresholds=(("green", None), ("orange", 28800), ("red", 86400)),
+                thresholds=(("green", None), ("orange", 28800), ("red", stuck_after)),
+            ),
+        ],
+    )
+    devices = Row(
+        "Devices needing a look",
+        [
+            table(
+                "Devices failing their polls",
+                "Devices whose last poll failed, by time since their last successful poll "
+                "(infinite: never polled successfully). AppliveryDeviceTargetsDown fires when "
+                f"more than {_percent(down['share'])} of a deployment's devices are here for "
+                f"{down['for']}; single devices are listed here instead of paging.",
+                Query(_failing_devices_query(), instant=True, format="table"),
+                rename={
+                    "device": "Device",
+                    "name": "Name",
+                    "instance": "Instance",
+                    "organization": "Organization",
+                    "Value": "Since last success",
+                },
+                sort_by="Since last success",
+                unit="s",
+                width=12,
+            ),
+            table(
+                "Devices with actions stuck pending",
+                f"Devices whose oldest pending action was sent over {stuck['after']} ago. "
+                f"AppliveryActionsStuckPending fires when at least {stuck['min_devices']} "
+                "devices of a deployment are here for "
+                f"{stuck['for']}; single devices are listed here instead of paging.",
+                Query(_stuck_devices_query(stuck_after), instant=True, format="table"),
+                rename={
+                    "device": "Device",
+                    "name": "Name",
+                    "instance": "Instance",
+                    "organization": "Organization",
+                    "Value": "Oldest pending",
+                },
+                sort_by="Oldest pending",
+                unit="s",
+                width=12,
             ),
         ],
     )
@@ -464,9 +568,63 @@ def rows() -> list[Row]:
                     },
                 ),
             ),
+            timeseries(
+                "API requests by API endpoint",
+                "Upstream API requests per second by API endpoint (label api_endpoint): "
+                "devices, commands, command, actions.",
+                [
+                    Query(
+                        "sum by (api_endpoint) (rate("
+                        f"applivery_exporter_api_requests_total{{{SEL}}}[$__rate_interval]))",
+                        "{{api_endpoint}}",
+                    )
+                ],
+                unit="reqps",
+                width=8,
+            ),
+            timeseries(
+                "API request duration p95 by API endpoint",
+                "95th percentile of upstream request durations per API endpoint.",
+                [
+                    Query(
+                        "histogram_quantile(0.95, sum by (api_endpoint, le) (rate("
+                        "applivery_exporter_api_request_duration_seconds_bucket"
+                        f"{{{SEL}}}[$__rate_interval])))",
+                        "{{api_endpoint}}",
+                    )
+                ],
+                unit="s",
+                width=8,
+            ),
+            timeseries(
+                "Cardinality guard",
+                "Detail the exporter leaves out to stay under metrics.max_series: the guard "
+                "level (0 = full detail, see docs/cardinality.md) and the series dropped, per "
+                "instance. AppliveryExporterCardinalityGuardActive fires after "
+                f"{alerts['AppliveryExporterCardinalityGuardActive']['for']} above level 0.",
+                [
+                    Query(
+                        f"applivery_exporter_cardinality_guard_level{{{SEL}}}",
+                        "level {{instance}}",
+                    ),
+                    Query(
+                        f"applivery_exporter_series_dropped{{{SEL}}}",
+                        "dropped {{instance}}",
+                    ),
+                ],
+                unit="short",
+                width=8,
+                thresholds=(("green", None), ("orange", 1)),
+                overrides=(
+                    {
+                        "matcher": {"id": "byRegexp", "options": "^dropped .*"},
+                        "properties": [{"id": "custom.axisPlacement", "value": "right"}],
+                    },
+                ),
+            ),
         ],
     )
-    return [commands, latency, health]
+    return [commands, devices, latency, health]
 
 
 def _layout(row_list: Sequence[Row]) -> Iterator[Json]:

@@ -92,8 +92,10 @@ def prometheus_config(
     alertmanager: str | None = None,
     scrape_interval: str = "1s",
     evaluation_interval: str = "1s",
+    relabel_configs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """A Prometheus configuration; targets sharing a job and path share a scrape job."""
+    """A Prometheus configuration; targets sharing a job and path share a scrape job, each
+    with relabel_configs (target labels such as the Prometheus Operator sets)."""
     jobs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for target in targets:
         group: dict[str, Any] = {"targets": [target.address]}
@@ -110,6 +112,7 @@ def prometheus_config(
         "rule_files": [str(Path(p).resolve()) for p in rule_files],
         "scrape_configs": [
             {"job_name": job, "metrics_path": path, "static_configs": groups}
+            | ({"relabel_configs": [dict(r) for r in relabel_configs]} if relabel_configs else {})
             for (job, path), groups in jobs.items()
         ],
     }
@@ -335,6 +338,7 @@ async def running_prometheus(
     evaluation_interval: str = "1s",
     extra_args: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
+    relabel_configs: Sequence[Mapping[str, Any]] = (),
 ) -> AsyncIterator[Prometheus]:
     """A real Prometheus scraping targets and evaluating rule files, until the block ends."""
     (binary,) = require_binaries(PROMETHEUS_BIN)
@@ -345,6 +349,7 @@ async def running_prometheus(
             alertmanager=alertmanager,
             scrape_interval=scrape_interval,
             evaluation_interval=evaluation_interval,
+            relabel_configs=relabel_configs,
         )
         config_path = directory / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))

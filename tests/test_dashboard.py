@@ -43,6 +43,9 @@ EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_exporter_parse_problems": "counter",
     "applivery_exporter_config_last_reload_successful": "gauge",
     "applivery_exporter_build_info": "gauge",
+    "applivery_exporter_api_requests_planned": "gauge",
+    "applivery_exporter_series_dropped": "gauge",
+    "applivery_exporter_cardinality_guard_level": "gauge",
 }
 PROMETHEUS_METRICS = frozenset({"up"})
 
@@ -528,6 +531,52 @@ def test_dashboard_covers_the_command_and_health_views(dashboard: dict[str, Any]
     for quantile in ("0.5", "0.95", "0.99"):
         assert any(f'quantile="{quantile}"' in q for q in by_type.get("timeseries", []))
     assert by_type.get("table"), "no table (devices with most errors)"
+
+
+def _panel(dashboard: Mapping[str, Any], title: str) -> dict[str, Any]:
+    (panel,) = [p for p in _content_panels(dashboard) if p["title"] == title]
+    return panel
+
+
+def test_devices_needing_a_look_are_listed_not_paged(dashboard: dict[str, Any]) -> None:
+    """The device alerts count devices; these tables name them."""
+    failing = _panel(dashboard, "Devices failing their polls")
+    stuck = _panel(dashboard, "Devices with actions stuck pending")
+    params = yaml.safe_load((ROOT / "prometheus" / "params.yml").read_text())["alerts"]
+    for panel, alert in ((failing, "AppliveryDeviceTargetsDown"),
+                         (stuck, "AppliveryActionsStuckPending")):  # fmt: skip
+        assert panel["type"] == "table"
+        (target,) = panel["targets"]
+        assert target["instant"] and target["format"] == "table"
+        assert 'device=~"$device"' in target["expr"]
+        assert "applivery_windows_device_info" in target["expr"]  # with the device names
+        assert alert in panel["description"]
+    (failing_expr,) = [t["expr"] for t in failing["targets"]]
+    assert "applivery_exporter_target_up" in failing_expr and "== 0" in failing_expr
+    (stuck_expr,) = [t["expr"] for t in stuck["targets"]]
+    days = int(params["AppliveryActionsStuckPending"]["after"].removesuffix("d"))
+    assert f"> {days * 86400})" in stuck_expr
+
+
+def test_cardinality_guard_and_api_endpoints_have_panels(dashboard: dict[str, Any]) -> None:
+    guard = _panel(dashboard, "Cardinality guard")
+    names = set().union(*(metric_names(t["expr"]) for t in guard["targets"]))
+    assert names == {
+        "applivery_exporter_cardinality_guard_level",
+        "applivery_exporter_series_dropped",
+    }
+    assert "AppliveryExporterCardinalityGuardActive" in guard["description"]
+    by_route = [q for q in raw_queries(dashboard) if "api_endpoint" in q]
+    assert len(by_route) == 2
+    # The exporter's API route label is api_endpoint: `endpoint` is the Prometheus Operator's.
+    assert not any(re.search(r"\bendpoint\b", q) for q in raw_queries(dashboard))
+
+
+def test_error_ratio_panel_sums_the_selected_shards(dashboard: dict[str, Any]) -> None:
+    panel = _panel(dashboard, "Error ratio of finished actions")
+    for target in panel["targets"]:
+        assert "sum by (job, organization)" in target["expr"]
+        assert "{{organization}}" in target["legendFormat"]
 
 
 def test_heatmap_targets_are_heatmap_formatted(dashboard: dict[str, Any]) -> None:

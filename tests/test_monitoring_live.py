@@ -19,13 +19,14 @@ import shlex
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from promstack import (
     ALERTMANAGER_BIN,
     AMTOOL_BIN,
@@ -48,7 +49,8 @@ from test_dashboard import grafana_queries, load_dashboard, recorded_names
 from exporter.cli import build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
-from exporter.simulator import Simulator
+from exporter.scheduler import Shard
+from exporter.simulator import Simulator, wire
 from exporter.statuses import StatusClass, classify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,8 +80,8 @@ ERRORS = 'status_class="error"'
 ERROR_STAGES = (
     f"sum(instance_status_class:applivery_windows_command_actions:sum{{{ERRORS}}})",
     f"sum(instance_status_class:applivery_windows_command_action_transitions:rate5m{{{ERRORS}}})",
-    "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m",
-    "instance:applivery_windows_command_action_errors_per_final:ratio_rate1h",
+    "job:applivery_windows_command_action_errors_per_final:ratio_rate5m",
+    "job:applivery_windows_command_action_errors_per_final:ratio_rate1h",
 )
 
 SimulatorFactory = Callable[..., Awaitable[tuple[Simulator, str]]]
@@ -88,14 +90,16 @@ SimulatorFactory = Callable[..., Awaitable[tuple[Simulator, str]]]
 # --- the stack ------------------------------------------------------------------------------
 
 
-def exporter_config_yaml(base_url: str, organization: str) -> str:
+def exporter_config_yaml(
+    base_url: str, organization: str, poll_seconds: float = POLL_SECONDS
+) -> str:
     """Discovery of every device, polls every second, a budget that never slows a round.
     Durations on the upstream's time line (batch age, discovery refresh) are simulated."""
     return yaml.safe_dump(
         {
             "organization": organization,
             "api": {"base_url": base_url, "requests_per_hour": 10_000_000, "page_size": 100},
-            "poll": {"interval_seconds": POLL_SECONDS, "stale_after_rounds": 30},
+            "poll": {"interval_seconds": poll_seconds, "stale_after_rounds": 30},
             "discovery": {
                 "devices": {"refresh_seconds": 7 * 86400},
                 "batches": {"max_age": "30d", "max_per_device": 40},
@@ -105,12 +109,20 @@ def exporter_config_yaml(base_url: str, organization: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_exporter(sim: Simulator, base_url: str) -> AsyncIterator[str]:
-    """The exporter serving /metrics on 127.0.0.1 until the block ends; yields host:port
-    once it is ready (every device polled once)."""
-    config = parse_config(exporter_config_yaml(base_url, sim.organization), source="<live>")
+async def running_exporter(
+    sim: Simulator,
+    base_url: str,
+    *,
+    shard: Shard | None = None,
+    poll_seconds: float = POLL_SECONDS,
+) -> AsyncIterator[str]:
+    """The exporter (or one shard of it) serving /metrics on 127.0.0.1 until the block ends;
+    yields host:port once it is ready (every device it owns polled once)."""
+    config = parse_config(
+        exporter_config_yaml(base_url, sim.organization, poll_seconds), source="<live>"
+    )
     exporter = build_exporter(
-        config, TokenSource(value=sim.token), config_path=None, clock=sim.clock.now
+        config, TokenSource(value=sim.token), config_path=None, shard=shard, clock=sim.clock.now
     )
     address = f"127.0.0.1:{free_port()}"
     stop = asyncio.Event()
@@ -130,6 +142,44 @@ async def running_exporter(sim: Simulator, base_url: str) -> AsyncIterator[str]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@dataclass(slots=True)
+class Interference:
+    """Upstream misbehaviour a test switches on, answered before the simulator's own app:
+    devices whose routes answer 404 (as a device unknown upstream does), and a number of
+    requests, the next ones whose path contains ``throttle_path``, answered 429."""
+
+    unknown_devices: set[str] = field(default_factory=set)
+    throttle_next: int = 0
+    throttle_path: str = ""
+    throttled: int = 0
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def interfere(request: web.Request, handler: Any) -> web.StreamResponse:
+            if self.throttle_next > 0 and self.throttle_path in request.path:
+                self.throttle_next -= 1
+                self.throttled += 1
+                return web.Response(status=429, text="Too many requests.",
+                                    headers={"Retry-After": "0"})  # fmt: skip
+            parts = request.path.split("/")
+            if any(device in parts for device in self.unknown_devices):
+                return web.Response(status=404, body=wire.failure(3001, "Entity not found"),
+                                    content_type="application/json")  # fmt: skip
+            return await handler(request)
+
+        return interfere
+
+
+async def serve_simulator(
+    aiohttp_server: Any, sim: Simulator, interference: Interference
+) -> str:
+    """The simulator's app behind interference on a real server; its base URL."""
+    app = sim.app()
+    app.middlewares.insert(0, interference.middleware())
+    server = await aiohttp_server(app)
+    return str(server.make_url("/v1"))
 
 
 async def start_simulator(make_simulator_server: SimulatorFactory) -> tuple[Simulator, str]:
@@ -230,17 +280,29 @@ def rule_thresholds(alert: str) -> tuple[float, float, int]:
 
 
 async def test_every_dashboard_query_and_recorded_series_has_live_data(
-    make_simulator_server: SimulatorFactory,
+    aiohttp_server: Any,
 ) -> None:
     require_binaries(PROMETHEUS_BIN)
-    sim, base_url = await start_simulator(make_simulator_server)
+    sim = Simulator(
+        seed=5,
+        devices=DEVICES,
+        speed=SPEED,
+        start=None,
+        new_batches_per_device_hour=NEW_BATCHES_PER_DEVICE_HOUR,
+    )
+    interference = Interference()
+    base_url = await serve_simulator(aiohttp_server, sim, interference)
     async with (
         running_exporter(sim, base_url) as address,
         running_prometheus([ScrapeTarget(address)], rule_files=[RECORDING]) as prometheus,
     ):
         await scraped(prometheus)
-        # The error-only panels (error ratio, devices with most errors) need errors.
+        # The error-only panels (error ratio, devices with most errors) need errors, and the
+        # table of devices failing their polls needs one: a device upstream no longer knows.
         created = inject_error_burst(sim, batches=4, error_ratio=1.0)
+        bursting = {device for device, _ in created}
+        unknown = next(d for d in reversed(sim.fleet.device_ids()) if d not in bursting)
+        interference.unknown_devices.add(unknown)
         queries = grafana_queries(load_dashboard())
         recorded = sorted(recorded_names(RECORDING))
         await until_all_have_data(prometheus, queries + recorded, DATA_TIMEOUT)
@@ -392,7 +454,7 @@ async def test_error_burst_reaches_the_webhook_as_error_spike(
         assert spike["labels"]["severity"] == "critical"
         assert spike["labels"]["organization"] == stack.sim.organization
         assert spike["labels"]["job"] == JOB
-        assert spike["labels"]["instance"] == stack.exporter
+        assert "instance" not in spike["labels"]  # one alert for the deployment
         assert spike["annotations"]["runbook_url"].endswith("#appliverycommanderrorspike")
         assert "%" in spike["annotations"]["description"]
 
@@ -431,7 +493,7 @@ async def test_clean_run_of_the_same_length_alerts_no_errors(
         # Not a quiet fleet: finished actions passed the spike's volume guard and some of
         # them were errors, so the ratio condition itself kept the alerts silent.
         volume = await prometheus.query_range(
-            "instance:applivery_windows_command_action_final_transitions:rate5m * 300",
+            "job:applivery_windows_command_action_final_transitions:rate5m * 300",
             began,
             time.time(),
             1,

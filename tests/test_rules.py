@@ -1,14 +1,18 @@
-"""Alert and recording rules: promtool checks and unit tests, the annotations every alert
-needs, the runbook anchors they point at, and the rules running in a real Prometheus whose
-alerts reach a webhook through a real Alertmanager."""
+"""Alert and recording rules: generated from prometheus/params.yml and up to date, promtool
+checks and unit tests, the annotations every alert needs, the runbook anchors they point at,
+and the rules running in a real Prometheus whose alerts reach a webhook through a real
+Alertmanager."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -36,9 +40,8 @@ ALERTS = RULES_DIR / "alerts.yml"
 RECORDING = RULES_DIR / "recording.yml"
 RULE_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
-RUNBOOK_URL = (
-    "https://github.com/applivery-mdm-exporter/applivery-mdm-exporter/blob/main/docs/runbook.md#"
-)
+PARAMS = RULES_DIR / "params.yml"
+GENERATOR = RULES_DIR / "build_rules.py"
 SEVERITIES = {"critical", "warning", "info"}
 JOB = "applivery-mdm-exporter"
 
@@ -71,6 +74,19 @@ def runbook_anchors() -> set[str]:
         for line in RUNBOOK.read_text().splitlines()
         if line.startswith("#")
     }
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_rules", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _params() -> dict[str, Any]:
+    return yaml.safe_load(PARAMS.read_text())
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -121,6 +137,106 @@ def test_example_alertmanager_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# --- generated from the parameter file ------------------------------------------------------------
+
+
+def test_committed_rule_files_are_what_the_parameter_file_generates() -> None:
+    generator = load_generator()
+    for name, text in generator.render(generator.load_params()).items():
+        assert (RULES_DIR / name).read_text() == text, (
+            f"prometheus/{name} is stale against prometheus/params.yml: "
+            "run python3 prometheus/build_rules.py"
+        )
+
+
+def test_generator_check_reports_stale_files(tmp_path: Path) -> None:
+    generator = load_generator()
+    args = ["--output-dir", str(tmp_path)]
+    assert generator.main([*args, "--check"]) == 1
+    assert generator.main(args) == 0
+    assert generator.main([*args, "--check"]) == 0
+    (tmp_path / "alerts.yml").write_text("groups: []\n")
+    assert generator.main([*args, "--check"]) == 1
+
+
+def test_every_threshold_of_the_parameter_file_reaches_the_rules(tmp_path: Path) -> None:
+    """A site file changing the selector, the group labels, the runbook URL and every number
+    and duration: each new value appears, no default survives, and promtool accepts it."""
+    defaults = _params()
+    site: dict[str, Any] = {
+        "selector": 'job="mdm-prod", cluster="eu-1"',
+        "group_labels": ["cluster", "namespace", "job"],
+        "runbook_url_pattern": "https://wiki.example.org/mdm/{alert}",
+        "alerts": {},
+    }
+    for alert, values in defaults["alerts"].items():
+        changed: dict[str, Any] = {}
+        for key in values:
+            if key in {"for", "after"}:
+                changed[key] = "7h" if key == "after" else "17m"
+            elif key in {"ratio", "share"}:
+                changed[key] = 0.375
+            else:
+                changed[key] = 33
+        site["alerts"][alert] = changed
+    params_file = tmp_path / "site.yml"
+    params_file.write_text(yaml.safe_dump(site))
+    out = tmp_path / "rules"
+    assert load_generator().main(["--params", str(params_file), "--output-dir", str(out)]) == 0
+    result = _promtool("check", "rules", str(out / "recording.yml"), str(out / "alerts.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    text = (out / "recording.yml").read_text() + (out / "alerts.yml").read_text()
+    assert "applivery-mdm-exporter\"" not in text  # the default job matcher is gone
+    assert "by (namespace, job" not in text
+    alerts = {r["alert"]: r for r in _rules(out / "alerts.yml") if "alert" in r}
+    assert set(alerts) == set(defaults["alerts"])
+    for name, rule in alerts.items():
+        assert rule["for"] == "17m", name
+        assert rule["annotations"]["runbook_url"] == f"https://wiki.example.org/mdm/{name}"
+        assert "17 minutes" in rule["annotations"]["description"] or name not in {
+            "AppliveryExporterDown", "AppliveryExporterAbsent", "AppliveryDeviceTargetsDown",
+            "AppliveryExporterCardinalityGuardActive",
+        }, name
+        values = site["alerts"][name]
+        if "ratio" in values or "share" in values:
+            assert "0.375" in rule["expr"], name
+        if {"min_finished", "min_devices", "per_hour"} & values.keys():
+            assert "33" in rule["expr"], name
+        if "after" in values:
+            assert str(7 * 3600) in rule["expr"], name
+    # Every selector of a raw exporter metric carries the site's matchers.
+    for rule in _rules(out / "recording.yml") + list(alerts.values()):
+        for match in re.finditer(r"(?<![\w:])(up|applivery_\w+)(\{[^}]*\})?", rule["expr"]):
+            name, matchers = match.groups()
+            if name in sample_names():
+                assert matchers and 'job="mdm-prod", cluster="eu-1"' in matchers, rule["expr"]
+        if "sum by" in rule["expr"] or "count by" in rule["expr"]:
+            assert "by (cluster, namespace, job" in rule["expr"], rule["expr"]
+
+
+@pytest.mark.parametrize(
+    ("site", "problem"),
+    [
+        ({"selectr": "x"}, "unknown key 'selectr'"),
+        ({"alerts": {"AppliveryExporterDown": {"for": "5 minutes"}}}, "not a duration"),
+        ({"alerts": {"AppliveryApiThrottled": {"ratio": 10}}}, "share is below 1"),
+        ({"alerts": {"AppliveryNoSuchAlert": {"for": "5m"}}}, "unknown key"),
+        ({"runbook_url_pattern": "https://example.org/runbook"}, "{anchor} or {alert}"),
+        ({"group_labels": ["instance"]}, "split a deployment"),
+    ],
+)
+def test_a_broken_parameter_file_is_refused_naming_the_key(
+    tmp_path: Path, site: dict[str, Any], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params_file = tmp_path / "site.yml"
+    params_file.write_text(yaml.safe_dump(site))
+    generator = load_generator()
+    assert generator.main(["--params", str(params_file), "--output-dir", str(tmp_path)]) == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "alerts.yml").exists()
+
+
 # --- alert conventions -----------------------------------------------------------------------
 
 
@@ -135,14 +251,15 @@ def test_alerts_are_camel_case_with_severity_and_annotations() -> None:
             assert alert["annotations"].get(key, "").strip(), f"{name}: no {key}"
 
 
-def test_every_runbook_url_points_at_an_existing_runbook_section() -> None:
+def test_every_runbook_url_is_built_from_the_pattern_and_its_anchor_exists() -> None:
+    pattern = _params()["runbook_url_pattern"]
+    assert pattern.startswith("https://") and pattern.endswith("docs/runbook.md#{anchor}")
     anchors = runbook_anchors()
     for alert in _alerts():
-        url = alert["annotations"]["runbook_url"]
-        assert url.startswith(RUNBOOK_URL), url
-        anchor = url.removeprefix(RUNBOOK_URL)
-        assert anchor in anchors, f"{alert['alert']}: docs/runbook.md has no #{anchor}"
-        assert anchor == github_anchor(alert["alert"])
+        name = alert["alert"]
+        anchor = github_anchor(name)
+        assert alert["annotations"]["runbook_url"] == pattern.format(alert=name, anchor=anchor)
+        assert anchor in anchors, f"{name}: docs/runbook.md has no #{anchor}"
 
 
 def test_runbook_sections_match_the_alerts() -> None:
@@ -191,24 +308,38 @@ def test_recording_rules_follow_level_metric_operations() -> None:
         assert metric.startswith("applivery_"), rule["record"]
         # The metric part names an exporter family, or a ratio or subset derived from one.
         assert any(metric.startswith(name) or name.startswith(metric) for name in exporter) or (
-            metric.startswith(("applivery_windows_command_action_", "applivery_exporter_api_"))
+            metric.startswith(
+                (
+                    "applivery_windows_command_action_",
+                    "applivery_exporter_api_",
+                    "applivery_exporter_targets_",
+                )
+            )
         ), rule["record"]
 
 
-LEVEL_LABELS = ("instance", "device", "status_class", "code", "le", "quantile")
+LEVEL_LABELS = ("instance", "job", "device", "status_class", "code", "le", "quantile")
 
 
 def level_labels(record: str) -> set[str]:
-    """Labels a recorded name's level promises besides job and organization."""
+    """Labels a recorded name's level promises besides the deployment's group labels (job,
+    namespace) and organization."""
     level = record.split(":")[0]
     pattern = "|".join(LEVEL_LABELS)
     assert re.fullmatch(rf"(?:{pattern})(?:_(?:{pattern}))*", level), record
-    return set(re.findall(pattern, level))
+    return set(re.findall(pattern, level)) - {"job"}
 
 
-def test_recording_rule_levels_name_known_labels() -> None:
+def test_recording_rule_levels_are_per_instance_or_per_deployment() -> None:
     for rule in _rules(RECORDING):
-        assert "instance" in level_labels(rule["record"]), rule["record"]
+        record, expr = rule["record"], " ".join(rule["expr"].split())
+        level = record.split(":")[0]
+        assert level.split("_")[0] in {"instance", "job"}, record
+        level_labels(record)
+        if level.startswith("job"):
+            # Summed over instances by the deployment's labels, or derived from such series.
+            assert "by (namespace, job" in expr or "instance" not in expr, record
+            assert re.search(r"\bjob(?:_\w+)?:", expr) or "by (namespace, job" in expr, record
 
 
 def test_every_rule_is_covered_by_promtool_unit_tests() -> None:
@@ -267,13 +398,13 @@ class FakeExporter:
         )
         for labels, count in ACTIONS.items():
             actions.labels("acme", *labels).set(count)
-        up = Gauge("applivery_exporter_target_up", "up", ["device"], registry=registry)
+        up = Gauge("applivery_exporter_target_up", "up", [*org, "device"], registry=registry)
         for device, value in DEVICES_UP.items():
-            up.labels(device).set(value)
+            up.labels("acme", device).set(value)
         self.last_success = Gauge(
             "applivery_exporter_last_success_timestamp_seconds",
             "last",
-            ["device"],
+            [*org, "device"],
             registry=registry,
         )
         self.transitions = CounterMetric(
@@ -290,7 +421,10 @@ class FakeExporter:
             registry=registry,
         )
         self.requests = CounterMetric(
-            "applivery_exporter_api_requests", "requests", ["endpoint", "code"], registry=registry
+            "applivery_exporter_api_requests",
+            "requests",
+            ["api_endpoint", "code"],
+            registry=registry,
         )
         budget = Gauge("applivery_exporter_api_budget_requests_per_hour", "b", registry=registry)
         budget.set(9000)
@@ -303,7 +437,7 @@ class FakeExporter:
             self.transitions.labels("acme", status, status_class).inc(count)
         self.latency.labels("acme", "success").observe(LATENCY_PER_SCRAPE)
         self.requests.labels("commands", "200").inc(2)
-        self.last_success.labels("pc-1").set(time.time())
+        self.last_success.labels("acme", "pc-1").set(time.time())
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._advance()
@@ -325,7 +459,7 @@ async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:
     """The project's recording rules and its alerts (without their ``for``) in a real
-    Prometheus scraping a fake exporter; a device that is down must reach the webhook."""
+    Prometheus scraping a fake exporter; one device of two down must reach the webhook."""
     sink = AlertSink()
     sink_server = await aiohttp_server(sink.app())
     exporter_server = await aiohttp_server(FakeExporter().app())
@@ -360,7 +494,7 @@ async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
         errors = TRANSITIONS_PER_SCRAPE[("CommandNotFound", "error")]
         ratio = await eventually(
             lambda: prometheus.query(
-                "instance:applivery_windows_command_action_errors_per_final:ratio_rate5m"
+                "job:applivery_windows_command_action_errors_per_final:ratio_rate5m"
             ),
             what="error ratio recorded",
         )
@@ -383,18 +517,21 @@ async def test_rules_run_in_prometheus_and_alerts_reach_the_webhook(
         assert history and len(history[0]["values"]) >= 2
 
         notified = await eventually(
-            lambda: _firing_in(sink, "AppliveryDeviceTargetDown"),
-            what="AppliveryDeviceTargetDown delivered to the webhook",
+            lambda: _firing_in(sink, "AppliveryDeviceTargetsDown"),
+            what="AppliveryDeviceTargetsDown delivered to the webhook",
         )
-        assert {alert["labels"]["device"] for alert in notified} == {"pc-2"}
-        assert notified[0]["annotations"]["runbook_url"].endswith("#appliverydevicetargetdown")
-        assert notified[0]["labels"]["severity"] == "warning"
+        (alert,) = notified  # one alert for the deployment, not one per device
+        assert alert["labels"]["organization"] == "acme"
+        assert "device" not in alert["labels"] and "instance" not in alert["labels"]
+        assert "(now 50%)" in alert["annotations"]["description"]
+        assert alert["annotations"]["runbook_url"].endswith("#appliverydevicetargetsdown")
+        assert alert["labels"]["severity"] == "warning"
 
         # With healthy data nothing else fires, even with every `for` removed.
         firing = [a for a in await prometheus.alerts() if a["state"] == "firing"]
-        assert {a["labels"]["alertname"] for a in firing} == {"AppliveryDeviceTargetDown"}
+        assert {a["labels"]["alertname"] for a in firing} == {"AppliveryDeviceTargetsDown"}
         assert any(
-            a["labels"]["alertname"] == "AppliveryDeviceTargetDown"
+            a["labels"]["alertname"] == "AppliveryDeviceTargetsDown"
             for a in await alertmanager.alerts()
         )
 
