@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -249,6 +250,14 @@ def test_alerts_are_camel_case_with_severity_and_annotations() -> None:
         assert alert["labels"]["severity"] in SEVERITIES, name
         for key in ("summary", "description", "runbook_url"):
             assert alert["annotations"].get(key, "").strip(), f"{name}: no {key}"
+
+
+def test_the_default_runbook_url_is_the_runbook_in_the_projects_repository() -> None:
+    """One place to change (params.yml); by default the repository the package names."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    repository = project["urls"]["Homepage"].rstrip("/")
+    pattern = _params()["runbook_url_pattern"]
+    assert pattern == f"{repository}/blob/main/docs/runbook.md#{{anchor}}"
 
 
 def test_every_runbook_url_is_built_from_the_pattern_and_its_anchor_exists() -> None:
