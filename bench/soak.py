@@ -101,6 +101,10 @@ class SoakOptions:
     sample_period: float = 2.0  # real seconds per row of the RSS / latency table
     converge_timeout: float = 60.0
     trace_memory: bool = False
+    # The exactly-once ledger forgets a batch no response has shown for this long (simulated
+    # seconds). In production it is max_age plus a day; here it is a few hours, so that
+    # deleted batches leave the ledger within a long run and its memory can level off.
+    ledger_retention: float = 3 * 3600.0
 
 
 @dataclass(slots=True)
@@ -346,6 +350,7 @@ class Soak:
         exporter = build_exporter(
             config, TokenSource(value=self.sim.token), config_path=None, clock=self.sim.clock.now
         )
+        exporter.state.ledger_retention_seconds = self.options.ledger_retention
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         stop = asyncio.Event()

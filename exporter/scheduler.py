@@ -39,7 +39,6 @@ import structlog
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
 from exporter.config import Config, DeviceConfig
 from exporter.records import (
-    FUTURE_SLACK_SECONDS,
     Batch,
     Device,
     action_until,
@@ -408,11 +407,8 @@ class Scheduler:
             return
         self._note_checkins(self._until_now(devices), full=False)
 
-    def _future_limit(self) -> float:
-        return self._clock() + FUTURE_SLACK_SECONDS
-
     def _until_now(self, devices: Sequence[Device]) -> list[Device]:
-        limit = self._future_limit()
+        limit = self._state.future_limit()
         return [device_until(device, limit) for device in devices]
 
     def _note_checkins(self, devices: Sequence[Device], *, full: bool) -> None:
@@ -594,7 +590,7 @@ class Scheduler:
 
     async def _device_batches(self, target: Target, tracking: Tracking) -> list[Batch]:
         device = target.device
-        limit = self._future_limit()
+        limit = self._state.future_limit()
         if target.commands is None:
             spec = self.config.discovery.batches
             batches = await self._client.list_batches(
@@ -667,7 +663,7 @@ class Scheduler:
             log.warning("batch_not_found", device=device, command=batch.id, action="dropped")
             return False
         events = self._state.events
-        limit = self._future_limit()
+        limit = self._state.future_limit()
         self._state.apply_actions(device, batch, [action_until(a, limit) for a in actions])
         result.batches_fetched += 1
         if batch.finished or batch.summary is None:

@@ -168,6 +168,7 @@ class FleetState:
         clock: Callable[[], float] = time.time,
         wall_clock: Callable[[], float] | None = None,
         ledger_retention_seconds: float = 8 * 86400.0,
+        future_slack_seconds: float = FUTURE_SLACK_SECONDS,
     ) -> None:
         """``clock`` is the upstream's time line (watermarks are compared with upstream
         timestamps); ``wall_clock`` dates polls and staleness. They differ only when the
@@ -179,6 +180,8 @@ class FleetState:
             sorted({float(b) for b in latency_buckets if math.isfinite(b)})
         )
         self.ledger_retention_seconds = ledger_retention_seconds
+        # Timestamps further ahead of ``clock`` than this are garbage (see future_limit).
+        self.future_slack_seconds = future_slack_seconds
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock or clock
@@ -327,6 +330,11 @@ class FleetState:
                 index = self._intern(status)
                 counts[index] = counts.get(index, 0) + count
         return counts
+
+    def future_limit(self) -> float:
+        """Upstream timestamps after this are not moments but garbage: the reader treats
+        them as missing (records.action_until and friends)."""
+        return self._clock() + self.future_slack_seconds
 
     def _threshold(self, device: str, dev: _Device) -> float:
         """Statuses seen at first sight count only when their timestamps are after this."""
@@ -553,8 +561,9 @@ class FleetState:
             for batch_id, seen_at in old:
                 del batches[batch_id]
                 # What that entry counted had timestamps up to a day past its last sight
-                # (later ones are refused as garbage), so first sights count after that.
-                floor = seen_at + FUTURE_SLACK_SECONDS
+                # (later ones are refused as garbage), so first sights count after that,
+                # and at most from now on (a retention shorter than that day: tests).
+                floor = min(seen_at + self.future_slack_seconds, now)
                 self._floors[device] = max(self._floors.get(device, floor), floor)
             pruned += len(old)
             if not batches:
