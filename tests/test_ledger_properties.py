@@ -61,7 +61,8 @@ class Story:
 
 @st.composite
 def stories(draw: st.DrawFn) -> tuple[float, list[Story]]:
-    created = START + draw(st.integers(-100, 100))
+    # Up to 200 s before the watermark (history) or after it, and before the first read.
+    created = START - 200 + draw(st.integers(-200, 200))
     out = []
     for i in range(draw(st.integers(1, 5))):
         sent = draw(st.one_of(st.none(), st.integers(1, 200).map(lambda d: created + d)))
@@ -137,8 +138,10 @@ def test_each_status_counts_once_per_action_whatever_the_reads(
 ) -> None:
     created, actions = story
     clock = Clock()
+    clock.now = START - 200
     state = fresh_state(clock)
     watermark = clock.now
+    clock.now = START  # reads start here, after the batch was created
     batch = Batch(BATCH, name="policy", created_at=created)
     pruned = False
 
@@ -149,8 +152,8 @@ def test_each_status_counts_once_per_action_whatever_the_reads(
         clock.now += advance
         if kind == "fresh":
             read(clock.now, actions)
-        elif kind == "stale":
-            read(clock.now - arg, actions)
+        elif kind == "stale":  # a replica lagging behind, though not to before the batch
+            read(max(created, clock.now - arg), actions)
         elif kind == "short":
             read(clock.now, [s for i, s in enumerate(actions) if arg >> i & 1])
         elif kind == "404":
