@@ -24,8 +24,9 @@ Counting rules (docs/design.md, "Exactly-once rules"):
 - statuses skipped between two reads are filled in when their evidence is there
   (``Awaiting`` when ``sentAt`` is set);
 - at first sight a status counts only when its own timestamp is after the device's
-  threshold (its watermark, raised past the last sight of any entry pruned since): history is
-  never counted. Seen before, every new status happened after that sight and counts;
+  threshold (its watermark; for a batch no newer than one pruned since, also past that
+  entry's last sight): history is never counted. Seen before, a new status counts unless its
+  own timestamp puts it before the threshold;
 - the latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears.
 """
 
@@ -120,6 +121,7 @@ class _Entry:
     """The ledger of one batch: what its actions entered, whatever the latest list says."""
 
     seen_at: float  # upstream clock, last time a response showed the batch
+    created_at: float | None = None
     problems: int = 0  # problem kinds of the batch document already counted
     actions: dict[str, int] = field(default_factory=dict)  # cmdId -> ledger int
 
@@ -191,9 +193,10 @@ class FleetState:
         self._devices: dict[str, _Device] = {}
         # device -> batch -> entry; survives unwatch, drop_batch and retain_batches.
         self._ledger: dict[str, dict[str, _Entry]] = {}
-        # device -> a day past the last sight of the newest entry pruned: first sights
-        # count only statuses after it.
-        self._floors: dict[str, float] = {}
+        # device -> (newest createdAt among its pruned entries, a day past their last
+        # sight): a first sight of a batch created no later than the former (it may be one
+        # of them, come back) counts only statuses after the latter.
+        self._floors: dict[str, tuple[float, float]] = {}
         self._pruned_at: float | None = None
         self._status_names: list[str] = list(KNOWN_STATUSES)
         self._status_index: dict[str, int] = {s: i for i, s in enumerate(KNOWN_STATUSES)}
@@ -300,7 +303,7 @@ class FleetState:
             history = (
                 batch.finished
                 and batch.updated_at is not None
-                and batch.updated_at <= self._threshold(device, dev)
+                and batch.updated_at <= self._threshold(device, dev, batch.created_at)
                 and SCHEMA not in batch.problems
             )
             return not history
@@ -336,10 +339,15 @@ class FleetState:
         them as missing (records.action_until and friends)."""
         return self._clock() + self.future_slack_seconds
 
-    def _threshold(self, device: str, dev: _Device) -> float:
+    def _threshold(self, device: str, dev: _Device, created_at: float | None) -> float:
         """Statuses seen at first sight count only when their timestamps are after this."""
-        floor = self._floors.get(device)
-        return dev.watermark if floor is None else max(dev.watermark, floor)
+        pruned = self._floors.get(device)
+        if pruned is None:
+            return dev.watermark
+        newest_pruned, floor = pruned
+        if created_at is not None and created_at > newest_pruned:
+            return dev.watermark  # newer than anything forgotten: cannot be one of them
+        return max(dev.watermark, floor)
 
     def _entry(self, device: str, batch: Batch) -> _Entry:
         """The ledger entry of ``batch``, created on first sight; its problems counted once."""
@@ -349,9 +357,11 @@ class FleetState:
         entry = batches.get(batch.id)
         now = self._clock()
         if entry is None:
-            entry = batches[batch.id] = _Entry(seen_at=now)
+            entry = batches[batch.id] = _Entry(seen_at=now, created_at=batch.created_at)
         else:
             entry.seen_at = now
+            if batch.created_at is not None:
+                entry.created_at = batch.created_at
         entry.problems = self._count_problems(batch.problems, entry.problems)
         return entry
 
@@ -399,7 +409,7 @@ class FleetState:
         known = self._view(dev, batch)
         known.summary, known.from_actions = batch.summary, True
         events_before = self._events
-        threshold = self._threshold(device, dev)
+        threshold = self._threshold(device, dev, known.created_at)
         known.counts, known.oldest_pending = self._record(
             entry.actions, threshold, known.created_at, actions
         )
@@ -557,14 +567,16 @@ class FleetState:
         pruned = 0
         for device in list(self._ledger):
             batches = self._ledger[device]
-            old = [(b, e.seen_at) for b, e in batches.items() if e.seen_at < horizon]
-            for batch_id, seen_at in old:
-                del batches[batch_id]
+            old = [b for b, e in batches.items() if e.seen_at < horizon]
+            for batch_id in old:
+                entry = batches.pop(batch_id)
                 # What that entry counted had timestamps up to a day past its last sight
                 # (later ones are refused as garbage), so first sights count after that,
                 # and at most from now on (a retention shorter than that day: tests).
-                floor = min(seen_at + self.future_slack_seconds, now)
-                self._floors[device] = max(self._floors.get(device, floor), floor)
+                floor = min(entry.seen_at + self.future_slack_seconds, now)
+                created = entry.created_at if entry.created_at is not None else math.inf
+                newest, highest = self._floors.get(device, (created, floor))
+                self._floors[device] = (max(newest, created), max(highest, floor))
             pruned += len(old)
             if not batches:
                 del self._ledger[device]
