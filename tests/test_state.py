@@ -620,3 +620,28 @@ def test_latency_buckets_are_sorted_unique_and_finite(metrics: SelfMetrics) -> N
         organization="acme", latency_buckets=[60, 1, 5, 5, float("inf")], metrics=metrics
     )
     assert fleet.latency_buckets == (1.0, 5.0, 60.0)
+
+
+def test_a_pruned_batch_that_returns_counts_nothing_again_and_new_batches_count_in_full(
+    clock: Clock, metrics: SelfMetrics
+) -> None:
+    day = 86400.0
+    state = FleetState(organization="acme", latency_buckets=BUCKETS, metrics=metrics,
+                       clock=clock, ledger_retention_seconds=8 * day)
+    state.watch(DEVICE)
+    state.apply_actions(DEVICE, batch(), [action("1", "Pending")])
+    clock.now = START + 100
+    state.apply_actions(DEVICE, batch(), [action("1", "Acknowledged", sent=START + 50,
+                                                 received=START + 90)])
+    assert transitions(state) == {"Pending": 1, "Awaiting": 1, "Acknowledged": 1}
+    clock.now = START + 9 * day  # not seen for longer than the retention
+    assert state.prune_ledger() == 1
+    assert state.tracked_actions() == 0
+    # The old batch comes back, answered as before: nothing counts again.
+    state.apply_actions(DEVICE, batch(), [action("1", "Acknowledged", sent=START + 50,
+                                                 received=START + 90)])
+    # A batch created after it, answered since: counted in full.
+    newer = batch(batch_id=OTHER_BATCH, created=START + 9 * day - 60)
+    state.apply_actions(DEVICE, newer, [action("2", "Acknowledged", sent=START + 9 * day - 50,
+                                               received=START + 9 * day - 40)])
+    assert transitions(state) == {"Pending": 2, "Awaiting": 2, "Acknowledged": 2}
