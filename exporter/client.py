@@ -14,6 +14,7 @@ messages, log events, reprs and metrics never carry it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -724,10 +725,8 @@ class ApiClient:
         self._token.invalidate()
         changed = False
         if token_sent is not None:
-            try:
+            with contextlib.suppress(TokenUnavailable):  # gone: nothing new to try
                 changed = self._token.get() != token_sent
-            except TokenUnavailable:
-                changed = False
         return AuthError(endpoint, _reason(401, code), code, token_changed=changed)
 
     def _http_failure(

@@ -165,40 +165,26 @@ def parse_timestamp(value: object) -> float | None:
 FUTURE_SLACK_SECONDS = 86400.0
 
 
-def _future(moment: float | None, limit: float) -> bool:
-    return moment is not None and moment > limit
+# Per record type, its timestamp fields.
+_MOMENTS: dict[type, tuple[str, ...]] = {
+    Action: ("sent_at", "received_at", "canceled_at"),
+    Batch: ("created_at", "updated_at"),
+    Device: ("last_status_report",),
+}
+
+Timed = TypeVar("Timed", Action, Batch, Device)
 
 
-def action_until(action: Action, limit: float) -> Action:
-    """``action`` with each timestamp after ``limit`` treated as missing (a problem)."""
-    sent, received, canceled = action.sent_at, action.received_at, action.canceled_at
-    if not (_future(sent, limit) or _future(received, limit) or _future(canceled, limit)):
-        return action
-    return action._replace(
-        sent_at=None if _future(sent, limit) else sent,
-        received_at=None if _future(received, limit) else received,
-        canceled_at=None if _future(canceled, limit) else canceled,
-        problems=action.problems | {TIMESTAMP},
-    )
-
-
-def batch_until(batch: Batch, limit: float) -> Batch:
-    """``batch`` with each timestamp after ``limit`` treated as missing (a problem)."""
-    if not (_future(batch.created_at, limit) or _future(batch.updated_at, limit)):
-        return batch
-    return replace(
-        batch,
-        created_at=None if _future(batch.created_at, limit) else batch.created_at,
-        updated_at=None if _future(batch.updated_at, limit) else batch.updated_at,
-        problems=batch.problems | {TIMESTAMP},
-    )
-
-
-def device_until(device: Device, limit: float) -> Device:
-    """``device`` with a check-in time after ``limit`` treated as missing (a problem)."""
-    if not _future(device.last_status_report, limit):
-        return device
-    return replace(device, last_status_report=None, problems=device.problems | {TIMESTAMP})
+def until(record: Timed, limit: float) -> Timed:
+    """``record`` with each timestamp after ``limit`` treated as missing (a problem)."""
+    late = [name for name in _MOMENTS[type(record)] if (getattr(record, name) or 0.0) > limit]
+    if not late:
+        return record
+    changes: dict[str, Any] = dict.fromkeys(late)
+    changes["problems"] = record.problems | {TIMESTAMP}
+    if isinstance(record, Action):
+        return record._replace(**changes)
+    return replace(record, **changes)
 
 
 def _when(value: Any, problems: set[str]) -> float | None:

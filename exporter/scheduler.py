@@ -38,13 +38,7 @@ import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
 from exporter.config import Config, DeviceConfig
-from exporter.records import (
-    Batch,
-    Device,
-    action_until,
-    batch_until,
-    device_until,
-)
+from exporter.records import Batch, Device, until
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 
@@ -409,7 +403,7 @@ class Scheduler:
 
     def _until_now(self, devices: Sequence[Device]) -> list[Device]:
         limit = self._state.future_limit()
-        return [device_until(device, limit) for device in devices]
+        return [until(device, limit) for device in devices]
 
     def _note_checkins(self, devices: Sequence[Device], *, full: bool) -> None:
         missed = 0
@@ -562,19 +556,9 @@ class Scheduler:
             batches = await self._device_batches(target, tracking)
             for batch in sorted(batches, key=_pending_first):
                 moved |= await self._poll_batch(device, batch, tracking, result)
-        except ApiError as exc:
-            result.failed += 1
-            self._state.poll_failed(device, exc.reason)
-            level = log.error if isinstance(exc, AuthError) else log.warning
-            level("device_poll_failed", device=device, endpoint=exc.endpoint, reason=str(exc))
-            return
         except Exception as exc:
-            # A bug or an input nobody foresaw: the device shows down with the reason, the
-            # other devices of the round go on.
             result.failed += 1
-            self._metrics.poll_failed("device")
-            self._state.poll_failed(device, f"internal error ({type(exc).__name__})")
-            log.exception("device_poll_crashed", device=device)
+            self._state.poll_failed(device, self._failure_reason(device, exc))
             return
         if device in self._targets:  # a reload may have removed it meanwhile
             result.succeeded += 1
@@ -588,6 +572,18 @@ class Scheduler:
             for gone in tracking.summaries.keys() - current:
                 del tracking.summaries[gone]
 
+    def _failure_reason(self, device: str, exc: Exception) -> str:
+        """Log why a device read failed (from an ``except`` block); the reason it shows."""
+        if isinstance(exc, ApiError):
+            level = log.error if isinstance(exc, AuthError) else log.warning
+            level("device_poll_failed", device=device, endpoint=exc.endpoint, reason=str(exc))
+            return exc.reason
+        # A bug or an input nobody foresaw: the device shows down with the reason, the
+        # other devices of the round go on.
+        self._metrics.poll_failed("device")
+        log.exception("device_poll_crashed", device=device)
+        return f"internal error ({type(exc).__name__})"
+
     async def _device_batches(self, target: Target, tracking: Tracking) -> list[Batch]:
         device = target.device
         limit = self._state.future_limit()
@@ -600,7 +596,7 @@ class Scheduler:
             )
         else:
             batches = await self._configured_batches(device, target.commands, tracking)
-        batches = [batch_until(batch, limit) for batch in batches]
+        batches = [until(batch, limit) for batch in batches]
         self._state.retain_batches(device, [b.id for b in batches])
         return batches
 
@@ -664,7 +660,7 @@ class Scheduler:
             return False
         events = self._state.events
         limit = self._state.future_limit()
-        self._state.apply_actions(device, batch, [action_until(a, limit) for a in actions])
+        self._state.apply_actions(device, batch, [until(a, limit) for a in actions])
         result.batches_fetched += 1
         if batch.finished or batch.summary is None:
             tracking.summaries.pop(batch.id, None)
@@ -697,7 +693,6 @@ class Scheduler:
             else:
                 if on_round is not None:
                     on_round(result)
-            self._metrics.touch()
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

@@ -135,9 +135,15 @@ class _Batch:
     # Last summary applied (from apply_summary or the batch passed to apply_actions).
     summary: tuple[tuple[str, int], ...] | None = None
     from_actions: bool = False  # counts come from an action list (else from the summary)
-    # status index -> count, the exported gauges (counts > 0 only).
+    # The counts equal ``summary``'s: the last list was neither short nor stale.
+    agrees: bool = False
+    # status index -> count, the exported gauges (counts > 0 only). Replaced, never
+    # changed in place, so a reference taken before a read shows what it exported.
     counts: dict[int, int] = field(default_factory=dict)
     oldest_pending: float | None = None
+
+    def exported(self) -> tuple[str | None, dict[int, int], float | None]:
+        return self.name, self.counts, self.oldest_pending
 
 
 @dataclass(slots=True)
@@ -310,21 +316,14 @@ class FleetState:
         # Our own view must be finished too, and agree with the summary: a summary can run
         # ahead of the action list, and a list can be briefly short or stale.
         settled = not any(self._status_class[s] == "pending" for s in known.counts)
-        return not (batch.finished and settled and self._agrees(known, batch))
+        return not (batch.finished and settled and _agrees(known, batch))
 
     def agrees(self, device: str, batch: Batch) -> bool:
         """The exported view of ``batch`` matches its summary (an action list with the same
         counts per status, or that summary itself): nothing was missed or read stale."""
         dev = self._devices.get(device)
         known = dev.batches.get(batch.id) if dev is not None else None
-        return known is not None and self._agrees(known, batch)
-
-    def _agrees(self, known: _Batch, batch: Batch) -> bool:
-        if batch.summary is None:
-            return False
-        if not known.from_actions:  # the view is a summary: the same one still
-            return batch.summary == known.summary
-        return known.counts == self._summary_counts(batch.summary)
+        return known is not None and _agrees(known, batch)
 
     def _summary_counts(self, summary: tuple[tuple[str, int], ...]) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -336,7 +335,7 @@ class FleetState:
 
     def future_limit(self) -> float:
         """Upstream timestamps after this are not moments but garbage: the reader treats
-        them as missing (records.action_until and friends)."""
+        them as missing (records.until)."""
         return self._clock() + self.future_slack_seconds
 
     def _threshold(self, device: str, dev: _Device, created_at: float | None) -> float:
@@ -365,15 +364,19 @@ class FleetState:
         entry.problems = self._count_problems(batch.problems, entry.problems)
         return entry
 
-    def _view(self, dev: _Device, batch: Batch) -> _Batch:
+    @staticmethod
+    def _view(dev: _Device, batch: Batch) -> tuple[_Batch, tuple[object, ...]]:
+        """The view of ``batch`` (created on first sight) with its name and creation time
+        brought up to date, and what it exported before."""
         known = dev.batches.get(batch.id)
         if known is None:
             known = dev.batches[batch.id] = _Batch()
+        before = known.exported()
         if batch.name is not None:
             known.name = batch.name
         if batch.created_at is not None:
             known.created_at = batch.created_at
-        return known
+        return known, before
 
     @property
     def events(self) -> int:
@@ -385,18 +388,17 @@ class FleetState:
         if dev is None:
             return
         self._entry(device, batch)
-        known = dev.batches.get(batch.id)
-        before = None if known is None else (known.name, dict(known.counts), known.oldest_pending)
-        known = self._view(dev, batch)
+        known, before = self._view(dev, batch)
         # Counts from actions are the truth; the summary only stands in for them when no
         # action list was applied, or when it disagrees with the one that was.
         if not known.from_actions or batch.summary != known.summary:
             known.counts = self._summary_counts(batch.summary or ())
+            known.agrees = True
             pending = any(self._status_class[s] == "pending" for s in known.counts)
             known.oldest_pending = known.created_at if pending else None
         if batch.summary is not None:
             known.summary = batch.summary
-        if (known.name, known.counts, known.oldest_pending) != before:
+        if known.exported() != before:
             dev.commands_gen = self._bump()
 
     def apply_actions(self, device: str, batch: Batch, actions: Sequence[Action]) -> None:
@@ -404,18 +406,20 @@ class FleetState:
         if dev is None:
             return
         entry = self._entry(device, batch)
-        known = dev.batches.get(batch.id)
-        before = None if known is None else (known.name, dict(known.counts), known.oldest_pending)
-        known = self._view(dev, batch)
-        known.summary, known.from_actions = batch.summary, True
+        known, before = self._view(dev, batch)
         events_before = self._events
         threshold = self._threshold(device, dev, known.created_at)
         known.counts, known.oldest_pending = self._record(
             entry.actions, threshold, known.created_at, actions
         )
+        known.summary, known.from_actions = batch.summary, True
+        # Judged once per list, not on every round that finds the summary unchanged.
+        known.agrees = batch.summary is not None and known.counts == self._summary_counts(
+            batch.summary
+        )
         if self._events != events_before:
             self.counters_generation = self._bump()
-        if (known.name, known.counts, known.oldest_pending) != before:
+        if known.exported() != before:
             dev.commands_gen = self._bump()
 
     def _record(
@@ -680,6 +684,11 @@ class FleetState:
     def tracked_actions(self) -> int:
         """Actions in the ledger."""
         return sum(len(e.actions) for b in self._ledger.values() for e in b.values())
+
+
+def _agrees(known: _Batch, batch: Batch) -> bool:
+    """``known`` agreed with the summary it was read with, and ``batch`` still has it."""
+    return known.agrees and batch.summary is not None and batch.summary == known.summary
 
 
 def _rank(status: str) -> int:
