@@ -13,6 +13,7 @@ prometheus/params.yml.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -20,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "dashboards" / "applivery-mdm-exporter.json"
-PARAMS = HERE.parent / "prometheus" / "params.yml"
+RULES_GENERATOR = HERE.parent / "prometheus" / "build_rules.py"
 
 UID = "applivery-mdm-exporter"
 TITLE = "Applivery MDM / Windows commands"
@@ -35,20 +34,26 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'job=~"$job", instance=~"$instance"'
 SEL_DEVICE = f'{SEL}, device=~"$device"'
 DEVICE_KEY = "job, instance, device"
-
-_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _alert_params() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(PARAMS.read_text(encoding="utf-8"))["alerts"]
-
-
-def _seconds(duration: str) -> int:
-    return int(duration[:-1]) * _DURATION_SECONDS[duration[-1]]
+# Columns of the per-device tables, by label.
+DEVICE_COLUMNS = {
+    "device": "Device",
+    "name": "Name",
+    "instance": "Instance",
+    "organization": "Organization",
+}
 
 
-def _percent(ratio: float) -> str:
-    return f"{ratio * 100:g} %"
+def _load_script(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# The alert rules' generator: the thresholds quoted here are the ones it puts in the rules.
+_RULES = _load_script(RULES_GENERATOR)
 
 Json = dict[str, Any]
 
@@ -313,12 +318,13 @@ def _error_ratio_query(window: str) -> str:
 
 
 def rows() -> list[Row]:
-    alerts = _alert_params()
+    alerts = _RULES.load_params().alerts
+    percent = _RULES.percent
     high = alerts["AppliveryCommandErrorRatioHigh"]
     spike = alerts["AppliveryCommandErrorSpike"]
     stuck = alerts["AppliveryActionsStuckPending"]
     down = alerts["AppliveryDeviceTargetsDown"]
-    stuck_after = _seconds(stuck["after"])
+    stuck_after = _RULES.duration_seconds(stuck["after"])
     commands = Row(
         "Windows commands",
         [
@@ -342,8 +348,8 @@ def rows() -> list[Row]:
                 "Share of actions leaving the pending class (success, canceled, error, unknown) "
                 "that ended in error, over the selected instances together (all shards of a "
                 "deployment count as one). AppliveryCommandErrorRatioHigh fires above "
-                f"{_percent(high['ratio'])} over 1h with at least {high['min_finished']} "
-                f"finished actions, AppliveryCommandErrorSpike above {_percent(spike['ratio'])} "
+                f"{percent(high['ratio'])} over 1h with at least {high['min_finished']} "
+                f"finished actions, AppliveryCommandErrorSpike above {percent(spike['ratio'])} "
                 f"over 5m with at least {spike['min_finished']}.",
                 [
                     Query(_error_ratio_query("5m"), "5m {{organization}}"),
@@ -395,16 +401,10 @@ def rows() -> list[Row]:
                 "Devices failing their polls",
                 "Devices whose last poll failed, by time since their last successful poll "
                 "(infinite: never polled successfully). AppliveryDeviceTargetsDown fires when "
-                f"more than {_percent(down['share'])} of a deployment's devices are here for "
+                f"more than {percent(down['share'])} of a deployment's devices are here for "
                 f"{down['for']}; single devices are listed here instead of paging.",
                 Query(_failing_devices_query(), instant=True, format="table"),
-                rename={
-                    "device": "Device",
-                    "name": "Name",
-                    "instance": "Instance",
-                    "organization": "Organization",
-                    "Value": "Since last success",
-                },
+                rename={**DEVICE_COLUMNS, "Value": "Since last success"},
                 sort_by="Since last success",
                 unit="s",
                 width=12,
@@ -416,13 +416,7 @@ def rows() -> list[Row]:
                 "devices of a deployment are here for "
                 f"{stuck['for']}; single devices are listed here instead of paging.",
                 Query(_stuck_devices_query(stuck_after), instant=True, format="table"),
-                rename={
-                    "device": "Device",
-                    "name": "Name",
-                    "instance": "Instance",
-                    "organization": "Organization",
-                    "Value": "Oldest pending",
-                },
+                rename={**DEVICE_COLUMNS, "Value": "Oldest pending"},
                 sort_by="Oldest pending",
                 unit="s",
                 width=12,

@@ -19,7 +19,7 @@ import importlib.util
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,18 @@ DEFAULT_PARAMS = HERE / "params.yml"
 RECORDING = "recording.yml"
 ALERTS = "alerts.yml"
 KUBERNETES_GENERATOR = ROOT / "deploy" / "kubernetes" / "generate.py"
+
+
+def _load_script(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The PrometheusRule's generator: it carries these rule files, and its YAML style is theirs.
+_KUBERNETES = _load_script(KUBERNETES_GENERATOR)
 
 _DURATION = re.compile(r"(\d+)(s|m|h|d|w)")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -194,6 +206,13 @@ ERRORS_PER_FINAL = "applivery_windows_command_action_errors_per_final"
 LATENCY = "applivery_windows_command_ack_latency_seconds"
 REQUESTS = "applivery_exporter_api_requests"
 QUANTILES = ("0.5", "0.95", "0.99")
+WINDOWS = ("5m", "1h")
+
+
+def _siblings(comment: str, rules: Sequence[Rule]) -> list[Rule]:
+    """A series of rules that differ in one parameter, under one comment (on the first)."""
+    first, *rest = rules
+    return [replace(first, comment=comment), *rest]
 
 
 def recording_groups(params: Params) -> list[Group]:
@@ -212,56 +231,56 @@ def recording_groups(params: Params) -> list[Group]:
             "(instance_device_status_class:applivery_windows_command_actions:sum)",
         ),
     ]
-    for window in ("5m", "1h"):
-        commands.append(
+    commands += _siblings(
+        "Transitions into each status class per second, per instance.",
+        [
             Rule(
                 record=f"instance_status_class:{TRANSITIONS}:rate{window}",
                 expr=f"sum without (status) (\n"
                 f"  rate({_sel(params, TRANSITIONS + '_total')}[{window}])\n)\n",
-                comment="Transitions into each status class per second, per instance."
-                if window == "5m"
-                else "",
             )
-        )
-    for window in ("5m", "1h"):
-        commands.append(
+            for window in WINDOWS
+        ],
+    )
+    commands += _siblings(
+        "The same summed over the instances of a deployment (its shards): the error alerts' "
+        "ratios\nand volume guards read these.",
+        [
             Rule(
                 record=f"job_status_class:{TRANSITIONS}:rate{window}",
                 expr=f"sum by ({by_group}, organization, status_class) (\n"
                 f"  instance_status_class:{TRANSITIONS}:rate{window}\n)\n",
-                comment="The same summed over the instances of a deployment (its shards): "
-                "the error alerts' ratios\nand volume guards read these."
-                if window == "5m"
-                else "",
             )
-        )
-    for window in ("5m", "1h"):
-        commands.append(
+            for window in WINDOWS
+        ],
+    )
+    commands += _siblings(
+        "Final transitions: an action leaving the pending class (success, canceled, error, "
+        "unknown).",
+        [
             Rule(
                 record=f"job:{FINAL}:rate{window}",
                 expr=f"sum without (status_class) (\n"
                 f'  job_status_class:{TRANSITIONS}:rate{window}{{status_class!="pending"}}\n)\n',
-                comment="Final transitions: an action leaving the pending class (success, "
-                "canceled, error, unknown)."
-                if window == "5m"
-                else "",
             )
-        )
-    for window in ("5m", "1h"):
-        errors = (
-            f"sum without (status_class) (\n"
-            f'      job_status_class:{TRANSITIONS}:rate{window}{{status_class="error"}}\n    )'
-        )
-        commands.append(
+            for window in WINDOWS
+        ],
+    )
+    commands += _siblings(
+        "Share of final transitions that ended in the error class: 0 when none did, NaN when "
+        "nothing\nfinished at all.",
+        [
             Rule(
                 record=f"job:{ERRORS_PER_FINAL}:ratio_rate{window}",
-                expr=_ratio(errors, f"job:{FINAL}:rate{window}"),
-                comment="Share of final transitions that ended in the error class: 0 when none "
-                "did, NaN when nothing\nfinished at all."
-                if window == "5m"
-                else "",
+                expr=_ratio(
+                    f"sum without (status_class) (\n      job_status_class:{TRANSITIONS}"
+                    f':rate{window}{{status_class="error"}}\n    )',
+                    f"job:{FINAL}:rate{window}",
+                ),
             )
-        )
+            for window in WINDOWS
+        ],
+    )
 
     watched = "job:applivery_exporter_target_up:count"
     down = "job:applivery_exporter_targets_down:count"
@@ -292,30 +311,29 @@ def recording_groups(params: Params) -> list[Group]:
             f"  instance_status_class_le:{LATENCY}_bucket:rate1h\n)\n",
         ),
     ]
-    for index, quantile in enumerate(QUANTILES):
-        latency.append(
+    latency += _siblings(
+        "Send-to-acknowledge latency quantiles over all classes.",
+        [
             Rule(
                 record=f"instance_quantile:{LATENCY}:histogram_quantile_rate1h",
                 expr=f"histogram_quantile({quantile}, instance_le:{LATENCY}_bucket:rate1h)",
                 labels={"quantile": quantile},
-                comment="Send-to-acknowledge latency quantiles over all classes."
-                if index == 0
-                else "",
             )
-        )
-    for index, quantile in enumerate(QUANTILES):
-        latency.append(
+            for quantile in QUANTILES
+        ],
+    )
+    latency += _siblings(
+        "The same per status class: errors often come back faster than successes.",
+        [
             Rule(
                 record=f"instance_status_class_quantile:{LATENCY}:histogram_quantile_rate1h",
                 expr=f"histogram_quantile(\n"
                 f"  {quantile}, instance_status_class_le:{LATENCY}_bucket:rate1h\n)\n",
                 labels={"quantile": quantile},
-                comment="The same per status class: errors often come back faster than "
-                "successes."
-                if index == 0
-                else "",
             )
-        )
+            for quantile in QUANTILES
+        ],
+    )
 
     total = _sel(params, REQUESTS + "_total")
     throttled = f'sum by ({by_group}) (instance_code:{REQUESTS}:rate5m{{code=~"429|503"}})'
@@ -550,16 +568,6 @@ def alert_groups(params: Params) -> list[Group]:
 # --- output ----------------------------------------------------------------------------------
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block scalars for multi-line strings, so expressions stay readable."""
-
-
-def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str_presenter)
 
 HEADERS = {
     RECORDING: """\
@@ -618,7 +626,7 @@ def _rule_lines(rule: Rule) -> list[str]:
     if description is not None:
         document["annotations"]["description"] = _PLACEHOLDER
     body = yaml.dump(
-        document, Dumper=_Dumper, sort_keys=False, width=10_000, allow_unicode=True
+        document, Dumper=_KUBERNETES.BlockDumper, sort_keys=False, width=10_000, allow_unicode=True
     ).splitlines()
     lines = [f"      - {body[0]}"] + [f"        {line}".rstrip() for line in body[1:]]
     if description is None:
@@ -650,14 +658,6 @@ def render(params: Params) -> dict[str, str]:
     }
 
 
-def _kubernetes_generator(argv: Sequence[str]) -> int:
-    spec = importlib.util.spec_from_file_location("kubernetes_generate", KUBERNETES_GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.main(list(argv)))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
@@ -686,9 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stale:
         print(f"stale: {', '.join(stale)}: run python3 prometheus/build_rules.py", file=sys.stderr)
         return 1
-    if args.output_dir.resolve() == HERE and KUBERNETES_GENERATOR.exists():
+    if args.output_dir.resolve() == HERE:
         # The PrometheusRule carries exactly these rule files.
-        return _kubernetes_generator(["--check"] if args.check else [])
+        return int(_KUBERNETES.main(["--check"] if args.check else []))
     return 0
 
 

@@ -31,7 +31,7 @@ HEADER = """\
 """
 
 
-class _Dumper(yaml.SafeDumper):
+class BlockDumper(yaml.SafeDumper):
     """Block scalars for multi-line strings, so expressions and descriptions stay readable."""
 
 
@@ -40,7 +40,7 @@ def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-_Dumper.add_representer(str, _str_presenter)
+BlockDumper.add_representer(str, _str_presenter)
 
 
 def load_groups(paths: Sequence[Path] = RULE_FILES) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def render(groups: list[dict[str, Any]]) -> str:
     """The manifest text, byte-for-byte what the committed file must contain."""
     body = yaml.dump(
         build_manifest(groups),
-        Dumper=_Dumper,
+        Dumper=BlockDumper,
         sort_keys=False,
         allow_unicode=True,
         width=100,
