@@ -13,7 +13,6 @@ prometheus/params.yml.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -43,17 +42,9 @@ DEVICE_COLUMNS = {
 }
 
 
-def _load_script(path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 # The alert rules' generator: the thresholds quoted here are the ones it puts in the rules.
-_RULES = _load_script(RULES_GENERATOR)
+sys.path.insert(0, str(RULES_GENERATOR.parent))
+import build_rules  # noqa: E402
 
 Json = dict[str, Any]
 
@@ -318,13 +309,13 @@ def _error_ratio_query(window: str) -> str:
 
 
 def rows() -> list[Row]:
-    alerts = _RULES.load_params().alerts
-    percent = _RULES.percent
+    alerts = build_rules.load_params().alerts
+    percent = build_rules.percent
     high = alerts["AppliveryCommandErrorRatioHigh"]
     spike = alerts["AppliveryCommandErrorSpike"]
     stuck = alerts["AppliveryActionsStuckPending"]
     down = alerts["AppliveryDeviceTargetsDown"]
-    stuck_after = _RULES.duration_seconds(stuck["after"])
+    stuck_after = build_rules.duration_seconds(stuck["after"])
     commands = Row(
         "Windows commands",
         [

@@ -8,10 +8,8 @@ Also the home of two helpers other tests use:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from promstack import ApiError, running_prometheus
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "applivery-mdm-exporter.json"
@@ -331,12 +330,7 @@ def grafana_queries(
 
 
 def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_dashboard", GENERATOR_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GENERATOR_PATH, "build_dashboard")
 
 
 @pytest.fixture(scope="module")

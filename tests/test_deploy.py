@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
+from scripts import load_script
 
 from exporter import __version__
 
@@ -778,13 +779,7 @@ def test_alert_rules_select_the_job_the_service_monitor_produces() -> None:
 
 
 def load_generator() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("deploy_generate", KUBE / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(KUBE / "generate.py", "deploy_generate")
 
 
 def test_prometheus_rule_is_generated_from_the_rule_files() -> None:

@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
+from samples import Samples
+from samples import scrape as fetch_samples
 
 from exporter.cli import Exporter, build_exporter
 from exporter.client import TokenSource
 from exporter.config import parse_config
-from exporter.scheduler import Shard
+from exporter.scheduler import Scheduler, Shard
 from exporter.server import Hooks, make_app
 from exporter.state import MAX_UNKNOWN_STATUSES
 
@@ -37,7 +38,6 @@ BASE = f"/v1/organizations/{ORG}/mdm/windows/enterprise"
 DEVICE = "65f0c0ffee65f0c0ffee0001"
 START = 1_770_717_600.0  # the exporter's watermark
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def iso(moment: float) -> str:
@@ -157,14 +157,7 @@ class Rig:
         self.exporter.exposition.refresh()
 
     async def scrape(self) -> Samples:
-        async with self.session.get(self.url + "/metrics") as response:
-            assert response.status == 200
-            text = await response.text()
-        out: Samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return out
+        return await fetch_samples(self.session, self.url + "/metrics")
 
     async def transitions(self) -> dict[str, float]:
         found = await self.scrape()
@@ -221,6 +214,18 @@ async def make_rig(aiohttp_server, aiohttp_client) -> AsyncIterator[Callable[...
 
 async def _no_reload() -> str | None:
     return "no reload in this test"
+
+
+async def run_until_rounds(scheduler: Scheduler, rounds: int, *, within: float) -> None:
+    """Run the scheduler's own loop until ``rounds`` rounds completed, or ``within`` seconds."""
+    task = asyncio.create_task(scheduler.run())
+    try:
+        for _ in range(int(within / 0.02)):
+            if scheduler.rounds >= rounds:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
 
 
 # --- the ledger ---------------------------------------------------------------------------------
@@ -417,14 +422,7 @@ async def test_a_round_that_raises_is_counted_and_polling_goes_on(make_rig, monk
         return await real()
 
     monkeypatch.setattr(scheduler, "run_round", flaky)
-    task = asyncio.create_task(scheduler.run())
-    try:
-        for _ in range(200):
-            if scheduler.rounds >= 2:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        task.cancel()
+    await run_until_rounds(scheduler, 2, within=4.0)
     rig.exporter.exposition.refresh()
     found = await rig.scrape()
     assert found[("applivery_exporter_poll_failures_total", frozenset({("kind", "round")}))] == 1
@@ -445,14 +443,7 @@ async def test_a_reload_during_a_round_wakes_the_next_one(make_rig, monkeypatch)
         return await real()
 
     monkeypatch.setattr(scheduler, "run_round", reloaded_meanwhile)
-    task = asyncio.create_task(scheduler.run())
-    try:
-        for _ in range(100):
-            if scheduler.rounds >= 2:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        task.cancel()
+    await run_until_rounds(scheduler, 2, within=2.0)
     assert scheduler.rounds >= 2  # not an hour later
 
 

@@ -16,14 +16,13 @@ import aiohttp
 import pytest
 import yaml
 from processes import free_port
-from prometheus_client.parser import text_string_to_metric_families
+from samples import Samples
+from samples import parse as parse_samples
 
 from exporter.cli import Exporter, _reload, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
 from exporter.simulator import Simulator
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def config_yaml(base_url: str, **overrides: object) -> str:
@@ -62,12 +61,7 @@ def make_exporter(
 
 def samples(exporter: Exporter) -> Samples:
     exporter.exposition.refresh()
-    text = exporter.exposition.body(openmetrics=False).decode()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
+    return parse_samples(exporter.exposition.body(openmetrics=False).decode())
 
 
 def select(found: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:

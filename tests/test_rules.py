@@ -5,10 +5,8 @@ Alertmanager."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
-import sys
 import time
 import tomllib
 from collections import Counter
@@ -33,6 +31,7 @@ from promstack import (
     running_alertmanager,
     running_prometheus,
 )
+from scripts import load_script
 from test_dashboard import metric_names, promql_problems, recorded_names, sample_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,12 +77,7 @@ def runbook_anchors() -> set[str]:
 
 
 def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_rules", GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GENERATOR, "build_rules")
 
 
 def _params() -> dict[str, Any]:

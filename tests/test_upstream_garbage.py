@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
+from samples import Samples
+from samples import scrape as fetch_samples
 
 from exporter.cli import Exporter, build_exporter
 from exporter.client import TokenSource
@@ -40,7 +41,6 @@ ISO_SENT = "2026-02-10T09:00:00.000Z"
 ISO_RECEIVED = "2026-02-10T09:00:05.000Z"
 ISO_CREATED = "2026-02-10T08:59:00.000Z"
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -157,14 +157,7 @@ class Rig:
         self.exporter.exposition.refresh()
 
     async def scrape(self) -> Samples:
-        async with self.session.get(self.metrics_url) as response:
-            assert response.status == 200
-            text = await response.text()
-        out: Samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return out
+        return await fetch_samples(self.session, self.metrics_url)
 
     async def raw_scrape(self) -> bytes:
         async with self.session.get(self.metrics_url) as response:
