@@ -26,14 +26,13 @@ from exporter.exposition import Exposition
 from exporter.scheduler import Scheduler, Shard
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
-from exporter.state import FleetState
+from exporter.state import FleetState, ledger_retention
 from exporter.webconfig import WebSecurity
 
 log = structlog.get_logger("exporter")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
-LEDGER_MARGIN_SECONDS = 86400.0
 
 
 class UsageError(Exception):
@@ -115,7 +114,7 @@ def build_exporter(
         metrics=metrics,
         clock=clock,
         wall_clock=time.time,
-        ledger_retention_seconds=ledger_retention(config),
+        ledger_retention_seconds=ledger_retention(config.discovery.batches.max_age_seconds),
     )
     share = 1 / shard.total if shard else 1.0
     api = config.api
@@ -137,12 +136,6 @@ def build_exporter(
         state, metrics, version=__version__, max_series=config.metrics.max_series
     )
     return Exporter(config, metrics, state, exposition, client, scheduler, config_path)
-
-
-def ledger_retention(config: Config) -> float:
-    """How long the exactly-once ledger remembers a batch no response has shown: as long as
-    discovery may list it again, and a day more for clock skew and late pages."""
-    return config.discovery.batches.max_age_seconds + LEDGER_MARGIN_SECONDS
 
 
 def token_source(config: Config) -> TokenSource:
@@ -168,7 +161,9 @@ async def _reload(exporter: Exporter) -> str | None:
         # pretend the new values apply.
         log.warning("config_reload_api_settings_need_restart")
     exporter.scheduler.reload(config)
-    exporter.state.ledger_retention_seconds = ledger_retention(config)
+    exporter.state.ledger_retention_seconds = ledger_retention(
+        config.discovery.batches.max_age_seconds
+    )
     exporter.exposition.max_series = config.metrics.max_series
     exporter.config = config
     exporter.metrics.config_reload_successful = True

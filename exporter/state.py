@@ -69,9 +69,17 @@ _RECEIVED = 1 << len(PROBLEM_KINDS)
 _RANK_SHIFT = len(PROBLEM_KINDS) + 1
 _RANK_MASK = 0b11 << _RANK_SHIFT
 _ENTERED_SHIFT = _RANK_SHIFT + 2
+# A ledger entry outlives discovery.batches.max_age by this much (clock skew, late pages).
+LEDGER_MARGIN_SECONDS = 86400.0
 # Distinct ledger ints shared between actions (a few dozen in practice): each action then
 # holds a pointer, not an int of its own. Bounded against a pathological upstream.
 _MAX_SHARED_INTS = 1 << 14
+
+
+def ledger_retention(max_age_seconds: float) -> float:
+    """How long the ledger remembers a batch no response has shown: as long as discovery may
+    list it again, and a margin more."""
+    return max_age_seconds + LEDGER_MARGIN_SECONDS
 
 
 def problem_bits(kinds: Iterable[str]) -> int:
@@ -175,8 +183,7 @@ class FleetState:
         metrics: SelfMetrics,
         clock: Callable[[], float] = time.time,
         wall_clock: Callable[[], float] | None = None,
-        ledger_retention_seconds: float = 8 * 86400.0,
-        future_slack_seconds: float = FUTURE_SLACK_SECONDS,
+        ledger_retention_seconds: float = ledger_retention(7 * 86400.0),
     ) -> None:
         """``clock`` is the upstream's time line (watermarks are compared with upstream
         timestamps); ``wall_clock`` dates polls and staleness. They differ only when the
@@ -188,8 +195,6 @@ class FleetState:
             sorted({float(b) for b in latency_buckets if math.isfinite(b)})
         )
         self.ledger_retention_seconds = ledger_retention_seconds
-        # Timestamps further ahead of ``clock`` than this are garbage (see future_limit).
-        self.future_slack_seconds = future_slack_seconds
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock or clock
@@ -336,7 +341,7 @@ class FleetState:
     def future_limit(self) -> float:
         """Upstream timestamps after this are not moments but garbage: the reader treats
         them as missing (records.until)."""
-        return self._clock() + self.future_slack_seconds
+        return self._clock() + FUTURE_SLACK_SECONDS
 
     def _threshold(self, device: str, dev: _Device, created_at: float | None) -> float:
         """Statuses seen at first sight count only when their timestamps are after this."""
@@ -577,7 +582,7 @@ class FleetState:
                 # What that entry counted had timestamps up to a day past its last sight
                 # (later ones are refused as garbage), so first sights count after that,
                 # and at most from now on (a retention shorter than that day: tests).
-                floor = min(entry.seen_at + self.future_slack_seconds, now)
+                floor = min(entry.seen_at + FUTURE_SLACK_SECONDS, now)
                 created = entry.created_at if entry.created_at is not None else math.inf
                 newest, highest = self._floors.get(device, (created, floor))
                 self._floors[device] = (max(newest, created), max(highest, floor))
