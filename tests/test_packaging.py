@@ -12,6 +12,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from scripts import load_script
 
 from exporter import __version__
 
@@ -126,9 +127,8 @@ def test_project_urls_point_at_the_repository_the_rules_link_to() -> None:
 
 
 def image_python() -> str:
-    match = re.search(r"^FROM python:(\d+\.\d+)\.(\d+)", DOCKERFILE, re.MULTILINE)
-    assert match, "the Dockerfile names a python:X.Y.Z base image"
-    return match[1]
+    """The base image's Python minor version, as deploy/lock.py resolves the lock with."""
+    return load_script(ROOT / "deploy" / "lock.py", "deploy_lock").image_python()
 
 
 def lock_pins() -> dict[str, str]:
