@@ -398,7 +398,8 @@ class FleetState:
         # action list was applied, or when it disagrees with the one that was.
         if not known.from_actions or batch.summary != known.summary:
             known.counts = self._summary_counts(batch.summary or ())
-            known.agrees = True
+            # A summary standing in for a list it contradicts vouches for nothing: read again.
+            known.agrees = not known.from_actions
             pending = any(self._status_class[s] == "pending" for s in known.counts)
             known.oldest_pending = known.created_at if pending else None
         if batch.summary is not None:
