@@ -16,7 +16,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -25,8 +25,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.utils import floatToGoString
 
 from exporter.histogram import Histogram
+from exporter.rollouts import STATES, Part, Rollout, RolloutTotals, device_parts
 from exporter.selfmetrics import SelfMetrics
-from exporter.state import CLASSES, DeviceGenerations, DeviceView, FleetState
+from exporter.state import CLASSES, DEVICE_STATES, DeviceGenerations, DeviceView, FleetState
 
 log = structlog.get_logger("exporter.exposition")
 
@@ -167,6 +168,31 @@ DEVICE_INFO = Family(
     "applivery_windows_device_info", "gauge", "Watched device: name, labels and identifiers."
 )
 COMMAND_INFO = Family("applivery_windows_command_info", "gauge", "Name of a command batch.")
+ROLLOUT_DEVICES = Family(
+    "applivery_windows_rollout_devices",
+    "gauge",
+    "Watched devices per state of their latest batch of each name (rollout).",
+)
+ROLLOUT_ACTIONS = Family(
+    "applivery_windows_rollout_actions",
+    "gauge",
+    "Actions per status class of the latest batch of each name (rollout) on watched devices.",
+)
+SETTING_RESULTS = Family(
+    "applivery_windows_setting_results",
+    "counter",
+    "Actions that reached a final status, per CSP setting and operation, counted once.",
+)
+CHECK_IN = Family(
+    "applivery_windows_device_last_check_in_timestamp_seconds",
+    "gauge",
+    "lastStatusReportTime of the device: its last check-in (OMA-DM session).",
+)
+DEVICES = Family(
+    "applivery_windows_devices",
+    "gauge",
+    "Watched devices per upstream device state (not_listed: not in the device list).",
+)
 TARGET_UP = Family(
     "applivery_exporter_target_up", "gauge", "1 when the last poll of the device succeeded."
 )
@@ -231,9 +257,11 @@ GUARD_LEVEL = Family(
 # --- the cardinality guard ------------------------------------------------------------------
 
 # What each level of the guard removes, cumulatively, most specific labels first. Every alert
-# keeps working at every level: they read target_up, last_success, oldest_pending (kept per
-# device), the fleet-wide transition counter and self-metrics; the recording rules sum the
-# action gauges ``without (command, status)`` and so read every level alike.
+# keeps working at every level: they read target_up, last_success, oldest_pending and the
+# check-in time (kept per device), the fleet views (rollouts, settings, devices per state,
+# whose series do not grow with the fleet), the fleet-wide transition counter and
+# self-metrics; the recording rules sum the action gauges ``without (command, status)`` and
+# so read every level alike.
 GUARD_LEVELS: tuple[str, ...] = (
     "full detail",
     "applivery_windows_command_actions summed over command",
@@ -256,25 +284,30 @@ class _Chunks:
 
     generations: DeviceGenerations
     info: bytes
+    # From the poll status and the device list.
     up: bytes
     last_success: bytes
+    check_in: bytes
+    state: str
+    # From the batches.
     actions: bytes
     oldest: bytes
     command_info: bytes
+    rollouts: tuple[Part, ...]
     # Coarser renderings of ``actions`` for the cardinality guard (empty while it is off).
     by_status: bytes = b""
     by_class: bytes = b""
     class_counts: tuple[tuple[str, int], ...] = ()
 
-    def lines(self) -> tuple[bytes, ...]:
+    def lines(self) -> tuple[bytes | str, ...]:
         return (
-            self.info, self.up, self.last_success, self.actions, self.oldest, self.command_info,
-            self.by_status, self.by_class,
+            self.info, self.up, self.last_success, self.check_in, self.state, self.actions,
+            self.oldest, self.command_info, self.by_status, self.by_class,
         )
 
     def series(self) -> tuple[int, int, int, int, int, int]:
         """Sample lines of (always kept, actions, by status, by class, command info, info)."""
-        kept = (self.up + self.last_success + self.oldest).count(b"\n")
+        kept = (self.up + self.last_success + self.check_in + self.oldest).count(b"\n")
         return (
             kept,
             self.actions.count(b"\n"),
@@ -296,13 +329,16 @@ def _info_lines(organization: str, view: DeviceView) -> bytes:
     return f"{DEVICE_INFO.name}{{{_labels(pairs)}}} 1\n".encode(errors="replace")
 
 
-def _status_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
+def _status_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, bytes]:
+    """Lines of target_up, last_success and the check-in time."""
     base = _labels((("organization", organization), ("device", view.device)))
-    up = f"{TARGET_UP.name}{{{base}}} {1 if view.up else 0}\n".encode(errors="replace")
-    if view.last_success is None:
-        return up, b""
-    line = f"{LAST_SUCCESS.name}{{{base}}} {format_value(view.last_success)}\n"
-    return up, line.encode(errors="replace")
+    lines = [f"{TARGET_UP.name}{{{base}}} {1 if view.up else 0}\n", "", ""]
+    if view.last_success is not None:
+        lines[1] = f"{LAST_SUCCESS.name}{{{base}}} {format_value(view.last_success)}\n"
+    if view.check_in is not None:
+        lines[2] = f"{CHECK_IN.name}{{{base}}} {format_value(view.check_in)}\n"
+    up, last_success, check_in = (line.encode(errors="replace") for line in lines)
+    return up, last_success, check_in
 
 
 def _command_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, bytes]:
@@ -386,30 +422,32 @@ def _render_device(
     else:
         info = _info_lines(organization, view)
     if previous is not None and old is not None and old.status == generations.status:
-        up, last_success = previous.up, previous.last_success
+        up, last_success, check_in = previous.up, previous.last_success, previous.check_in
     else:
-        up, last_success = _status_lines(organization, view)
+        up, last_success, check_in = _status_lines(organization, view)
     if previous is not None and not commands_moved:
-        return _Chunks(
-            generations, info, up, last_success, previous.actions, previous.oldest,
-            previous.command_info, previous.by_status, previous.by_class, previous.class_counts,
+        return replace(
+            previous, generations=generations, info=info, up=up, last_success=last_success,
+            check_in=check_in, state=view.state,
         )
     actions, oldest, command_info = _command_lines(organization, view)
+    chunks = _Chunks(
+        generations, info, up, last_success, check_in, view.state, actions, oldest,
+        command_info, device_parts(view.batches),
+    )
     if not coarse:
-        return _Chunks(generations, info, up, last_success, actions, oldest, command_info)
+        return chunks
     by_status, by_class = _coarse_lines(organization, view)
     class_counts = tuple((c, n) for c, n in view.class_counts.items() if n)
-    return _Chunks(
-        generations, info, up, last_success, actions, oldest, command_info,
-        by_status, by_class, class_counts,
-    )
+    return replace(chunks, by_status=by_status, by_class=by_class, class_counts=class_counts)
 
 
 # --- fleet-wide and self-metrics sections -------------------------------------------------
 
 
-def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes]:
-    """Sample lines of the transition counter and of the latency histogram."""
+def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes, bytes]:
+    """Sample lines of the transition counter, the latency histogram and the setting
+    results: the counters that move with the ledger."""
     org = f'organization="{escape_label_value(organization)}"'
     transitions = [
         f'{TRANSITIONS.name}_total{{{org},status="{escape_label_value(status)}",'
@@ -419,7 +457,49 @@ def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes]
     latency: list[str] = []
     for status_class, histogram in sorted(state.latency().items()):
         latency += _histogram_lines(LATENCY.name, f'{org},status_class="{status_class}"', histogram)
-    return "".join(transitions).encode(errors="replace"), "".join(latency).encode(errors="replace")
+    return (
+        "".join(transitions).encode(errors="replace"),
+        "".join(latency).encode(errors="replace"),
+        _setting_lines(organization, state),
+    )
+
+
+def _setting_lines(organization: str, state: FleetState) -> bytes:
+    org = f'organization="{escape_label_value(organization)}"'
+    return "".join(
+        f'{SETTING_RESULTS.name}_total{{{org},setting="{escape_label_value(setting)}",'
+        f'operation="{escape_label_value(operation)}",status_class="{status_class}"}} {count}\n'
+        for setting, operation, status_class, count in state.setting_results()
+    ).encode(errors="replace")
+
+
+def _rollout_lines(organization: str, rollouts: Sequence[Rollout]) -> tuple[bytes, bytes]:
+    """Lines of the rollout gauges: every state and every class of each rollout, zeros too
+    (a share of failed devices needs its denominator)."""
+    org = f'organization="{escape_label_value(organization)}"'
+    devices: list[str] = []
+    actions: list[str] = []
+    for rollout in rollouts:
+        labels = f'{org},rollout="{escape_label_value(rollout.name)}"'
+        devices += (
+            f'{ROLLOUT_DEVICES.name}{{{labels},state="{state}"}} {count}\n'
+            for state, count in zip(STATES, rollout.devices, strict=True)
+        )
+        actions += (
+            f'{ROLLOUT_ACTIONS.name}{{{labels},status_class="{status_class}"}} {count}\n'
+            for status_class, count in zip(CLASSES, rollout.actions, strict=True)
+        )
+    return "".join(devices).encode(errors="replace"), "".join(actions).encode(errors="replace")
+
+
+def _device_state_lines(organization: str, chunks: Iterable[_Chunks]) -> bytes:
+    org = f'organization="{escape_label_value(organization)}"'
+    states = Counter(dict.fromkeys(DEVICE_STATES, 0))
+    states.update(chunk.state for chunk in chunks)
+    return "".join(
+        f'{DEVICES.name}{{{org},state="{escape_label_value(state)}"}} {count}\n'
+        for state, count in sorted(states.items())
+    ).encode(errors="replace")
 
 
 def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> bytes:
@@ -503,7 +583,11 @@ class Exposition:
         self._state_generation = -1
         self._counters_generation = -1
         self._metrics_generation = -1
-        self._fleet = (b"", b"")
+        self._fleet = (b"", b"", b"")
+        self._rollouts = RolloutTotals()
+        self._rollouts_generation = -1
+        self._rollout_sections = (b"", b"")
+        self._device_states = b""
         self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
         self._extras: Mapping[bool, bytes] = {False: b"", True: b""}
         # Replaced as a whole, never mutated: a thread reading them sees one consistent body.
@@ -529,6 +613,8 @@ class Exposition:
             self._max_series = value
             self._chunks = {}
             self._order = []
+            self._rollouts = RolloutTotals()
+            self._rollouts_generation = -1
             self._state_generation = -1
 
     @property
@@ -625,11 +711,7 @@ class Exposition:
         changed = False
         if state_moved:
             changed |= yield from self._refresh_devices()
-            if state.counters_generation != self._counters_generation:
-                fleet = _fleet_sections(state.organization, state)
-                changed |= fleet != self._fleet
-                self._fleet = fleet
-                self._counters_generation = state.counters_generation
+            changed |= self._refresh_fleet_views()
             self._state_generation = state_generation
         if metrics_moved:
             self._metrics_generation = metrics.generation
@@ -642,17 +724,39 @@ class Exposition:
         changed |= extras != self._extras
         self._extras = extras
         if self._max_series is not None or self.guard_level:
-            transitions, latency = self._fleet
-            fixed = sum(
-                _sample_lines(part)
-                for part in (transitions, latency, self._self_sections[False], extras[False])
+            untouched = (
+                *self._fleet, *self._rollout_sections, self._device_states,
+                self._self_sections[False], extras[False],
             )
-            changed |= self._choose_level(fixed)
+            changed |= self._choose_level(sum(_sample_lines(part) for part in untouched))
         if changed:
             plain = self._assemble(openmetrics=False)
             yield  # a large body takes a while to copy together: one at a time
             self._bodies = {False: plain, True: self._assemble(openmetrics=True)}
         return changed
+
+    def _refresh_fleet_views(self) -> bool:
+        """Re-render the fleet-wide sections that moved; True when any bytes changed."""
+        state, organization = self._state, self._state.organization
+        changed = False
+        if state.counters_generation != self._counters_generation:
+            fleet = _fleet_sections(organization, state)
+            changed |= fleet != self._fleet
+            self._fleet = fleet
+            self._counters_generation = state.counters_generation
+        if self._rollouts.generation != self._rollouts_generation:
+            rollouts = _rollout_lines(organization, self._rollouts.top())
+            changed |= rollouts != self._rollout_sections
+            self._rollout_sections = rollouts
+            self._rollouts_generation = self._rollouts.generation
+        device_states = _device_state_lines(organization, self._chunks.values())
+        changed |= device_states != self._device_states
+        self._device_states = device_states
+        return changed
+
+    def rollouts(self) -> list[Rollout]:
+        """The exported rollouts, by name (for the landing page)."""
+        return self._rollouts.top()
 
     def _refresh_devices(self) -> Generator[None, None, bool]:
         """Re-render the devices whose generations moved; True when any bytes changed."""
@@ -663,7 +767,7 @@ class Exposition:
             changed = True
             self._order = sorted(watched)
             for gone in self._chunks.keys() - set(watched):
-                del self._chunks[gone]
+                self._rollouts.replace(self._chunks.pop(gone).rollouts, ())
         organization = state.organization
         chunks = self._chunks
         rendered = 0
@@ -680,6 +784,7 @@ class Exposition:
                 )
                 changed = changed or previous is None or fresh.lines() != previous.lines()
                 chunks[device] = fresh
+                self._rollouts.replace(previous.rollouts if previous else (), fresh.rollouts)
                 rendered += 1
                 if rendered % RENDER_STEP_DEVICES == 0:
                     yield
@@ -689,7 +794,8 @@ class Exposition:
 
     def _assemble(self, *, openmetrics: bool) -> bytes:
         chunks = [self._chunks[device] for device in self._order]
-        transitions, latency = self._fleet
+        transitions, latency, settings = self._fleet
+        rollout_devices, rollout_actions = self._rollout_sections
         level = self.guard_level
         parts: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
         if level == 0:
@@ -714,6 +820,12 @@ class Exposition:
         parts += [c.up for c in chunks]
         parts.append(LAST_SUCCESS.header(openmetrics=openmetrics))
         parts += [c.last_success for c in chunks]
+        parts += [ROLLOUT_DEVICES.header(openmetrics=openmetrics), rollout_devices]
+        parts += [ROLLOUT_ACTIONS.header(openmetrics=openmetrics), rollout_actions]
+        parts += [SETTING_RESULTS.header(openmetrics=openmetrics), settings]
+        parts.append(CHECK_IN.header(openmetrics=openmetrics))
+        parts += [c.check_in for c in chunks]
+        parts += [DEVICES.header(openmetrics=openmetrics), self._device_states]
         parts.append(self._self_sections[openmetrics])
         parts.append(SERIES_DROPPED.header(openmetrics=openmetrics))
         parts.append(f"{SERIES_DROPPED.name} {self.series_dropped}\n".encode())

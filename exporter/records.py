@@ -89,6 +89,9 @@ class Action(NamedTuple):
     received_at: float | None = None
     canceled_at: float | None = None
     problems: frozenset[str] = NO_PROBLEMS
+    # config.path (the CSP node) and config.action (Add, Replace, ...), as sent.
+    path: str | None = None
+    operation: str | None = None
 
 
 T = TypeVar("T")
@@ -377,7 +380,7 @@ def decode_batch(raw: Any) -> Batch | None:
     )
 
 
-# ``Action(...)`` without the keyword handling of its generated ``__new__``: all seven
+# ``Action(...)`` without the keyword handling of its generated ``__new__``: all nine
 # fields, in order.
 _make_tuple = tuple.__new__
 
@@ -387,6 +390,13 @@ def decode_action(raw: Any) -> Action | None:
     if raw.__class__ is not dict:
         return None
     get = raw.get
+    config = get("config")
+    if config is None:
+        path = operation = None
+    elif config.__class__ is dict:
+        path, operation = config.get("path"), config.get("action")
+    else:
+        path = operation = _NOT_A_CONFIG
     return action_from_fields(
         get("cmdId"),
         get("status"),
@@ -394,13 +404,27 @@ def decode_action(raw: Any) -> Action | None:
         get("sentAt"),
         get("receivedAt"),
         get("canceledAt"),
+        path,
+        operation,
     )
 
 
+# Stands in for config.path and config.action when ``config`` is not an object: a schema
+# problem, and neither is known.
+_NOT_A_CONFIG = object()
+
+
 def action_from_fields(
-    cmd_id: Any, status: Any, code: Any, sent: Any, received: Any, canceled: Any
+    cmd_id: Any,
+    status: Any,
+    code: Any,
+    sent: Any,
+    received: Any,
+    canceled: Any,
+    path: Any = None,
+    operation: Any = None,
 ) -> Action | None:
-    """An action from its six JSON fields, whatever their types; ``None`` without ``cmdId``."""
+    """An action from its JSON fields, whatever their types; ``None`` without ``cmdId``."""
     # Actions come by the hundred per page: the common shape is checked in one go and
     # anything unusual (or a timestamp that does not parse) takes the careful path.
     if (
@@ -409,6 +433,8 @@ def action_from_fields(
         and status.__class__ is str
         and status in STATUS_CLASS
         and (code is None or code.__class__ is int)
+        and (path is None or path.__class__ is str)
+        and (operation is None or operation.__class__ is str)
     ):
         try:
             if sent is not None:
@@ -418,15 +444,23 @@ def action_from_fields(
             if canceled is not None:
                 canceled = _cached_timestamp(canceled) or _parse_iso(canceled)
             return _make_tuple(
-                Action, (cmd_id, status, code, sent, received, canceled, NO_PROBLEMS)
+                Action,
+                (cmd_id, status, code, sent, received, canceled, NO_PROBLEMS, path, operation),
             )
         except (ValueError, TypeError, AttributeError, OverflowError):
             pass
-    return _action_carefully(cmd_id, status, code, sent, received, canceled)
+    return _action_carefully(cmd_id, status, code, sent, received, canceled, path, operation)
 
 
 def _action_carefully(
-    cmd_id: Any, status: Any, code: Any, sent: Any, received: Any, canceled: Any
+    cmd_id: Any,
+    status: Any,
+    code: Any,
+    sent: Any,
+    received: Any,
+    canceled: Any,
+    path: Any,
+    operation: Any,
 ) -> Action | None:
     if cmd_id.__class__ is not str:
         if not isinstance(cmd_id, int) or isinstance(cmd_id, bool):
@@ -444,29 +478,42 @@ def _action_carefully(
         code = _int(code)
         if code is None:
             problems.add(SCHEMA)
+    moments = _when(sent, problems), _when(received, problems), _when(canceled, problems)
+    path, operation = _config_text(path, problems), _config_text(operation, problems)
     return Action(
-        cmd_id,
-        status,
-        code,
-        _when(sent, problems),
-        _when(received, problems),
-        _when(canceled, problems),
-        frozenset(problems) if problems else NO_PROBLEMS,
+        cmd_id, status, code, *moments, frozenset(problems) if problems else NO_PROBLEMS,
+        path, operation,
     )
+
+
+def _config_text(value: Any, problems: set[str]) -> str | None:
+    if value is None or value.__class__ is str:
+        return value
+    problems.add(SCHEMA)
+    return None
 
 
 # --- actions pages straight from the body ----------------------------------------------------
 
 
+class _WireConfig(msgspec.Struct):
+    # The CSP node and the operation; the value (maybe a long XML) is skipped by the parser.
+    path: Any = None
+    action: Any = None
+
+
 class _WireAction(msgspec.Struct, rename="camel"):
     # Only the fields the exporter reads, of any JSON type: the rest of each action (its
-    # config and data) is skipped by the parser, and types are judged by action_from_fields.
+    # data, the config's value) is skipped by the parser, and types are judged by
+    # action_from_fields. A config that is not an object fails the page over to the
+    # general path, which names the problem.
     cmd_id: Any = None
     status: Any = None
     status_code: Any = None
     sent_at: Any = None
     received_at: Any = None
     canceled_at: Any = None
+    config: _WireConfig | None = None
 
 
 class _WireActionsPage(msgspec.Struct, rename="camel"):
@@ -483,6 +530,7 @@ class _WireActionsEnvelope(msgspec.Struct):
 
 
 _read_actions_envelope = msgspec.json.Decoder(_WireActionsEnvelope).decode
+_NO_CONFIG = _WireConfig()
 
 
 def decode_actions_body(body: bytes) -> Page[Action]:
@@ -501,6 +549,7 @@ def decode_actions_body(body: bytes) -> Page[Action]:
         return decode_page(envelope_data(decode_json(body)), decode_action)
     page = envelope.data
     raw_items = page.items
+    no_config = _NO_CONFIG
     items = tuple(
         filter(
             None,
@@ -512,6 +561,8 @@ def decode_actions_body(body: bytes) -> Page[Action]:
                     raw.sent_at,
                     raw.received_at,
                     raw.canceled_at,
+                    (raw.config or no_config).path,
+                    (raw.config or no_config).action,
                 )
                 for raw in raw_items
             ],

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
-from exporter.config import Config, DeviceConfig
+from exporter.config import Config, DeviceConfig, DeviceDiscovery
 from exporter.records import Batch, Device, until
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
@@ -264,6 +264,10 @@ class Scheduler:
         self._targets: dict[str, Target] = {}
         self._discovered: dict[str, Target] = {}
         self._discovered_at: float | None = None
+        # When the whole (unfiltered) device list was last read for configured devices that
+        # discovery does not list: their check-ins and states.
+        self._listed_at: float | None = None
+        self._shown_by_discovery: set[str] = set()  # watched devices its last list showed
         self._tracking: dict[str, Tracking] = {}
         self._aliases: dict[str, str] = {}  # lower-case id, serial or IMEI -> target key
         self._completed: set[str] = set()
@@ -333,6 +337,8 @@ class Scheduler:
             self._signal_mark = None
             if config.discovery.devices is None:
                 self._discovered = {}
+                self._shown_by_discovery = set()
+        self._listed_at = None  # configured devices may have changed: look them up now
         self.config = config
         self._apply_targets()
         self._wake.set()
@@ -360,6 +366,14 @@ class Scheduler:
 
     # --- discovery and check-ins ----------------------------------------------------------
 
+    async def _read_device_lists(self) -> bool:
+        """The device lists that are due: discovery's (membership, check-ins for the plan),
+        then, for configured devices it does not show, the whole list (their check-ins and
+        states), each at least every ``refresh_seconds``. True if discovery's list was read."""
+        discovered = await self._discover_devices()
+        await self._list_configured()
+        return discovered
+
     async def _discover_devices(self) -> bool:
         """The full device list when membership is due for a refresh; True if it was read."""
         spec = self.config.discovery.devices
@@ -378,8 +392,37 @@ class Scheduler:
         self._discovered_at = now
         self._apply_targets()
         self._note_checkins(devices, full=True)
+        shown = self._shown_by_discovery = self._note_listed(devices)
+        if not (spec.tags or spec.segment is not None):
+            # The whole list: a watched device it lacks is not listed at all.
+            self._note_unlisted(shown)
         log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
         return True
+
+    async def _list_configured(self) -> None:
+        """Check-ins and states of configured devices that discovery does not list, from the
+        whole device list (⌈N / page_size⌉ requests), at discovery's refresh cadence."""
+        spec = self.config.discovery.devices
+        if spec is not None and not (spec.tags or spec.segment is not None):
+            return  # discovery already reads the whole list
+        unlisted = self._configured_only()
+        refresh = (spec or DeviceDiscovery()).refresh_seconds
+        now = self._clock()
+        if not unlisted or (self._listed_at is not None and now - self._listed_at < refresh):
+            return
+        try:
+            devices = await self._client.list_devices()
+        except ApiError as exc:
+            log.warning("device_list_failed", endpoint="devices", reason=str(exc))
+            return
+        self._listed_at = now
+        shown = self._note_listed(self._until_now(devices), only=unlisted)
+        self._note_unlisted(shown, only=unlisted)
+
+    def _configured_only(self) -> set[str]:
+        """Watched configured devices that discovery's list does not show."""
+        configured = {d.id for d in self.config.devices if d.id in self._targets}
+        return configured - self._shown_by_discovery
 
     async def _read_checkins(self) -> None:
         """Devices that checked in since the last look, newest first, usually one page."""
@@ -399,7 +442,9 @@ class Scheduler:
         except ApiError as exc:
             log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
             return
-        self._note_checkins(self._until_now(devices), full=False)
+        devices = self._until_now(devices)
+        self._note_checkins(devices, full=False)
+        self._note_listed(devices)
 
     def _until_now(self, devices: Sequence[Device]) -> list[Device]:
         limit = self._state.future_limit()
@@ -429,6 +474,25 @@ class Scheduler:
             # Upstream may ignore the sort: then the full list, read on its own cadence,
             # still brings every check-in, only later. Worth knowing when freshness lags.
             log.warning("checkins_missed_by_sorted_list", devices=missed)
+
+    def _note_listed(self, devices: Sequence[Device], only: set[str] | None = None) -> set[str]:
+        """Give the state each watched device's state and check-in as listed; returns the
+        watched devices shown (of ``only``, when given)."""
+        shown: set[str] = set()
+        for device in devices:
+            key = self._key_of(device)
+            if key is None or (only is not None and key not in only):
+                continue
+            shown.add(key)
+            self._state.device_listed(
+                key, state=device.state or "UNKNOWN", check_in=device.last_status_report
+            )
+        return shown
+
+    def _note_unlisted(self, shown: set[str], only: set[str] | None = None) -> None:
+        """Watched devices (of ``only``) that a whole device list did not show."""
+        for key in (self._targets.keys() if only is None else only) - shown:
+            self._state.device_listed(key, state=None, check_in=None)
 
     def _key_of(self, device: Device) -> str | None:
         for ident in (device.id, device.serial, device.imei):
@@ -466,7 +530,7 @@ class Scheduler:
         spent_before = self._client.budget.spent
         result = RoundResult()
         if self.strategy == ROUND_ROBIN:
-            await self._discover_devices()
+            await self._read_device_lists()
             await self._poll_all(list(self._targets.values()), result)
         else:
             await self._budget_round(result)
@@ -500,7 +564,7 @@ class Scheduler:
     async def _budget_round(self, result: RoundResult) -> None:
         credit = self._accrue()
         spent = self._client.budget.spent
-        if not await self._discover_devices():
+        if not await self._read_device_lists():
             await self._read_checkins()
         looked = self._client.budget.spent - spent
         credit -= looked

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +21,7 @@ from exporter.exposition import (
     Exposition,
     wants_openmetrics,
 )
+from exporter.rollouts import STATES, Rollout
 from exporter.state import FleetState
 from exporter.webconfig import WebSecurity, install
 
@@ -84,10 +85,15 @@ async def reload(request: web.Request) -> web.Response:
     return web.Response(status=500, text=f"Reload failed, old config kept:\n{problem}\n")
 
 
-def _ago(moment: float | None) -> str:
+def _ago(moment: float | None, now: float | None = None) -> str:
+    """``moment`` as an age: seconds, then minutes, hours and days as they grow."""
     if moment is None:
         return "never"
-    return f"{max(0.0, time.time() - moment):.0f}s ago"
+    seconds = max(0.0, (time.time() if now is None else now) - moment)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 CLASSES = ("pending", "success", "canceled", "error", "unknown")
@@ -95,35 +101,56 @@ CLASSES = ("pending", "success", "canceled", "error", "unknown")
 
 def _device_rows(state: FleetState) -> str:
     rows = []
+    upstream_now = state.now()  # check-ins are on upstream's clock
     for device in sorted(state.watched()):
         view = state.device_view(device)
         result = "up" if view.up else f"down: {view.last_error or 'not polled yet'}"
         counts = "".join(f"<td>{view.class_counts.get(c, 0)}</td>" for c in CLASSES)
         rows.append(
             f"<tr><td>{html.escape(device)}</td><td>{html.escape(view.name or '')}</td>"
-            f"<td>{_ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}</tr>"
+            f"<td>{_ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}"
+            f"<td>{_ago(view.check_in, upstream_now)}</td><td>{html.escape(view.state)}</td>"
+            "</tr>"
         )
     return "\n".join(rows)
+
+
+def _rollout_rows(rollouts: Sequence[Rollout]) -> str:
+    # Most failed devices first: the rollouts that need a look.
+    ordered = sorted(rollouts, key=lambda r: (-r.devices[0], -sum(r.devices), r.name))
+    return "\n".join(
+        f"<tr><td>{html.escape(r.name)}</td>"
+        + "".join(f"<td>{count}</td>" for count in r.devices)
+        + f"<td>{sum(r.devices)}</td></tr>"
+        for r in ordered
+    )
 
 
 async def landing(request: web.Request) -> web.Response:
     hooks = request.app[HOOKS]
     head = "".join(f"<th>{c}</th>" for c in CLASSES)
+    rollout_head = "".join(f"<th>{s}</th>" for s in STATES)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Applivery MDM exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head>
+td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
+.views{{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}}</style></head>
 <body><h1>Applivery MDM exporter</h1>
 <p>Version {html.escape(hooks.version)} &middot; organization
 {html.escape(hooks.organization())}</p>
 <ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
 <li><a href="/-/ready">Readiness</a></li></ul>
 <p>{html.escape(hooks.exposition.guard_summary)}</p>
-<h2>Watched devices</h2>
+<div class="views"><section id="devices"><h2>Watched devices</h2>
 <table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
-</tr></thead><tbody>
+<th>last check-in</th><th>state</th></tr></thead><tbody>
 {_device_rows(hooks.state)}
-</tbody></table></body></html>
+</tbody></table></section>
+<section id="rollouts"><h2>Rollouts</h2>
+<p>Batches sharing a name: devices per state of their latest batch of that name.</p>
+<table><thead><tr><th>rollout</th>{rollout_head}<th>devices</th></tr></thead><tbody>
+{_rollout_rows(hooks.exposition.rollouts())}
+</tbody></table></section></div></body></html>
 """
     return web.Response(text=page, content_type="text/html")
 

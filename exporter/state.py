@@ -27,7 +27,9 @@ Counting rules (docs/design.md, "Exactly-once rules"):
   threshold (its watermark; for a batch no newer than one pruned since, also past that
   entry's last sight): history is never counted. Seen before, a new status counts unless its
   own timestamp puts it before the threshold;
-- the latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears.
+- the latency ``receivedAt - sentAt`` once per action, when ``receivedAt`` first appears;
+- an action's setting result once, when it first reaches a final status and that status
+  counts.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import NamedTuple
 from exporter.histogram import Histogram
 from exporter.records import FUTURE_SLACK_SECONDS, PROBLEM_KINDS, SCHEMA, Action, Batch
 from exporter.selfmetrics import SelfMetrics
+from exporter.settings import operation, setting
 from exporter.statuses import KNOWN_STATUSES, StatusClass, classify
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -56,6 +59,15 @@ CLASSES: tuple[str, ...] = tuple(c.value for c in StatusClass)
 # upstream that invents names cannot grow the series for ever.
 MAX_UNKNOWN_STATUSES = 100
 OTHER_STATUS = "other"
+# Distinct settings counted under their own name; later ones under OTHER_SETTING.
+MAX_SETTINGS = 500
+OTHER_SETTING = "other"
+# Raw CSP paths remembered with their setting (cleared when full: a cache, not a bound).
+_SETTING_CACHE_SIZE = 4096
+# Upstream device states (docs/upstream-api.md), exported even when no device is in one.
+DEVICE_STATES = ("ACTIVE", "PROVISIONING", "DELETE_REQUESTED", "DELETED", "UNKNOWN")
+# Upstream device state of a watched device the device list has not shown.
+NOT_LISTED = "not_listed"
 
 # How far each status is along Pending -> Awaiting -> in progress -> final. A read below the
 # furthest step an action reached is stale.
@@ -93,6 +105,7 @@ def problem_bits(kinds: Iterable[str]) -> int:
 class BatchView:
     id: str
     name: str | None
+    created_at: float | None
     # (status, status_class, count), sorted by status, counts > 0 only.
     counts: tuple[tuple[str, str, int], ...]
     oldest_pending: float | None
@@ -111,6 +124,9 @@ class DeviceView:
     last_error: str | None
     # True after expire(): the command series left /metrics until the next success.
     expired: bool
+    # From the device list: lastStatusReportTime and the upstream state (NOT_LISTED before).
+    check_in: float | None
+    state: str
     class_counts: Mapping[str, int]
     oldest_pending: float | None
     batches: tuple[BatchView, ...]
@@ -167,6 +183,8 @@ class _Device:
     last_error: str | None = None
     failing_since: float | None = None  # wall clock of the first failed read in a row
     expired: bool = False
+    check_in: float | None = None
+    state: str = NOT_LISTED
     batches: dict[str, _Batch] = field(default_factory=dict)
     info_gen: int = 0
     status_gen: int = 0
@@ -218,6 +236,10 @@ class FleetState:
         # Every known status starts at 0 so the first increase shows in rate().
         self._transitions: list[int] = [0] * len(KNOWN_STATUSES)
         self._latency: dict[str, Histogram] = {c: Histogram(self.latency_buckets) for c in CLASSES}
+        # (setting, operation, status_class) -> actions that reached a final status there.
+        self._settings: dict[tuple[str, str, str], int] = {}
+        self._setting_names: set[str] = set()
+        self._setting_of: dict[str | None, str] = {}
         self._events = 0  # transitions and latencies recorded, to tell when counters moved
 
     # --- bookkeeping -----------------------------------------------------------------------
@@ -293,6 +315,18 @@ class FleetState:
         if dev is not None and kinds:
             dev.problems = self._count_problems(kinds, dev.problems)
 
+    def device_listed(self, device: str, *, state: str | None, check_in: float | None) -> None:
+        """What the device list shows of a watched device: its state (``None``: not listed)
+        and its last check-in (the newest seen is kept: a lagging replica cannot undo it)."""
+        dev = self._devices.get(device)
+        if dev is None:
+            return
+        listed = NOT_LISTED if state is None else state
+        newest = dev.check_in if check_in is None else max(check_in, dev.check_in or check_in)
+        if (listed, newest) != (dev.state, dev.check_in):
+            dev.state, dev.check_in = listed, newest
+            dev.status_gen = self._bump()
+
     def unwatch(self, device: str) -> None:
         """Stop exporting the device; its ledger stays until pruned by age."""
         if self._devices.pop(device, None) is not None:
@@ -338,10 +372,14 @@ class FleetState:
                 counts[index] = counts.get(index, 0) + count
         return counts
 
+    def now(self) -> float:
+        """The upstream's time line (check-ins and batch times are on it)."""
+        return self._clock()
+
     def future_limit(self) -> float:
         """Upstream timestamps after this are not moments but garbage: the reader treats
         them as missing (records.until)."""
-        return self._clock() + FUTURE_SLACK_SECONDS
+        return self.now() + FUTURE_SLACK_SECONDS
 
     def _threshold(self, device: str, dev: _Device, created_at: float | None) -> float:
         """Statuses seen at first sight count only when their timestamps are after this."""
@@ -485,7 +523,7 @@ class FleetState:
         for entered in path:
             moment = self._moment(entered, created_at, action)
             if moment is not None and moment > threshold:
-                self._enter(entered)
+                self._enter(entered, action, reached_final=entered == status)
         value = self._count_problems(action.problems, 0)
         value = self._mark(value, path, self._status_rank[status])
         if action.received_at is not None:
@@ -505,7 +543,8 @@ class FleetState:
         value = self._count_problems(action.problems, previous & _PROBLEM_MASK)
         value |= previous & ~_PROBLEM_MASK
         rank = self._status_rank[status]
-        if rank < (previous & _RANK_MASK) >> _RANK_SHIFT:
+        reached = (previous & _RANK_MASK) >> _RANK_SHIFT
+        if rank < reached:
             return value  # a stale read: behind what this action already reached
         path = self._path(previous, status, action)
         for entered in path:
@@ -513,7 +552,8 @@ class FleetState:
             # otherwise (the sight was a lagging replica's view of the time before watching).
             moment = self._moment(entered, created_at, action)
             if moment is None or moment > threshold:
-                self._enter(entered)
+                final_now = entered == status and reached < _RANK_FINAL
+                self._enter(entered, action, reached_final=final_now)
         value = self._mark(value, path, rank)
         if action.received_at is not None and not value & _RECEIVED:
             value |= _RECEIVED
@@ -533,9 +573,30 @@ class FleetState:
         # administrator's cancel carries canceledAt and no receivedAt.
         return action.received_at if action.received_at is not None else action.canceled_at
 
-    def _enter(self, status: int) -> None:
+    def _enter(self, status: int, action: Action, *, reached_final: bool) -> None:
+        """Count ``status`` entered; with ``reached_final``, the action's first final status
+        (its setting's result, once per action)."""
         self._transitions[status] += 1
         self._events += 1
+        if reached_final and self._status_rank[status] == _RANK_FINAL:
+            key = (self._setting(action.path), operation(action.operation))
+            result = (*key, self._status_class[status])
+            self._settings[result] = self._settings.get(result, 0) + 1
+
+    def _setting(self, path: str | None) -> str:
+        """The setting label of a CSP path: one of MAX_SETTINGS names, then OTHER_SETTING."""
+        name = self._setting_of.get(path)
+        if name is None:
+            name = setting(path)
+            if name not in self._setting_names:
+                if len(self._setting_names) >= MAX_SETTINGS:
+                    name = OTHER_SETTING
+                else:
+                    self._setting_names.add(name)
+            if len(self._setting_of) >= _SETTING_CACHE_SIZE:
+                self._setting_of.clear()
+            self._setting_of[path] = name
+        return name
 
     def _observe_latency(self, status: int, action: Action) -> None:
         if action.sent_at is None or action.received_at is None:
@@ -661,6 +722,8 @@ class FleetState:
             last_success=dev.last_success,
             last_error=dev.last_error,
             expired=dev.expired,
+            check_in=dev.check_in,
+            state=dev.state,
             class_counts=MappingProxyType(class_counts),
             oldest_pending=min(moments) if moments else None,
             batches=batches,
@@ -669,7 +732,9 @@ class FleetState:
     def _batch_view(self, batch_id: str, batch: _Batch) -> BatchView:
         names, classes = self._status_names, self._status_class
         counts = sorted((names[s], classes[s], n) for s, n in batch.counts.items())
-        return BatchView(batch_id, batch.name, tuple(counts), batch.oldest_pending)
+        return BatchView(
+            batch_id, batch.name, batch.created_at, tuple(counts), batch.oldest_pending
+        )
 
     def transitions(self) -> list[tuple[str, str, int]]:
         """(status, status_class, count) for every status ever interned, known ones first."""
@@ -679,6 +744,10 @@ class FleetState:
     def latency(self) -> Mapping[str, Histogram]:
         """Latency histogram per status_class (read-only use)."""
         return MappingProxyType(self._latency)
+
+    def setting_results(self) -> list[tuple[str, str, str, int]]:
+        """(setting, operation, status_class, count), sorted."""
+        return sorted((*key, count) for key, count in self._settings.items())
 
     def entered(self, device: str, batch_id: str, cmd_id: str) -> frozenset[str]:
         """The statuses the ledger holds for one action (for tests and the soak's checks)."""

@@ -41,3 +41,12 @@ async def simulator_server(
 ) -> SimulatorServer:
     """(sim, base_url) of a small simulator with a manual clock."""
     return await make_simulator_server()
+
+
+@pytest.fixture
+async def make_rig(aiohttp_server: Any, aiohttp_client: Any) -> Any:
+    """Factory: ``await make_rig(upstream, **config)`` -> a Rig (tests/scripted.py)."""
+    from scripted import rig_factory
+
+    async with rig_factory(aiohttp_server, aiohttp_client) as make:
+        yield make

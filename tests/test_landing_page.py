@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from html.parser import HTMLParser
 
+import aiohttp
 import pytest
 from processes import free_port
 from test_exporter_e2e import make_exporter
@@ -22,18 +23,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class _Table(HTMLParser):
-    """Rows of the page's device table as lists of cell texts."""
+class _Tables(HTMLParser):
+    """The body rows of each table of the page, as lists of cell texts."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows: list[list[str]] = []
+        self.tables: list[list[list[str]]] = []
         self._in_body = False
         self._cell: list[str] | None = None
+
+    @property
+    def rows(self) -> list[list[str]]:
+        return self.tables[-1]
 
     def handle_starttag(self, tag: str, attrs: object) -> None:
         if tag == "tbody":
             self._in_body = True
+            self.tables.append([])
         elif tag == "tr" and self._in_body:
             self.rows.append([])
         elif tag == "td" and self._in_body:
@@ -49,6 +55,17 @@ class _Table(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
             self._cell.append(data)
+
+
+async def _device_documents(url: str, sim) -> list[dict]:
+    """The simulator's device list, as the upstream serves it."""
+    devices = f"{url}/organizations/{sim.organization}/mdm/windows/enterprise/devices"
+    headers = {"Authorization": f"Bearer {sim.token}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(devices, params={"limit": "1000"}) as response,
+    ):
+        return (await response.json())["data"]["items"]
 
 
 async def rendered_dom(url: str, profile: str) -> str:
@@ -78,9 +95,11 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     finally:
         stop.set()
         await server
-    table = _Table()
-    table.feed(dom)
-    shown = {row[0]: row for row in table.rows}
+    tables = _Tables()
+    tables.feed(dom)
+    devices, rollouts = tables.tables
+    shown = {row[0]: row for row in devices}
+    listed = {d["id"]: d for d in await _device_documents(url, sim)}
     assert set(shown) == set(sim.fleet.device_ids())
     for device, row in shown.items():
         truth: Counter[str] = Counter()
@@ -93,3 +112,36 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
         assert [int(cell) for cell in row[4:9]] == [
             truth[c] for c in ("pending", "success", "canceled", "error", "unknown")
         ]
+        # The check-in age and the state, as the device list shows them.
+        document = listed[device]
+        assert row[9] != "never" if document.get("lastStatusReportTime") else row[9] == "never"
+        assert row[10] == document.get("state", "UNKNOWN")
+    # Rollouts: per batch name, the devices per state of their latest batch of that name,
+    # most failed devices first.
+    expected = _rollout_truth(sim.fleet)
+    assert len(rollouts) == len(expected) > 0
+    assert {row[0]: [int(cell) for cell in row[1:]] for row in rollouts} == expected
+    failed = [int(row[1]) for row in rollouts]
+    assert failed == sorted(failed, reverse=True)
+
+
+def _rollout_truth(fleet) -> dict[str, list[int]]:
+    """Rollout rows from the simulator's own batches: failed, pending, unknown, canceled,
+    succeeded, devices."""
+    order = ("error", "pending", "unknown", "canceled")
+    rows: dict[str, list[int]] = {}
+    for device in fleet.device_ids():
+        latest: dict[str, tuple[float, str]] = {}
+        for batch_id in fleet.batch_ids(device):
+            batch = fleet.batch(fleet.device(device), batch_id)
+            if batch.name and (batch.name not in latest or batch.created > latest[batch.name][0]):
+                latest[batch.name] = (batch.created, batch_id)
+        for name, (_, batch_id) in latest.items():
+            classes = Counter()
+            for status, count in fleet.grouped_counts(device, batch_id).items():
+                classes[classify(status).value] += count
+            state = next((i for i, c in enumerate(order) if classes[c]), 4)
+            row = rows.setdefault(name, [0] * 6)
+            row[state] += 1
+            row[5] += 1
+    return rows

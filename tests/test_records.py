@@ -103,10 +103,27 @@ def test_reference_example_decodes_exactly() -> None:
         sent_at=MOMENT,
         received_at=MOMENT + 15,
         canceled_at=MOMENT + 60,
+        path="./Device/Vendor/MSFT/Policy/Config/Security/RequireDeviceEncryption",
+        operation="Replace",
     )
     assert action.received_at is not None and action.sent_at is not None
     assert action.received_at - action.sent_at == 15
     assert not action.problems
+
+
+def test_config_path_and_operation_are_read() -> None:
+    config = {"path": "./Device/Vendor/MSFT/Reboot/RebootNow", "action": "Exec", "value": "1"}
+    [action] = decode_actions_body(_action_page({**GOOD, "config": config})).items
+    assert (action.path, action.operation, action.problems) == (
+        "./Device/Vendor/MSFT/Reboot/RebootNow", "Exec", frozenset()
+    )
+
+
+@pytest.mark.parametrize("config", ["./Vendor/MSFT/X", [1], {"path": 7}, {"action": {}}])
+def test_a_config_of_the_wrong_shape_is_a_schema_problem(config: object) -> None:
+    [action] = decode_actions_body(_action_page({**GOOD, "config": config})).items
+    assert action.problems == {SCHEMA}
+    assert action.status == "Acknowledged"  # the rest of the action is kept
 
 
 def _general_path(body: bytes):
@@ -155,6 +172,12 @@ ACTION_BODIES = {
     b' "statusCode": NaN}]}}',
     "huge integer": b'{"status": true, "data": {"items": [{"cmdId": "a", "status": "Pending",'
     b' "statusCode": 123456789012345678901234567890}]}}',
+    "config": _action_page({**GOOD, "config": {"path": "./Vendor/MSFT/Reboot/RebootNow",
+                                               "action": "Exec", "value": "<x/>" * 50}}),
+    "config without path": _action_page({**GOOD, "config": {"format": "int"}}),
+    "config of null": _action_page({**GOOD, "config": None}),
+    "config that is not an object": _action_page({**GOOD, "config": "./Vendor/MSFT/X"}, GOOD),
+    "config path of the wrong type": _action_page({**GOOD, "config": {"path": 7, "action": []}}),
 }
 
 BROKEN_BODIES = {

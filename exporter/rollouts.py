@@ -1,0 +1,120 @@
+"""Rollouts: the batches that share a name across devices, summed over the fleet.
+
+Upstream keeps one batch per device: pushing a policy to 3,000 laptops makes 3,000 batches
+with one name. Per (device, name) only the most recently created batch counts (a push
+repeated after a fix replaces the failed one). Each device's part is a small tuple computed
+when its batches change; :class:`RolloutTotals` keeps the fleet's sums up to date by
+adding and removing those parts, so a refresh never walks the whole fleet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from exporter.state import CLASSES, BatchView
+
+# Device states of a rollout, by precedence: an error anywhere in the batch outweighs
+# anything still pending, and so on down.
+STATES = ("failed", "pending", "unknown", "canceled", "succeeded")
+_STATE_OF_CLASS = (("error", "failed"), ("pending", "pending"), ("unknown", "unknown"),
+                   ("canceled", "canceled"))
+# Rollout names exported per process, the most recently created first.
+MAX_ROLLOUTS = 500
+
+
+class Part(NamedTuple):
+    """One device's latest batch of a rollout."""
+
+    rollout: str
+    created_at: float
+    state: str
+    classes: tuple[int, ...]  # actions per status class, in CLASSES order
+
+
+class Rollout(NamedTuple):
+    name: str
+    devices: tuple[int, ...]  # per state, in STATES order
+    actions: tuple[int, ...]  # per status class, in CLASSES order
+
+
+def device_state(classes: dict[str, int]) -> str:
+    """The state of a device's batch from its actions per class."""
+    for status_class, state in _STATE_OF_CLASS:
+        if classes.get(status_class):
+            return state
+    return "succeeded"
+
+
+def device_parts(batches: Iterable[BatchView]) -> tuple[Part, ...]:
+    """The latest batch of each name among one device's batches, as rollout parts."""
+    latest: dict[str, BatchView] = {}
+    for batch in batches:
+        if not batch.name:
+            continue
+        known = latest.get(batch.name)
+        if known is None or _created(batch) > _created(known):
+            latest[batch.name] = batch
+    parts = []
+    for name, batch in sorted(latest.items()):
+        classes = dict.fromkeys(CLASSES, 0)
+        for _, status_class, count in batch.counts:
+            classes[status_class] += count
+        created = batch.created_at if batch.created_at is not None else -math.inf
+        parts.append(Part(name, created, device_state(classes), tuple(classes.values())))
+    return tuple(parts)
+
+
+def _created(batch: BatchView) -> tuple[float, str]:
+    # Batch ids are object ids, which start with their creation second: a fair tie-break.
+    return (batch.created_at if batch.created_at is not None else -math.inf, batch.id)
+
+
+class RolloutTotals:
+    """Devices per state and actions per class of every rollout, kept by adding and
+    removing device parts."""
+
+    def __init__(self) -> None:
+        # name -> [devices per state..., actions per class...]
+        self._sums: dict[str, list[int]] = {}
+        # name -> newest createdAt among its parts while it has any (never lowered: it
+        # only orders names for the MAX_ROLLOUTS cut).
+        self._newest: dict[str, float] = {}
+        self.generation = 0
+
+    def replace(self, old: tuple[Part, ...], new: tuple[Part, ...]) -> None:
+        if old == new:
+            return
+        for part in old:
+            self._add(part, -1)
+        for part in new:
+            self._add(part, 1)
+        self.generation += 1
+
+    def _add(self, part: Part, sign: int) -> None:
+        sums = self._sums.get(part.rollout)
+        if sums is None:
+            sums = self._sums[part.rollout] = [0] * (len(STATES) + len(CLASSES))
+        sums[STATES.index(part.state)] += sign
+        for i, count in enumerate(part.classes, len(STATES)):
+            sums[i] += sign * count
+        if not any(sums[: len(STATES)]):
+            del self._sums[part.rollout]
+            self._newest.pop(part.rollout, None)
+        elif sign > 0:
+            self._newest[part.rollout] = max(
+                part.created_at, self._newest.get(part.rollout, -math.inf)
+            )
+
+    def top(self, limit: int = MAX_ROLLOUTS) -> list[Rollout]:
+        """The ``limit`` most recently created rollouts, by name."""
+        names = sorted(self._sums, key=lambda n: (-self._newest.get(n, -math.inf), n))[:limit]
+        width = len(STATES)
+        return [
+            Rollout(n, tuple(self._sums[n][:width]), tuple(self._sums[n][width:]))
+            for n in sorted(names)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._sums)
