@@ -523,7 +523,7 @@ class FleetState:
         for entered in path:
             moment = self._moment(entered, created_at, action)
             if moment is not None and moment > threshold:
-                self._enter(entered, action, reached_final=entered == status)
+                self._enter(entered, action, first_final=True)
         value = self._count_problems(action.problems, 0)
         value = self._mark(value, path, self._status_rank[status])
         if action.received_at is not None:
@@ -552,8 +552,7 @@ class FleetState:
             # otherwise (the sight was a lagging replica's view of the time before watching).
             moment = self._moment(entered, created_at, action)
             if moment is None or moment > threshold:
-                final_now = entered == status and reached < _RANK_FINAL
-                self._enter(entered, action, reached_final=final_now)
+                self._enter(entered, action, first_final=reached < _RANK_FINAL)
         value = self._mark(value, path, rank)
         if action.received_at is not None and not value & _RECEIVED:
             value |= _RECEIVED
@@ -573,12 +572,12 @@ class FleetState:
         # administrator's cancel carries canceledAt and no receivedAt.
         return action.received_at if action.received_at is not None else action.canceled_at
 
-    def _enter(self, status: int, action: Action, *, reached_final: bool) -> None:
-        """Count ``status`` entered; with ``reached_final``, the action's first final status
-        (its setting's result, once per action)."""
+    def _enter(self, status: int, action: Action, *, first_final: bool) -> None:
+        """Count ``status`` entered; a final one also counts for the action's setting, when
+        ``first_final`` (the action reached no final status before)."""
         self._transitions[status] += 1
         self._events += 1
-        if reached_final and self._status_rank[status] == _RANK_FINAL:
+        if first_final and self._status_rank[status] == _RANK_FINAL:
             key = (self._setting(action.path), operation(action.operation))
             result = (*key, self._status_class[status])
             self._settings[result] = self._settings.get(result, 0) + 1

@@ -5,8 +5,9 @@ answered or canceled) and a sequence of reads of it: fresh, stale (a lagging rep
 of an earlier moment), short (a subset of the actions), 404s and window exits (the batch
 leaves the view), restarts (a new process with a new watermark) and ledger pruning. The
 truth is computed from the story alone: the statuses each action entered after the
-watermark. The state may never count more than that, and once a fresh full read comes after
-everything, it counts exactly that (unless pruning forgot what a stale read never showed).
+watermark, and per setting the actions whose final status came after it. The state may never
+count more than that, and once a fresh full read comes after everything, it counts exactly
+that (unless pruning forgot what a stale read never showed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 
 from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
+from exporter.settings import setting
 from exporter.state import FleetState
+from exporter.statuses import classify
 
 DEVICE = "65f0c0ffee65f0c0ffee0001"
 BATCH = "65f0c0ffee65f0c0ffee1001"
@@ -56,6 +59,16 @@ class Story:
             moments.get("Awaiting"),
             moments[status] if answered else None,
             moments[status] if canceled else None,
+            path=self.path,
+            operation="Replace",
+        )
+
+    @property
+    def path(self) -> str:
+        # Two settings, one of them under instance ids that must fold into one.
+        return f"./Device/Vendor/MSFT/Policy/{self.cmd}/X" if self.cmd[-1] in "02468" else (
+            f"./Vendor/MSFT/EnterpriseDesktopAppManagement/MSI/{{{self.cmd[-1] * 8}-0000-0000"
+            f"-0000-000000000000}}/DownloadInstall"
         )
 
 
@@ -123,6 +136,21 @@ def truth(created: float, actions: list[Story], after: float, until: float) -> d
     return out
 
 
+def setting_results(state: FleetState) -> dict[tuple[str, str], int]:
+    return {(name, status_class): n for name, _, status_class, n in state.setting_results()}
+
+
+def settled(actions: list[Story], after: float, until: float) -> dict[tuple[str, str], int]:
+    """Per (setting, status_class), the actions whose final status came in (after, until]."""
+    out: dict[tuple[str, str], int] = {}
+    for story in actions:
+        final, moment = story.final, story.final_at
+        if final is not None and moment is not None and after < moment <= until:
+            key = (setting(story.path), classify(final).value)
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def answered(actions: list[Story], after: float, until: float) -> int:
     finals = [s.final_at for s in actions if s.final not in (None, "Cancel")]
     return sum(1 for moment in finals if moment is not None and after < moment <= until)
@@ -169,6 +197,9 @@ def test_each_status_counts_once_per_action_whatever_the_reads(
         for status, n in counted(state).items():
             assert n <= expected.get(status, 0), (status, counted(state), expected)
         assert latencies(state) <= answered(actions, watermark, clock.now)
+        expected_settings = settled(actions, watermark, clock.now)
+        for key, n in setting_results(state).items():
+            assert n <= expected_settings.get(key, 0), (key, setting_results(state))
 
     clock.now += 1000  # every story is over
     read(clock.now, actions)
@@ -179,6 +210,7 @@ def test_each_status_counts_once_per_action_whatever_the_reads(
     else:
         assert counted(state) == expected
         assert latencies(state) == answered(actions, watermark, clock.now)
+        assert setting_results(state) == settled(actions, watermark, clock.now)
         for s in actions:
             entered = set(s.entered(created, clock.now))
             assert state.entered(DEVICE, BATCH, s.cmd) == entered

@@ -645,3 +645,55 @@ def test_a_pruned_batch_that_returns_counts_nothing_again_and_new_batches_count_
     state.apply_actions(DEVICE, newer, [action("2", "Acknowledged", sent=START + 9 * day - 50,
                                                received=START + 9 * day - 40)])
     assert transitions(state) == {"Pending": 2, "Awaiting": 2, "Acknowledged": 2}
+
+
+# --- setting results -------------------------------------------------------------------------
+
+ENCRYPTION = {"path": "./Device/Vendor/MSFT/BitLocker/RequireDeviceEncryption",
+              "action": "Replace"}
+
+
+def results(state: FleetState) -> dict[tuple[str, str, str], int]:
+    return {(s, op, c): n for s, op, c, n in state.setting_results()}
+
+
+def test_an_action_counts_for_its_setting_at_its_first_final_status_only(state, clock) -> None:
+    pending = action("a", "Pending", config=ENCRYPTION)
+    state.apply_actions(DEVICE, batch(), [pending])
+    assert results(state) == {}
+    done = action("a", "Acknowledged", sent=START + 20, received=START + 30, config=ENCRYPTION)
+    state.apply_actions(DEVICE, batch(), [done])
+    state.apply_actions(DEVICE, batch(), [done])
+    # Upstream revises the answer: a new status counts as a transition, not a second result.
+    revised = action("a", "CommandNotFound", sent=START + 20, received=START + 40,
+                     config=ENCRYPTION)
+    state.apply_actions(DEVICE, batch(), [revised])
+    assert transitions(state)["CommandNotFound"] == 1
+    assert results(state) == {("BitLocker/RequireDeviceEncryption", "Replace", "success"): 1}
+
+
+def test_a_final_status_from_before_the_watermark_counts_for_no_setting(state) -> None:
+    history = action("a", "Acknowledged", sent=START - 20, received=START - 10,
+                     config=ENCRYPTION)
+    state.apply_actions(DEVICE, batch(created=START - 30), [history])
+    revised = action("a", "CommandNotFound", sent=START - 20, received=START + 40,
+                     config=ENCRYPTION)
+    state.apply_actions(DEVICE, batch(created=START - 30), [revised])
+    assert results(state) == {}  # it reached a final status before it was watched
+
+
+def test_settings_beyond_the_bound_count_as_other_and_operations_are_bounded(state) -> None:
+    from exporter.state import MAX_SETTINGS
+
+    answered = [
+        action(f"a{n}", "Acknowledged", sent=START + 20, received=START + 30,
+               config={"path": f"./Vendor/MSFT/Policy/Config/Area{n}/X",
+                       "action": "replace" if n % 2 else "Frobnicate"})
+        for n in range(MAX_SETTINGS + 3)
+    ] + [action("none", "Acknowledged", sent=START + 20, received=START + 30)]
+    state.apply_actions(DEVICE, batch(), answered)
+    found = results(state)
+    assert sum(found.values()) == MAX_SETTINGS + 4
+    assert len({s for s, _, _ in found}) == MAX_SETTINGS + 1  # "none" took one of the names
+    assert found[("other", "Replace", "success")] + found[("other", "other", "success")] == 4
+    assert {op for _, op, _ in found} == {"Replace", "other", "none"}
