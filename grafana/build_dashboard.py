@@ -6,8 +6,8 @@
 The dashboard is code so that panel ids, grid positions, datasource references and the
 label filters of every query stay consistent; tests/test_dashboard.py checks the result.
 Queries read the exporter's metrics and the series of prometheus/recording.yml; the alert
-thresholds quoted in panel descriptions and the stuck-pending table come from
-prometheus/params.yml.
+thresholds quoted in panel descriptions and the thresholds of the stuck-pending and
+silent-devices tables come from prometheus/params.yml.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,27 +137,31 @@ def _thresholds(steps: Sequence[tuple[str, float | None]]) -> Json:
 def bargauge(
     title: str,
     description: str,
-    query: Query,
+    query: Query | Sequence[Query],
     *,
     unit: str,
     thresholds: Sequence[tuple[str, float | None]],
     width: int = 8,
     height: int = 9,
+    orientation: str = "horizontal",
+    overrides: Sequence[Json] = (),
 ) -> Panel:
+    """One bar per series; several queries give one bar each, in their order."""
     config = _defaults(unit)
     config["defaults"]["color"] = {"mode": "thresholds"}
     config["defaults"]["thresholds"] = _thresholds(thresholds)
+    config["overrides"] = list(overrides)
     return Panel(
         "bargauge",
         title,
         description,
-        [query],
+        [query] if isinstance(query, Query) else list(query),
         width,
         height,
         config,
         {
             "displayMode": "gradient",
-            "orientation": "horizontal",
+            "orientation": orientation,
             "showUnfilled": True,
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
         },
@@ -199,31 +203,34 @@ def stat(
 def table(
     title: str,
     description: str,
-    query: Query,
+    query: Query | Sequence[Query],
     *,
     rename: Json,
     sort_by: str,
     unit: str = "none",
     width: int = 8,
     height: int = 9,
+    overrides: Sequence[Json] = (),
 ) -> Panel:
+    """Instant table queries; several are merged into one row per label set, their values
+    in columns "Value #A", "Value #B", ... (named through ``rename``)."""
+    queries = [query] if isinstance(query, Query) else list(query)
+    config = _defaults(unit, align="auto")
+    config["overrides"] = list(overrides)
+    transformations: list[Json] = [{"id": "merge", "options": {}}] if len(queries) > 1 else []
+    transformations.append(
+        {"id": "organize", "options": {"excludeByName": {"Time": True}, "renameByName": rename}}
+    )
     return Panel(
         "table",
         title,
         description,
-        [query],
+        queries,
         width,
         height,
-        _defaults(unit, align="auto"),
+        config,
         {"showHeader": True, "sortBy": [{"displayName": sort_by, "desc": True}]},
-        {
-            "transformations": [
-                {
-                    "id": "organize",
-                    "options": {"excludeByName": {"Time": True}, "renameByName": rename},
-                }
-            ]
-        },
+        {"transformations": transformations},
     )
 
 
@@ -306,6 +313,213 @@ def _error_ratio_query(window: str) -> str:
     finished = f'sum by (job, organization) ({rate}{{status_class!="pending", {SEL}}})'
     errors = f'sum by (job, organization) ({rate}{{status_class="error", {SEL}}})'
     return f"({errors} or {finished} * 0) / {finished}"
+
+
+# --- fleet views (docs/design.md): every shard exports the part of its own devices, so each
+# query sums over the selected instances. ---------------------------------------------------
+
+ROLLOUT_STATES = ("failed", "pending", "unknown", "canceled", "succeeded")
+ROLLOUT_KEY = "organization, rollout"
+LAST_CHECK_IN = "applivery_windows_device_last_check_in_timestamp_seconds"
+OLDEST_PENDING = "applivery_windows_command_oldest_pending_sent_timestamp_seconds"
+# Check-in age buckets: (legend, lower bound or None, upper bound or None), seconds.
+CHECK_IN_AGES = (
+    ("< 1h", None, 3600),
+    ("1h – 24h", 3600, 86400),
+    ("1d – 7d", 86400, 604800),
+    ("> 7d", 604800, None),
+)
+
+
+def _rollout_devices(*matchers: str) -> str:
+    inner = ", ".join((*matchers, SEL))
+    return f"sum by ({ROLLOUT_KEY}) (applivery_windows_rollout_devices{{{inner}}})"
+
+
+def _rollout_queries() -> list[Query]:
+    """Devices per state, the succeeded share and the actions in error of each rollout: one
+    table row per organization and rollout."""
+    per_state = [
+        Query(_rollout_devices(f'state="{state}"'), instant=True, format="table")
+        for state in ROLLOUT_STATES
+    ]
+    succeeded = _rollout_devices('state="succeeded"')
+    share = f"{succeeded} / {_rollout_devices()}"
+    errors = (
+        f"sum by ({ROLLOUT_KEY}) ("
+        f'applivery_windows_rollout_actions{{status_class="error", {SEL}}})'
+    )
+    return [
+        *per_state,
+        Query(share, instant=True, format="table"),
+        Query(errors, instant=True, format="table"),
+    ]
+
+
+def _check_in_age_query(low: int | None, high: int | None) -> str:
+    """Devices whose last check-in is that old; 0, not nothing, when none is."""
+    age = f"time() - {LAST_CHECK_IN}{{{SEL_DEVICE}}}"
+    # Chained comparisons filter: age >= low < high keeps the ages in [low, high). A check-in
+    # slightly ahead of Prometheus' clock counts as recent.
+    bounds = (f" >= {low}" if low is not None else "") + (f" < {high}" if high is not None else "")
+    return f"count({age}{bounds}) or count({LAST_CHECK_IN}{{{SEL_DEVICE}}}) * 0"
+
+
+def _silent_devices(after_seconds: int) -> str:
+    """Devices without a check-in for after_seconds that hold a pending action, by time since
+    their last check-in."""
+    silent = f"time() - {LAST_CHECK_IN}{{{SEL_DEVICE}}} > {after_seconds}"
+    return (
+        f"topk(100, max by ({DEVICE_KEY}, organization) (({silent}) "
+        f"and on ({DEVICE_KEY}) {OLDEST_PENDING}{{{SEL_DEVICE}}}))"
+    )
+
+
+def _silent_devices_queries(after_seconds: int) -> list[Query]:
+    """Since the last check-in, and the age of the oldest pending action, of the same
+    devices (one table row each)."""
+    silent = _silent_devices(after_seconds)
+    pending = (
+        f"(max by ({DEVICE_KEY}, organization) (time() - {OLDEST_PENDING}{{{SEL_DEVICE}}})"
+        f" and on ({DEVICE_KEY}) {silent})"
+    )
+    return [
+        Query(_with_names(silent), instant=True, format="table"),
+        Query(_with_names(pending), instant=True, format="table"),
+    ]
+
+
+def _by_name(name: str, *properties: Json) -> Json:
+    return {"matcher": {"id": "byName", "options": name}, "properties": list(properties)}
+
+
+def _fixed_color(color: str) -> Json:
+    return {"id": "color", "value": {"mode": "fixed", "fixedColor": color}}
+
+
+def fleet_views(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
+    percent = build_rules.percent
+    rollout = alerts["AppliveryRolloutFailing"]
+    setting = alerts["AppliverySettingErrorRatioHigh"]
+    silent = alerts["AppliveryDevicesSilent"]
+    silent_after = build_rules.duration_seconds(silent["after"])
+    state_columns = {
+        f"Value #{ref}": state.capitalize()
+        for ref, state in zip("ABCDE", ROLLOUT_STATES, strict=True)
+    }
+    age_colors = ("green", "yellow", "orange", "red")
+    return Row(
+        "Fleet views",
+        [
+            table(
+                "Rollouts",
+                "Each rollout (the watched batches sharing a name; per device only the latest "
+                "batch of that name counts) with its devices per state, summed over the selected "
+                "instances: failed (an action in error), else pending, else unknown, else "
+                "canceled, else succeeded; the share of devices that succeeded, and the actions "
+                "in error. Most failed devices first. AppliveryRolloutFailing fires when at "
+                f"least {percent(rollout['share'])} of a rollout's devices, and at least "
+                f"{rollout['min_devices']}, failed it for {rollout['for']}.",
+                _rollout_queries(),
+                rename={
+                    "organization": "Organization",
+                    "rollout": "Rollout",
+                    **state_columns,
+                    "Value #F": "Succeeded share",
+                    "Value #G": "Actions in error",
+                },
+                sort_by="Failed",
+                width=24,
+                height=10,
+                overrides=(
+                    _by_name(
+                        "Succeeded share",
+                        {"id": "unit", "value": "percentunit"},
+                        {"id": "min", "value": 0},
+                        {"id": "max", "value": 1},
+                        {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}},
+                        {"id": "color", "value": {"mode": "continuous-RdYlGr"}},
+                    ),
+                    _by_name(
+                        "Failed",
+                        {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+                        {"id": "color", "value": {"mode": "thresholds"}},
+                        {"id": "thresholds", "value": _thresholds((("green", None), ("red", 1)))},
+                    ),
+                ),
+            ),
+            bargauge(
+                "Top failing settings",
+                "Actions that ended in an error status during the selected time range, per "
+                "setting (the CSP path with instance segments as *) and operation, over the "
+                "selected instances. AppliverySettingErrorRatioHigh fires when over "
+                f"{percent(setting['ratio'])} of a setting's actions finished in an hour are "
+                f"errors, with at least {setting['min_finished']} finished.",
+                Query(
+                    "topk(10, sum by (setting, operation) (increase("
+                    'applivery_windows_setting_results_total{status_class="error", '
+                    f"{SEL}}}[$__range])))",
+                    "{{setting}} ({{operation}})",
+                    instant=True,
+                ),
+                unit="short",
+                thresholds=(("red", None),),
+                width=12,
+            ),
+            bargauge(
+                "Check-in age",
+                "Watched devices by the age of their last check-in (OMA-DM session, "
+                "lastStatusReportTime): only a check-in delivers commands. Devices whose "
+                "check-in is not known yet are not counted. AppliveryDevicesSilent fires when "
+                f"more than {percent(silent['share'])} of a deployment's devices have not "
+                f"checked in for {silent['after']}.",
+                [
+                    Query(_check_in_age_query(low, high), legend, instant=True)
+                    for legend, low, high in CHECK_IN_AGES
+                ],
+                unit="short",
+                thresholds=(("blue", None),),
+                width=6,
+                orientation="vertical",
+                overrides=[
+                    _by_name(legend, _fixed_color(color))
+                    for (legend, _, _), color in zip(CHECK_IN_AGES, age_colors, strict=True)
+                ],
+            ),
+            bargauge(
+                "Devices by state",
+                "Watched devices per upstream device state (ACTIVE, PROVISIONING, "
+                "DELETE_REQUESTED, DELETED, UNKNOWN, or as sent); not_listed: watched devices "
+                "the device list has not shown.",
+                Query(
+                    f"sum by (state) (applivery_windows_devices{{{SEL}}})",
+                    "{{state}}",
+                    instant=True,
+                ),
+                unit="short",
+                thresholds=(("blue", None),),
+                width=6,
+            ),
+            table(
+                "Silent devices with pending actions",
+                f"Devices that have not checked in for over {silent['after']} and hold an "
+                "action still pending, by time since their last check-in, with the age of the "
+                "oldest pending action: what they hold waits for a session that does not come. "
+                "AppliveryDevicesSilent counts silent devices; single devices are listed here "
+                "instead of paging.",
+                _silent_devices_queries(silent_after),
+                rename={
+                    **DEVICE_COLUMNS,
+                    "Value #A": "Since last check-in",
+                    "Value #B": "Oldest pending",
+                },
+                sort_by="Since last check-in",
+                unit="s",
+                width=24,
+                height=8,
+            ),
+        ],
+    )
 
 
 def rows() -> list[Row]:
@@ -609,7 +823,7 @@ def rows() -> list[Row]:
             ),
         ],
     )
-    return [commands, devices, latency, health]
+    return [commands, fleet_views(alerts), devices, latency, health]
 
 
 def _layout(row_list: Sequence[Row]) -> Iterator[Json]:

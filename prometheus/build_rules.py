@@ -561,8 +561,82 @@ def alert_groups(params: Params) -> list[Group]:
             comment="The cardinality guard (docs/cardinality.md) keeps every alert working; "
             "this is a ticket, not a page.",
         ),
+        *_fleet_view_alerts(p),
     ]
     return [Group("applivery-mdm-exporter.alerts", rules)]
+
+
+ROLLOUT_DEVICES = "applivery_windows_rollout_devices"
+SETTING_RESULTS = "applivery_windows_setting_results_total"
+LAST_CHECK_IN = "applivery_windows_device_last_check_in_timestamp_seconds"
+
+
+def _fleet_view_alerts(p: Params) -> list[Rule]:
+    """Alerts on the fleet views (docs/design.md): rollouts, settings, check-ins. Each sums
+    over the instances of a deployment, whose shards each export the part of their own
+    devices, and none fires per device."""
+    by_group = ", ".join(p.group_labels)
+    rollout, setting, silent = (
+        "AppliveryRolloutFailing",
+        "AppliverySettingErrorRatioHigh",
+        "AppliveryDevicesSilent",
+    )
+
+    def fleet(labels: str, expr: str) -> str:
+        return f"sum by ({by_group}, organization{labels}) (\n  {expr}\n)"
+
+    failed = fleet(", rollout", _sel(p, ROLLOUT_DEVICES, 'state="failed"'))
+    in_rollout = fleet(", rollout", _sel(p, ROLLOUT_DEVICES))
+    error_results = _sel(p, SETTING_RESULTS, 'status_class="error"')
+    errors = fleet(", setting", f"increase({error_results}[1h])")
+    finished = fleet(", setting", f"increase({_sel(p, SETTING_RESULTS)}[1h])")
+    after = p.seconds(silent, "after")
+    return [
+        _alert(
+            p,
+            rollout,
+            f"{failed}\n/\n{in_rollout}\n>= {p.value(rollout, 'share')}\nand\n"
+            f"{failed}\n>= {p.value(rollout, 'min_devices')}\n",
+            "warning",
+            "A rollout of Windows MDM commands has failed on many devices.",
+            f"""{{{{ $value | humanizePercentage }}}} of the watched devices in rollout
+            "{{{{ $labels.rollout }}}}" of organization {{{{ $labels.organization }}}} (all
+            instances of job {{{{ $labels.job }}}}), and at least
+            {p.value(rollout, 'min_devices')} devices, failed it: their latest batch of that
+            name holds an action in error. The dashboard's "Rollouts" table shows its devices
+            per state.""",
+            comment="Fleet views (docs/design.md): rollouts, settings, check-ins. Each sums "
+            "over the shards of a\ndeployment (they export the part of their own devices): "
+            "one alert per rollout, per\nsetting, per deployment, never per device.",
+        ),
+        _alert(
+            p,
+            setting,
+            f"{errors}\n/\n{finished}\n> {p.value(setting, 'ratio')}\nand\n"
+            f"{finished}\n>= {p.value(setting, 'min_finished')}\n",
+            "warning",
+            "One Windows MDM setting keeps failing.",
+            f"""{{{{ $value | humanizePercentage }}}} of the actions on setting
+            {{{{ $labels.setting }}}} that finished in the last hour in organization
+            {{{{ $labels.organization }}}} (all instances of job {{{{ $labels.job }}}}) ended
+            in an error status, with at least {p.value(setting, 'min_finished')} finished; the
+            dashboard's "Top failing settings" panel ranks the settings.""",
+        ),
+        _alert(
+            p,
+            silent,
+            f"count by ({by_group}, organization) (\n"
+            f"  time() - {_sel(p, LAST_CHECK_IN)} > {after}\n)\n"
+            f"/\njob:applivery_exporter_target_up:count\n> {p.value(silent, 'share')}\n",
+            "warning",
+            "Many Windows MDM devices have stopped checking in.",
+            f"""{{{{ $value | humanizePercentage }}}} of the devices that job
+            {{{{ $labels.job }}}} watches in organization {{{{ $labels.organization }}}} have
+            not checked in for over {human_duration(after)}, so no command reaches them; the
+            dashboard's "Check-in age" panel and "Silent devices with pending actions" table
+            show them.""",
+        ),
+    ]
 
 
 # --- output ----------------------------------------------------------------------------------

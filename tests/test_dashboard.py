@@ -8,8 +8,11 @@ Also the home of two helpers other tests use:
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
-from promstack import ApiError, running_prometheus
+from aiohttp import web
+from promstack import ApiError, ScrapeTarget, eventually, running_prometheus
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +29,7 @@ DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "applivery-mdm-exporter.json"
 GENERATOR_PATH = ROOT / "grafana" / "build_dashboard.py"
 RECORDING_RULES = ROOT / "prometheus" / "recording.yml"
 
-# The metric contract (docs: design.md, "Metrics" and "Exporter self-metrics").
+# The metric contract (docs: design.md, "Metrics", "Exporter self-metrics", "Fleet views").
 EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_windows_command_actions": "gauge",
     "applivery_windows_command_action_transitions": "counter",
@@ -45,6 +49,12 @@ EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_exporter_api_requests_planned": "gauge",
     "applivery_exporter_series_dropped": "gauge",
     "applivery_exporter_cardinality_guard_level": "gauge",
+    # Fleet views (design.md, "Fleet views").
+    "applivery_windows_rollout_devices": "gauge",
+    "applivery_windows_rollout_actions": "gauge",
+    "applivery_windows_setting_results": "counter",
+    "applivery_windows_device_last_check_in_timestamp_seconds": "gauge",
+    "applivery_windows_devices": "gauge",
 }
 PROMETHEUS_METRICS = frozenset({"up"})
 
@@ -602,3 +612,343 @@ async def test_prometheus_accepts_every_dashboard_query(dashboard: dict[str, Any
             except ApiError as exc:
                 rejected.append(f"{query}: {exc}")
     assert rejected == []
+
+
+# --- the fleet views -----------------------------------------------------------------------------
+
+FLEET_PANELS = (
+    "Rollouts",
+    "Top failing settings",
+    "Check-in age",
+    "Devices by state",
+    "Silent devices with pending actions",
+)
+ROLLOUT_STATES = ("failed", "pending", "unknown", "canceled", "succeeded")
+CHECK_IN_BUCKETS = ("< 1h", "1h – 24h", "1d – 7d", "> 7d")
+
+
+def _params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "prometheus" / "params.yml").read_text())["alerts"]
+
+
+def _row_panels(dashboard: Mapping[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels laid out under the row of that title, up to the next row."""
+    panels = list(_panels(dashboard))
+    (start,) = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title]
+    following = []
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        following.append(panel)
+    return following
+
+
+def _exprs(panel: Mapping[str, Any]) -> list[str]:
+    return [target["expr"] for target in panel["targets"]]
+
+
+def _aggregation_labels(expr: str) -> list[set[str]]:
+    """The label lists of every ``sum by``, ``count by`` and ``max by`` of expr."""
+    return [
+        {label.strip() for label in labels.split(",")}
+        for labels in re.findall(r"\b(?:sum|count|max) by \(([^)]*)\)", expr)
+    ]
+
+
+def test_fleet_views_row_holds_the_fleet_panels(dashboard: dict[str, Any]) -> None:
+    assert [p["title"] for p in _row_panels(dashboard, "Fleet views")] == list(FLEET_PANELS)
+    used = set().union(*(metric_names(q) for q in grafana_queries(dashboard)))
+    for name in (
+        "applivery_windows_rollout_devices",
+        "applivery_windows_rollout_actions",
+        "applivery_windows_setting_results_total",
+        "applivery_windows_device_last_check_in_timestamp_seconds",
+        "applivery_windows_devices",
+    ):
+        assert name in used, f"no panel shows {name}"
+
+
+def test_fleet_queries_sum_the_selected_shards(dashboard: dict[str, Any]) -> None:
+    """Each shard exports the part of its own devices: no fleet panel splits by instance,
+    except the per-device table, whose rows are devices."""
+    for title in FLEET_PANELS:
+        panel = _panel(dashboard, title)
+        for expr in _exprs(panel):
+            assert 'instance=~"$instance"' in expr and 'job=~"$job"' in expr, title
+            groups = _aggregation_labels(expr)
+            if title == "Silent devices with pending actions":
+                assert all({"job", "instance", "device"} <= labels for labels in groups), expr
+            else:
+                assert groups or expr.startswith("count("), expr
+                assert all("instance" not in labels for labels in groups), expr
+
+
+def test_rollout_table_shows_devices_per_state_and_the_succeeded_share(
+    dashboard: dict[str, Any],
+) -> None:
+    panel = _panel(dashboard, "Rollouts")
+    assert panel["type"] == "table"
+    targets = panel["targets"]
+    assert all(t["instant"] and t["format"] == "table" for t in targets)
+    assert all("sum by (organization, rollout)" in t["expr"] for t in targets)
+    rename = panel["transformations"][-1]["options"]["renameByName"]
+    # One query, so one column, per state, in the contract's order, then the share.
+    for target, state in zip(targets, ROLLOUT_STATES, strict=False):
+        assert f'applivery_windows_rollout_devices{{state="{state}", ' in target["expr"]
+        assert rename[f"Value #{target['refId']}"] == state.capitalize()
+    share = targets[len(ROLLOUT_STATES)]
+    assert rename[f"Value #{share['refId']}"] == "Succeeded share"
+    numerator, denominator = share["expr"].split(" / ")
+    assert 'state="succeeded"' in numerator and "state=" not in denominator
+    errors = targets[len(ROLLOUT_STATES) + 1]
+    assert 'applivery_windows_rollout_actions{status_class="error", ' in errors["expr"]
+    assert panel["transformations"][0]["id"] == "merge"  # one row per rollout
+    assert panel["options"]["sortBy"] == [{"displayName": "Failed", "desc": True}]
+    (bar,) = [
+        o for o in panel["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Succeeded share"
+    ]
+    properties = {p["id"]: p["value"] for p in bar["properties"]}
+    assert properties["custom.cellOptions"]["type"] == "gauge"
+    assert (properties["unit"], properties["min"], properties["max"]) == ("percentunit", 0, 1)
+    assert "AppliveryRolloutFailing" in panel["description"]
+
+
+def test_top_failing_settings_rank_error_results_over_the_range(
+    dashboard: dict[str, Any],
+) -> None:
+    panel = _panel(dashboard, "Top failing settings")
+    (target,) = panel["targets"]
+    assert target["instant"]
+    assert target["expr"].startswith("topk(10, sum by (setting, operation) (increase(")
+    assert 'applivery_windows_setting_results_total{status_class="error", ' in target["expr"]
+    assert target["expr"].endswith("[$__range])))")
+    assert "AppliverySettingErrorRatioHigh" in panel["description"]
+
+
+def test_check_in_age_buckets_cover_every_age_once(dashboard: dict[str, Any]) -> None:
+    panel = _panel(dashboard, "Check-in age")
+    assert panel["type"] == "bargauge"
+    assert [t["legendFormat"] for t in panel["targets"]] == list(CHECK_IN_BUCKETS)
+    edges: list[tuple[float, float]] = []
+    for target in panel["targets"]:
+        assert target["instant"]
+        counted, fallback = target["expr"].split(" or ")
+        assert counted.startswith(
+            "count(time() - applivery_windows_device_last_check_in_timestamp_seconds{"
+        )
+        assert 'device=~"$device"' in counted
+        # 0 rather than no data when no device is that old.
+        assert fallback.startswith("count(applivery_windows_device_last_check_in_timestamp")
+        assert fallback.endswith(" * 0")
+        low = re.search(r">= (\d+)", counted)
+        high = re.search(r"(?<!>)< (\d+)", counted)
+        edges.append(
+            (float(low[1]) if low else -math.inf, float(high[1]) if high else math.inf)
+        )
+    # Contiguous half-open intervals from -inf to +inf: every device in exactly one bucket.
+    assert edges[0][0] == -math.inf and edges[-1][1] == math.inf
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
+    assert [high for _, high in edges[:-1]] == [3600, 86400, 7 * 86400]
+    assert "AppliveryDevicesSilent" in panel["description"]
+
+
+def test_silent_devices_table_lists_silent_devices_with_pending_actions(
+    dashboard: dict[str, Any],
+) -> None:
+    panel = _panel(dashboard, "Silent devices with pending actions")
+    silent = _params()["AppliveryDevicesSilent"]
+    after = int(silent["after"].removesuffix("d")) * 86400
+    assert panel["type"] == "table"
+    assert panel["transformations"][0]["id"] == "merge"
+    for target in panel["targets"]:
+        assert target["instant"] and target["format"] == "table"
+        expr = target["expr"]
+        assert re.search(
+            rf"time\(\) - applivery_windows_device_last_check_in_timestamp_seconds\{{[^}}]*\}} "
+            rf"> {after}\)",
+            expr,
+        ), expr
+        assert "applivery_windows_command_oldest_pending_sent_timestamp_seconds" in expr
+        assert 'device=~"$device"' in expr
+        assert "applivery_windows_device_info" in expr  # with the device names
+    rename = panel["transformations"][-1]["options"]["renameByName"]
+    assert rename["Value #A"] == "Since last check-in"
+    assert rename["Value #B"] == "Oldest pending"
+    assert "AppliveryDevicesSilent" in panel["description"]
+
+
+# --- the fleet views in a real Prometheus, over two shards ---------------------------------------
+
+HOUR, DAY = 3600.0, 86400.0
+# Per shard: rollouts (devices per state, actions in error), settings whose error results grow
+# by this much per scrape, devices (check-in age in seconds or None when unknown, pending action
+# or not, upstream state).
+FLEET_SHARDS: tuple[dict[str, Any], ...] = (
+    {
+        "rollouts": {
+            "Enforce BitLocker": ({"failed": 3, "pending": 1, "succeeded": 6}, 5),
+            "Security baseline": ({"succeeded": 4}, 0),
+        },
+        "errors_per_scrape": {
+            ("Policy/Config/Security/RequireDeviceEncryption", "Replace"): 2,
+            ("Policy/Config/Update/ActiveHoursStart", "Replace"): 1,
+        },
+        "devices": {
+            "a1": (10 * 60, False, "ACTIVE"),
+            "a2": (2 * HOUR, True, "ACTIVE"),  # pending, but checked in lately
+            "a3": (3 * DAY, True, "ACTIVE"),  # silent, with a pending action
+            "a4": (None, True, "not_listed"),  # check-in unknown: in no bucket
+        },
+    },
+    {
+        "rollouts": {
+            "Enforce BitLocker": ({"failed": 2, "canceled": 1, "succeeded": 7}, 2),
+        },
+        "errors_per_scrape": {("Policy/Config/Security/RequireDeviceEncryption", "Replace"): 1},
+        "devices": {
+            "b1": (30 * DAY, True, "ACTIVE"),  # silent, with a pending action
+            "b2": (-5.0, False, "ACTIVE"),  # a check-in a little ahead of Prometheus' clock
+            "b3": (30 * HOUR, False, "DELETE_REQUESTED"),  # silent, nothing pending
+        },
+    },
+)
+
+
+class FleetShard:
+    """One shard's fleet-view series in the text format; each scrape moves the setting
+    counters on, as poll rounds would."""
+
+    def __init__(self, shard: Mapping[str, Any]) -> None:
+        self.shard = shard
+        self.started = time.time()
+        self.scrapes = 0
+
+    def render(self) -> str:
+        self.scrapes += 1
+        org = 'organization="acme"'
+        lines = []
+        for rollout, (states, errors) in self.shard["rollouts"].items():
+            for state in ROLLOUT_STATES:
+                lines.append(
+                    f'applivery_windows_rollout_devices{{{org},rollout="{rollout}",'
+                    f'state="{state}"}} {states.get(state, 0)}'
+                )
+            lines.append(
+                f'applivery_windows_rollout_actions{{{org},rollout="{rollout}",'
+                f'status_class="error"}} {errors}'
+            )
+        for (setting, operation), step in self.shard["errors_per_scrape"].items():
+            labels = f'{org},setting="{setting}",operation="{operation}"'
+            lines.append(
+                f'applivery_windows_setting_results_total{{{labels},status_class="error"}} '
+                f"{step * self.scrapes}"
+            )
+            lines.append(
+                f'applivery_windows_setting_results_total{{{labels},status_class="success"}} '
+                f"{10 * self.scrapes}"
+            )
+        states: dict[str, int] = {}
+        for device, (age, pending, state) in self.shard["devices"].items():
+            labels = f'{org},device="{device}"'
+            states[state] = states.get(state, 0) + 1
+            lines.append(f"applivery_exporter_target_up{{{labels}}} 1")
+            lines.append(f'applivery_windows_device_info{{{labels},name="pc-{device}"}} 1')
+            if age is not None:
+                lines.append(
+                    "applivery_windows_device_last_check_in_timestamp_seconds"
+                    f"{{{labels}}} {self.started - age}"
+                )
+            if pending:
+                lines.append(
+                    "applivery_windows_command_oldest_pending_sent_timestamp_seconds"
+                    f"{{{labels}}} {self.started - 4 * DAY}"
+                )
+        for state, count in states.items():
+            lines.append(f'applivery_windows_devices{{{org},state="{state}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.render(), content_type="text/plain")
+
+    def app(self) -> web.Application:
+        application = web.Application()
+        application.router.add_get("/metrics", self.metrics)
+        return application
+
+
+def _fleet_query(dashboard: Mapping[str, Any], title: str, ref: str = "A") -> str:
+    (target,) = [t for t in _panel(dashboard, title)["targets"] if t["refId"] == ref]
+    return substitute(target["expr"], DEFAULT_VARIABLES)
+
+
+def _values(result: list[dict[str, Any]]) -> list[float]:
+    return [float(series["value"][1]) for series in result]
+
+
+def _rows(result: list[dict[str, Any]], *labels: str) -> dict[tuple[str, ...], float]:
+    return {
+        tuple(series["metric"].get(label, "") for label in labels): float(series["value"][1])
+        for series in result
+    }
+
+
+async def test_fleet_views_sum_two_shards_in_prometheus(
+    aiohttp_server: Any, dashboard: dict[str, Any]
+) -> None:
+    """The fleet panels' queries against two shards, each exporting the part of its own
+    devices: rollouts and settings are summed over both, every device falls in one check-in
+    bucket, and the silent table lists the silent devices that hold pending actions."""
+    shards = [FleetShard(shard) for shard in FLEET_SHARDS]
+    servers = [await aiohttp_server(shard.app()) for shard in shards]
+    targets = [ScrapeTarget(f"127.0.0.1:{server.port}") for server in servers]
+    async with running_prometheus(targets, rule_files=[RECORDING_RULES]) as prometheus:
+
+        async def query(title: str, ref: str = "A") -> list[dict[str, Any]]:
+            return await prometheus.query(_fleet_query(dashboard, title, ref))
+
+        async def settings_ranked() -> list[dict[str, Any]]:
+            """Once every failing setting has grown between two scrapes of its shards."""
+            result = await query("Top failing settings")
+            grown = len(result) == 2 and all(float(s["value"][1]) > 0 for s in result)
+            return result if grown else []
+
+        await eventually(
+            lambda: prometheus.query("count(up == 1) == 2"), what="both shards scraped"
+        )
+        ranked = await eventually(settings_ranked, what="setting error increases")
+
+        # Rollouts: one row per rollout, the devices of both shards in each state.
+        rollouts = {ref: _rows(await query("Rollouts", ref), "rollout") for ref in "ABCDEFG"}
+        assert rollouts["A"] == {("Enforce BitLocker",): 5, ("Security baseline",): 0}
+        assert rollouts["B"][("Enforce BitLocker",)] == 1
+        assert rollouts["D"][("Enforce BitLocker",)] == 1
+        assert rollouts["E"] == {("Enforce BitLocker",): 13, ("Security baseline",): 4}
+        assert rollouts["F"] == {("Enforce BitLocker",): 13 / 20, ("Security baseline",): 1}
+        assert rollouts["G"] == {("Enforce BitLocker",): 7, ("Security baseline",): 0}
+
+        # Settings: the one failing on both shards first, one bar each, no success counted.
+        ranked.sort(key=lambda series: -float(series["value"][1]))
+        assert [series["metric"]["setting"] for series in ranked] == [
+            "Policy/Config/Security/RequireDeviceEncryption",
+            "Policy/Config/Update/ActiveHoursStart",
+        ]
+        assert all(set(s["metric"]) == {"setting", "operation"} for s in ranked)
+
+        # Check-in ages: a1 and b2 recent, a2 within the day, a3 and b3 days ago, b1 a month.
+        buckets = [_values(await query("Check-in age", ref)) for ref in "ABCD"]
+        assert buckets == [[2.0], [1.0], [2.0], [1.0]]
+
+        # Silent with pending work: a3 and b1 (b3 is silent with nothing pending, a2 pending
+        # but not silent), with their names, time since check-in and oldest pending.
+        silent = _rows(await query("Silent devices with pending actions"), "device", "name")
+        assert set(silent) == {("a3", "pc-a3"), ("b1", "pc-b1")}
+        assert silent[("a3", "pc-a3")] == pytest.approx(3 * DAY, abs=120)
+        assert silent[("b1", "pc-b1")] == pytest.approx(30 * DAY, abs=120)
+        pending = _rows(await query("Silent devices with pending actions", "B"), "device")
+        assert pending == {
+            ("a3",): pytest.approx(4 * DAY, abs=120),
+            ("b1",): pytest.approx(4 * DAY, abs=120),
+        }
+
+        states = _rows(await query("Devices by state"), "state")
+        assert states == {("ACTIVE",): 5, ("not_listed",): 1, ("DELETE_REQUESTED",): 1}

@@ -384,6 +384,11 @@ DEVICES_UP = {"pc-1": 1, "pc-2": 0}
 # Per scrape: 4 successes and 1 error enter; one success answered after 20 s.
 TRANSITIONS_PER_SCRAPE = {("Acknowledged", "success"): 4, ("CommandNotFound", "error"): 1}
 LATENCY_PER_SCRAPE = 20.0
+# Fleet views of a healthy fleet: one device of ten failed the rollout, a fifth of a setting's
+# results are errors, both devices checked in a minute ago.
+ROLLOUT_DEVICES = {"failed": 1, "pending": 2, "unknown": 0, "canceled": 0, "succeeded": 7}
+SETTING_RESULTS_PER_SCRAPE = {"success": 4, "error": 1}
+SETTING = "Policy/Config/Security/RequireDeviceEncryption"
 
 
 class FakeExporter:
@@ -431,6 +436,28 @@ class FakeExporter:
         )
         budget = Gauge("applivery_exporter_api_budget_requests_per_hour", "b", registry=registry)
         budget.set(9000)
+        rollout = Gauge(
+            "applivery_windows_rollout_devices",
+            "rollout devices",
+            [*org, "rollout", "state"],
+            registry=registry,
+        )
+        for state, count in ROLLOUT_DEVICES.items():
+            rollout.labels("acme", "Enforce BitLocker", state).set(count)
+        self.setting_results = CounterMetric(
+            "applivery_windows_setting_results",
+            "setting results",
+            [*org, "setting", "operation", "status_class"],
+            registry=registry,
+        )
+        self.last_check_in = Gauge(
+            "applivery_windows_device_last_check_in_timestamp_seconds",
+            "check-in",
+            [*org, "device"],
+            registry=registry,
+        )
+        devices = Gauge("applivery_windows_devices", "devices", [*org, "state"], registry=registry)
+        devices.labels("acme", "ACTIVE").set(len(DEVICES_UP))
         Gauge("applivery_exporter_build_info", "build", ["version"], registry=registry).labels(
             "0.1.0"
         ).set(1)
@@ -441,6 +468,10 @@ class FakeExporter:
         self.latency.labels("acme", "success").observe(LATENCY_PER_SCRAPE)
         self.requests.labels("commands", "200").inc(2)
         self.last_success.labels("acme", "pc-1").set(time.time())
+        for status_class, count in SETTING_RESULTS_PER_SCRAPE.items():
+            self.setting_results.labels("acme", SETTING, "Replace", status_class).inc(count)
+        for device in DEVICES_UP:
+            self.last_check_in.labels("acme", device).set(time.time() - 60)
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._advance()
