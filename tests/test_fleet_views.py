@@ -78,7 +78,8 @@ async def test_the_latest_batch_per_device_and_name_wins(make_rig) -> None:
 
 async def test_a_device_with_an_error_and_a_pending_action_counts_as_failed(make_rig) -> None:
     upstream = Upstream()
-    upstream.add(DEVICE, batch_id(1), actions(1, "CommandNotFound") + actions(2, "Pending", prefix="p"))
+    docs = actions(1, "CommandNotFound") + actions(2, "Pending", prefix="p")
+    upstream.add(DEVICE, batch_id(1), docs)
     upstream.names[batch_id(1)] = ROLLOUT
     rig = await make_rig(upstream)
     await rig.poll()
