@@ -54,6 +54,7 @@ PENDING = KNOWN_STATUSES.index("Pending")
 AWAITING = KNOWN_STATUSES.index("Awaiting")
 
 CLASSES: tuple[str, ...] = tuple(c.value for c in StatusClass)
+FINAL_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if c != StatusClass.PENDING.value)
 
 # Distinct unknown status names kept as they are; later ones become OTHER_STATUS, so an
 # upstream that invents names cannot grow the series for ever.
@@ -236,8 +237,10 @@ class FleetState:
         # Every known status starts at 0 so the first increase shows in rate().
         self._transitions: list[int] = [0] * len(KNOWN_STATUSES)
         self._latency: dict[str, Histogram] = {c: Histogram(self.latency_buckets) for c in CLASSES}
-        # (setting, operation, status_class) -> actions that reached a final status there.
-        self._settings: dict[tuple[str, str, str], int] = {}
+        # (setting, operation) -> actions that reached a final status there, per class of
+        # FINAL_CLASSES. Created at 0 when an action of the pair is first seen, so that its
+        # first result shows in increase() (a series born at 1 hides it).
+        self._settings: dict[tuple[str, str], list[int]] = {}
         self._setting_names: set[str] = set()
         self._setting_of: dict[str | None, str] = {}
         self._events = 0  # transitions and latencies recorded, to tell when counters moved
@@ -451,7 +454,7 @@ class FleetState:
             return
         entry = self._entry(device, batch)
         known, before = self._view(dev, batch)
-        events_before = self._events
+        events_before, settings_before = self._events, len(self._settings)
         threshold = self._threshold(device, dev, known.created_at)
         known.counts, known.oldest_pending = self._record(
             entry.actions, threshold, known.created_at, actions
@@ -461,7 +464,7 @@ class FleetState:
         known.agrees = batch.summary is not None and known.counts == self._summary_counts(
             batch.summary
         )
-        if self._events != events_before:
+        if self._events != events_before or len(self._settings) != settings_before:
             self.counters_generation = self._bump()
         if known.exported() != before:
             dev.commands_gen = self._bump()
@@ -486,6 +489,7 @@ class FleetState:
             status = self._intern(action.status)
             previous = ledger.get(cmd)
             if previous is None:
+                self._setting_counts(action)
                 value = self._first_sight(threshold, created_at, status, action)
             else:
                 value = self._seen_again(previous, threshold, created_at, status, action)
@@ -578,9 +582,16 @@ class FleetState:
         self._transitions[status] += 1
         self._events += 1
         if first_final and self._status_rank[status] == _RANK_FINAL:
-            key = (self._setting(action.path), operation(action.operation))
-            result = (*key, self._status_class[status])
-            self._settings[result] = self._settings.get(result, 0) + 1
+            results = self._setting_counts(action)
+            results[FINAL_CLASSES.index(self._status_class[status])] += 1
+
+    def _setting_counts(self, action: Action) -> list[int]:
+        """The result counts of the action's (setting, operation), created at 0."""
+        key = (self._setting(action.path), operation(action.operation))
+        counts = self._settings.get(key)
+        if counts is None:
+            counts = self._settings[key] = [0] * len(FINAL_CLASSES)
+        return counts
 
     def _setting(self, path: str | None) -> str:
         """The setting label of a CSP path: one of MAX_SETTINGS names, then OTHER_SETTING."""
@@ -745,8 +756,12 @@ class FleetState:
         return MappingProxyType(self._latency)
 
     def setting_results(self) -> list[tuple[str, str, str, int]]:
-        """(setting, operation, status_class, count), sorted."""
-        return sorted((*key, count) for key, count in self._settings.items())
+        """(setting, operation, status_class, count) of every pair seen, zeros included."""
+        return [
+            (name, op, status_class, count)
+            for (name, op), counts in sorted(self._settings.items())
+            for status_class, count in zip(FINAL_CLASSES, counts, strict=True)
+        ]
 
     def entered(self, device: str, batch_id: str, cmd_id: str) -> frozenset[str]:
         """The statuses the ledger holds for one action (for tests and the soak's checks)."""

@@ -137,7 +137,7 @@ def truth(created: float, actions: list[Story], after: float, until: float) -> d
 
 
 def setting_results(state: FleetState) -> dict[tuple[str, str], int]:
-    return {(name, status_class): n for name, _, status_class, n in state.setting_results()}
+    return {(name, c): n for name, _, c, n in state.setting_results() if n}
 
 
 def settled(actions: list[Story], after: float, until: float) -> dict[tuple[str, str], int]:

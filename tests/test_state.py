@@ -654,13 +654,20 @@ ENCRYPTION = {"path": "./Device/Vendor/MSFT/BitLocker/RequireDeviceEncryption",
 
 
 def results(state: FleetState) -> dict[tuple[str, str, str], int]:
-    return {(s, op, c): n for s, op, c, n in state.setting_results()}
+    """Non-zero setting results."""
+    return {(s, op, c): n for s, op, c, n in state.setting_results() if n}
 
 
 def test_an_action_counts_for_its_setting_at_its_first_final_status_only(state, clock) -> None:
     pending = action("a", "Pending", config=ENCRYPTION)
+    generation = state.counters_generation
     state.apply_actions(DEVICE, batch(), [pending])
-    assert results(state) == {}
+    # Its series exist from the first sight, at 0: the first result shows in increase().
+    assert state.setting_results() == [
+        ("BitLocker/RequireDeviceEncryption", "Replace", c, 0)
+        for c in ("success", "canceled", "error", "unknown")
+    ]
+    assert state.counters_generation != generation
     done = action("a", "Acknowledged", sent=START + 20, received=START + 30, config=ENCRYPTION)
     state.apply_actions(DEVICE, batch(), [done])
     state.apply_actions(DEVICE, batch(), [done])
