@@ -63,7 +63,7 @@ OTHER_STATUS = "other"
 # Distinct settings counted under their own name; later ones under OTHER_SETTING.
 MAX_SETTINGS = 500
 OTHER_SETTING = "other"
-# Raw CSP paths remembered with their setting (cleared when full: a cache, not a bound).
+# Raw (path, operation) pairs remembered with their counts (cleared when full: a cache).
 _SETTING_CACHE_SIZE = 4096
 # Upstream device states (docs/upstream-api.md), exported even when no device is in one.
 DEVICE_STATES = ("ACTIVE", "PROVISIONING", "DELETE_REQUESTED", "DELETED", "UNKNOWN")
@@ -242,7 +242,8 @@ class FleetState:
         # first result shows in increase() (a series born at 1 hides it).
         self._settings: dict[tuple[str, str], list[int]] = {}
         self._setting_names: set[str] = set()
-        self._setting_of: dict[str | None, str] = {}
+        # (config.path, config.action) as sent -> its counts in _settings.
+        self._counts_of: dict[tuple[str | None, str | None], list[int]] = {}
         self._events = 0  # transitions and latencies recorded, to tell when counters moved
 
     # --- bookkeeping -----------------------------------------------------------------------
@@ -587,25 +588,25 @@ class FleetState:
 
     def _setting_counts(self, action: Action) -> list[int]:
         """The result counts of the action's (setting, operation), created at 0."""
-        key = (self._setting(action.path), operation(action.operation))
-        counts = self._settings.get(key)
+        raw = (action.path, action.operation)
+        counts = self._counts_of.get(raw)  # every new action asks: normalize once per path
         if counts is None:
-            counts = self._settings[key] = [0] * len(FINAL_CLASSES)
+            key = (self._setting(action.path), operation(action.operation))
+            counts = self._settings.get(key)
+            if counts is None:
+                counts = self._settings[key] = [0] * len(FINAL_CLASSES)
+            if len(self._counts_of) >= _SETTING_CACHE_SIZE:
+                self._counts_of.clear()
+            self._counts_of[raw] = counts
         return counts
 
     def _setting(self, path: str | None) -> str:
         """The setting label of a CSP path: one of MAX_SETTINGS names, then OTHER_SETTING."""
-        name = self._setting_of.get(path)
-        if name is None:
-            name = setting(path)
-            if name not in self._setting_names:
-                if len(self._setting_names) >= MAX_SETTINGS:
-                    name = OTHER_SETTING
-                else:
-                    self._setting_names.add(name)
-            if len(self._setting_of) >= _SETTING_CACHE_SIZE:
-                self._setting_of.clear()
-            self._setting_of[path] = name
+        name = setting(path)
+        if name not in self._setting_names:
+            if len(self._setting_names) >= MAX_SETTINGS:
+                return OTHER_SETTING
+            self._setting_names.add(name)
         return name
 
     def _observe_latency(self, status: int, action: Action) -> None:
