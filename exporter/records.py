@@ -443,6 +443,10 @@ def action_from_fields(
                 received = _cached_timestamp(received) or _parse_iso(received)
             if canceled is not None:
                 canceled = _cached_timestamp(canceled) or _parse_iso(canceled)
+            if path is not None:
+                path = _shared_text(path)
+            if operation is not None:
+                operation = _shared_text(operation)
             return _make_tuple(
                 Action,
                 (cmd_id, status, code, sent, received, canceled, NO_PROBLEMS, path, operation),
@@ -487,10 +491,27 @@ def _action_carefully(
 
 
 def _config_text(value: Any, problems: set[str]) -> str | None:
-    if value is None or value.__class__ is str:
-        return value
+    if value is None:
+        return None
+    if value.__class__ is str:
+        return _shared_text(value)
     problems.add(SCHEMA)
     return None
+
+
+# One string object per distinct config path and operation: decoded pages held for a while
+# (the client's memo) would otherwise keep a copy of the same path in every action.
+_TEXTS_SIZE = 8192
+_texts: dict[str, str] = {}
+
+
+def _shared_text(text: str) -> str:
+    shared = _texts.get(text)
+    if shared is None:
+        if len(_texts) >= _TEXTS_SIZE:
+            _texts.clear()
+        shared = _texts[text] = text
+    return shared
 
 
 # --- actions pages straight from the body ----------------------------------------------------

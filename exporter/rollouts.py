@@ -10,7 +10,7 @@ adding and removing those parts, so a refresh never walks the whole fleet.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from exporter.state import CLASSES, BatchView
@@ -20,6 +20,9 @@ from exporter.state import CLASSES, BatchView
 STATES = ("failed", "pending", "unknown", "canceled", "succeeded")
 _STATE_OF_CLASS = (("error", "failed"), ("pending", "pending"), ("unknown", "unknown"),
                    ("canceled", "canceled"))
+_STATE_INDEX = {state: i for i, state in enumerate(STATES)}
+_CLASS_INDEX = {status_class: i for i, status_class in enumerate(CLASSES)}
+_PRECEDENCE = tuple((_CLASS_INDEX[status_class], state) for status_class, state in _STATE_OF_CLASS)
 # Rollout names exported per process, the most recently created first.
 MAX_ROLLOUTS = 500
 
@@ -39,36 +42,33 @@ class Rollout(NamedTuple):
     actions: tuple[int, ...]  # per status class, in CLASSES order
 
 
-def device_state(classes: dict[str, int]) -> str:
-    """The state of a device's batch from its actions per class."""
-    for status_class, state in _STATE_OF_CLASS:
-        if classes.get(status_class):
+def device_state(classes: Sequence[int]) -> str:
+    """The state of a device's batch from its actions per class (in CLASSES order)."""
+    for index, state in _PRECEDENCE:
+        if classes[index]:
             return state
     return "succeeded"
 
 
 def device_parts(batches: Iterable[BatchView]) -> tuple[Part, ...]:
     """The latest batch of each name among one device's batches, as rollout parts."""
-    latest: dict[str, BatchView] = {}
+    latest: dict[str, tuple[tuple[float, str], BatchView]] = {}
     for batch in batches:
         if not batch.name:
             continue
-        known = latest.get(batch.name)
-        if known is None or _created(batch) > _created(known):
-            latest[batch.name] = batch
-    parts = []
-    for name, batch in sorted(latest.items()):
-        classes = dict.fromkeys(CLASSES, 0)
-        for _, status_class, count in batch.counts:
-            classes[status_class] += count
+        # Batch ids are object ids, which start with their creation second: a fair tie-break.
         created = batch.created_at if batch.created_at is not None else -math.inf
-        parts.append(Part(name, created, device_state(classes), tuple(classes.values())))
+        known = latest.get(batch.name)
+        if known is None or (created, batch.id) > known[0]:
+            latest[batch.name] = ((created, batch.id), batch)
+    parts = []
+    for name in sorted(latest):
+        (created, _), batch = latest[name]
+        classes = [0] * len(CLASSES)
+        for _, status_class, count in batch.counts:
+            classes[_CLASS_INDEX[status_class]] += count
+        parts.append(Part(name, created, device_state(classes), tuple(classes)))
     return tuple(parts)
-
-
-def _created(batch: BatchView) -> tuple[float, str]:
-    # Batch ids are object ids, which start with their creation second: a fair tie-break.
-    return (batch.created_at if batch.created_at is not None else -math.inf, batch.id)
 
 
 class RolloutTotals:
@@ -96,9 +96,10 @@ class RolloutTotals:
         sums = self._sums.get(part.rollout)
         if sums is None:
             sums = self._sums[part.rollout] = [0] * (len(STATES) + len(CLASSES))
-        sums[STATES.index(part.state)] += sign
+        sums[_STATE_INDEX[part.state]] += sign
         for i, count in enumerate(part.classes, len(STATES)):
-            sums[i] += sign * count
+            if count:
+                sums[i] += sign * count
         if not any(sums[: len(STATES)]):
             del self._sums[part.rollout]
             self._newest.pop(part.rollout, None)

@@ -25,7 +25,7 @@ def view(batch_id: str, name: str | None, created: float | None, **classes: int)
     ],
 )
 def test_device_state_by_precedence(classes: dict[str, int], state: str) -> None:
-    assert device_state(classes) == state
+    assert device_state([classes.get(c, 0) for c in CLASSES]) == state
 
 
 def test_the_latest_batch_of_each_name_is_the_devices_part() -> None:
