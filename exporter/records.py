@@ -444,9 +444,9 @@ def action_from_fields(
             if canceled is not None:
                 canceled = _cached_timestamp(canceled) or _parse_iso(canceled)
             if path is not None:
-                path = _shared_text(path)
+                path = _known_text(path) or _shared_text(path)
             if operation is not None:
-                operation = _shared_text(operation)
+                operation = _known_text(operation) or _shared_text(operation)
             return _make_tuple(
                 Action,
                 (cmd_id, status, code, sent, received, canceled, NO_PROBLEMS, path, operation),
@@ -503,6 +503,7 @@ def _config_text(value: Any, problems: set[str]) -> str | None:
 # (the client's memo) would otherwise keep a copy of the same path in every action.
 _TEXTS_SIZE = 8192
 _texts: dict[str, str] = {}
+_known_text = _texts.get
 
 
 def _shared_text(text: str) -> str:
