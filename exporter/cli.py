@@ -412,8 +412,10 @@ async def run_demo(
     """The simulator in accelerated time and the exporter against it, in one process."""
     from exporter.simulator import Simulator  # only the demo needs it
 
-    sim = Simulator(seed=7, devices=12, organization="demo", speed=30.0,
-                    faults="latency=0.3:0.05,error500=0.02")
+    # Busier than the default fleet, so that rollouts, settings and check-ins all move
+    # within the first minute (seed 8 has devices of the model one setting fails on).
+    sim = Simulator(seed=8, devices=20, organization="demo", speed=30.0,
+                    new_batches_per_device_hour=3.0, faults="latency=0.3:0.05,error500=0.02")
     sim_runner = web.AppRunner(sim.app(), access_log=None)
     await sim_runner.setup()
     sim_site = web.TCPSite(sim_runner, "127.0.0.1", 0)
@@ -431,9 +433,12 @@ async def run_demo(
 
     def started(url: str) -> None:
         print(
-            f"Demo: simulated Applivery API at {base_url} (12 devices, 30x time).\n"
+            f"Demo: simulated Applivery API at {base_url} (20 devices, 30x time).\n"
             f"  metrics:      {url}/metrics\n"
             f"  landing page: {url}/\n"
+            "Within a minute: rollouts (applivery_windows_rollout_devices), failing settings\n"
+            "(applivery_windows_setting_results_total), silent devices\n"
+            "(applivery_windows_device_last_check_in_timestamp_seconds).\n"
             "Ctrl-C to stop.",
             flush=True,
         )

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,8 +25,9 @@ import aiohttp
 import pytest
 
 from exporter.records import decode_batch, parse_timestamp
-from exporter.simulator import Simulator
+from exporter.simulator import Simulator, catalog
 from exporter.simulator.faults import parse_spec
+from exporter.simulator.fleet import ROLLOUT_REACH, ROLLOUT_SPREAD
 from exporter.simulator.validation import ValidationError, parse_create_body
 from exporter.statuses import KNOWN_STATUSES, STATUS_CLASS, is_known, is_pending
 
@@ -36,6 +37,7 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 DOC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d: \d\d: \d\d\.\d{3}Z$")
 HEX24 = re.compile(r"^[0-9a-f]{24}$")
 ROOT = Path(__file__).resolve().parent.parent
+DAY = 86400.0
 
 MakeServer = Callable[..., Awaitable[tuple[Simulator, str]]]
 
@@ -145,7 +147,8 @@ async def test_devices_list_every_device_once_with_upstream_fields(api: Api) -> 
     for item in items:
         assert HEX24.match(item["id"])
         assert item["organizationId"] == api.sim.fleet.organization_id
-        assert item["state"] == "ACTIVE"
+        assert item["state"] in ("ACTIVE", "PROVISIONING", "DELETE_REQUESTED")
+        assert item["summary"]["model"]
         assert isinstance(item["tags"], list)
         assert item["displayName"] == item["summary"]["name"]
         assert item["summary"]["serialNumber"]
@@ -703,6 +706,200 @@ def test_every_error_status_shows_up_in_a_large_fleet() -> None:
     errors = {s for s in KNOWN_STATUSES if STATUS_CLASS[s].value == "error"}
     assert len(errors & seen) >= 0.8 * len(errors)
     assert {"Acknowledged", "Pending", "Cancel", "OperationCanceled"} <= seen
+
+
+# --- fleet views: rollouts, settings, check-ins ------------------------------------------------
+
+# device id -> (device document, [(batch document, its actions)])
+Fleet = dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], list[dict[str, Any]]]]]]
+
+
+async def _read_fleet(api: Api) -> Fleet:
+    """Every device, its batches and their actions, as a client reads them."""
+    fleet: Fleet = {}
+    for device in await api.all_items("/devices"):
+        batches = []
+        for batch in await api.all_items(f"/devices/{device['id']}/commands"):
+            path = f"/devices/{device['id']}/commands/{batch['id']}/actions"
+            batches.append((batch, await api.all_items(path)))
+        fleet[device["id"]] = (device, batches)
+    return fleet
+
+
+def _rollouts(fleet: Fleet) -> list[list[tuple[float, str]]]:
+    """(createdAt, device) of the batches of each rollout: one name and the same commands
+    on a quarter of the devices or more, created within ROLLOUT_SPREAD."""
+    alike: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for device, (_, batches) in fleet.items():
+        for batch, actions in batches:
+            key = json.dumps([batch["name"], [action["config"] for action in actions]])
+            alike[key].append((ts(batch["createdAt"]), device))
+    found = []
+    for entries in alike.values():
+        entries.sort()
+        first = 0
+        while first < len(entries):
+            group = [e for e in entries[first:] if e[0] - entries[first][0] <= ROLLOUT_SPREAD]
+            if len(group) >= len(fleet) / 4:
+                found.append(group)
+                first += len(group)
+            else:
+                first += 1
+    return found
+
+
+async def test_a_rollout_pushes_one_policy_to_many_devices_under_one_name(make_api: Any) -> None:
+    api = await make_api(devices=20, new_batches_per_device_hour=2.0)
+    start = api.sim.clock.now()
+    api.sim.advance(6 * 3600)
+
+    fleet = await _read_fleet(api)
+    rollouts = _rollouts(fleet)
+
+    created = [group[0][0] for group in rollouts]
+    assert any(moment < start for moment in created), "the history holds rollouts"
+    assert any(moment > start for moment in created), "rollouts keep coming"
+    low, high = ROLLOUT_REACH
+    for group in rollouts:
+        devices = [device for _, device in group]
+        assert len(set(devices)) == len(devices), "one batch per device"
+        assert low - 0.05 <= len(devices) / len(fleet) <= high + 0.05
+    in_rollouts = sum(len(group) for group in rollouts)
+    singles = sum(len(batches) for _, batches in fleet.values()) - in_rollouts
+    assert singles > in_rollouts / 3, "single-device batches too"
+
+
+async def test_one_setting_fails_on_one_model_every_time_and_only_there(make_api: Any) -> None:
+    api = await make_api(devices=40, new_batches_per_device_hour=1.0)
+    api.sim.advance(12 * 3600)
+    failure = catalog.MODEL_FAILURE
+
+    answers: dict[str, Counter[tuple[str, int | None]]] = defaultdict(Counter)
+    for device, batches in (await _read_fleet(api)).values():
+        for _, actions in batches:
+            for action in actions:
+                if action["config"]["path"] == failure.path and "receivedAt" in action:
+                    answer = (action["status"], action.get("statusCode"))
+                    answers[device["summary"]["model"]][answer] += 1
+
+    failing = answers.pop(failure.model)
+    assert STATUS_CLASS[failure.status].value == "error"
+    assert set(failing) == {(failure.status, catalog.status_code(failure.status))}
+    assert failing.total() >= 3
+    # Elsewhere the setting succeeds, but for the errors any setting meets now and then
+    # (and more often on the few devices whose policy stack is broken).
+    succeeded = {
+        model: sum(n for (status, _), n in counts.items()
+                   if STATUS_CLASS[status].value == "success")
+        for model, counts in answers.items()
+    }
+    assert len(answers) >= 5
+    assert all(succeeded[model] for model, counts in answers.items() if counts.total() >= 3)
+    assert sum(succeeded.values()) >= 0.75 * sum(c.total() for c in answers.values())
+
+
+async def test_silent_and_delete_requested_devices_do_not_check_in(make_api: Any) -> None:
+    api = await make_api(devices=20, new_batches_per_device_hour=1.0)
+    sim = api.sim
+    start = sim.clock.now()
+    before = {device["id"]: device for device in await api.all_items("/devices")}
+    states = Counter(device["state"] for device in before.values())
+    deleting = {d for d, device in before.items() if device["state"] == "DELETE_REQUESTED"}
+    provisioning = {d for d, device in before.items() if device["state"] == "PROVISIONING"}
+    days_ago = {d for d, device in before.items()
+                if ts(device["lastStatusReportTime"]) < start - DAY}
+
+    sim.advance(12 * 3600)
+    fleet = await _read_fleet(api)
+
+    assert deleting and provisioning and states["ACTIVE"] > len(before) / 2
+    assert deleting < days_ago, "silent for more than a day: deleted and others"
+    # Which devices stopped checking in is the simulator's secret; what shows is that they
+    # do not, and that what was sent to them since waits.
+    silent = {device.id for device in sim.fleet.devices if not device.online}
+    assert deleting < silent and any(sim.fleet.device(d).offline_since > start for d in silent)
+    waiting = 0
+    for device_id, (device, batches) in fleet.items():
+        report = ts(device["lastStatusReportTime"])
+        if device_id not in silent:
+            continue
+        assert report <= sim.fleet.device(device_id).offline_since
+        for batch, actions in batches:
+            if ts(batch["createdAt"]) > report:
+                assert {a["status"] for a in actions} <= {"Pending", "Cancel"}
+                waiting += 1
+    assert waiting > 0
+    moved = {d for d, (device, _) in fleet.items()
+             if device["lastStatusReportTime"] != before[d]["lastStatusReportTime"]}
+    assert len(moved) > len(fleet) / 2
+    assert not moved & (silent - {d for d in silent if sim.fleet.device(d).offline_since > start})
+    # Setting up ends at a session an hour or so after enrolling.
+    assert {fleet[d][0]["state"] for d in provisioning} == {"ACTIVE"}
+
+
+async def test_paths_name_their_instances_as_windows_does(make_api: Any) -> None:
+    api = await make_api(devices=20, new_batches_per_device_hour=2.0)
+    api.sim.advance(12 * 3600)
+    msi = re.compile(r"^\./Device/Vendor/MSFT/EnterpriseDesktopAppManagement/MSI/"
+                     r"(\{[0-9A-F]{8}(?:-[0-9A-F]{4}){3}-[0-9A-F]{12}\})/DownloadInstall$")
+    wifi = re.compile(r"^\./Vendor/MSFT/WiFi/Profile/[\w-]+/WlanXml$")
+    sid = re.compile(r"/S-1-12-1(?:-\d+){4}/")
+
+    installs: dict[str, set[str]] = defaultdict(set)
+    paths: set[str] = set()
+    per_user = 0
+    for device, batches in (await _read_fleet(api)).values():
+        for _, actions in batches:
+            for action in actions:
+                config = action["config"]
+                path = config["path"]
+                paths.add(path)
+                match = msi.match(path)
+                if match:
+                    installs[match[1]].add(config["action"])
+                    if config["action"] == "Exec":
+                        assert f'<MsiInstallJob id="{match[1]}">' in config["value"]
+                if path.startswith("./User/") and (sid.search(path) or "@" in path):
+                    user = device["mdmUser"]
+                    assert user is not None
+                    assert sid.search(path) or f"/{user['email']}/" in path
+                    per_user += 1
+
+    assert len(installs) >= 3, "app installs under distinct product codes"
+    assert all({"Add", "Exec"} <= verbs for verbs in installs.values())
+    assert any(wifi.match(path) for path in paths)
+    assert any(path.startswith("./Device/Vendor/MSFT/VPNv2/") for path in paths)
+    assert per_user > 0
+
+
+async def test_the_same_seed_draws_the_same_fleet(make_api: Any) -> None:
+    async def read(seed: int) -> Fleet:
+        api = await make_api(seed=seed, devices=20, new_batches_per_device_hour=1.0)
+        api.sim.advance(4 * 3600)
+        return await _read_fleet(api)
+
+    def views(fleet: Fleet) -> Any:
+        devices = sorted((d["summary"]["model"], d["state"], d["lastStatusReportTime"])
+                         for d, _ in fleet.values())
+        return devices, sorted(len(group) for group in _rollouts(fleet))
+
+    first, second, other = await read(21), await read(21), await read(22)
+
+    assert first == second
+    assert views(first) != views(other)
+
+
+def test_every_catalog_command_is_one_upstream_accepts() -> None:
+    policies = catalog.POLICIES + catalog.user_policies("S-1-12-1-1-2-3-4", "ana@example.com")
+    configs = [config for policy in policies for config in policy.configs]
+    body = {"commands": [
+        {"config": {"path": path, "action": action, "format": fmt,
+                    **({} if value is None else {"value": value})}}
+        for path, action, value, fmt in configs
+    ]}
+
+    assert parse_create_body(body) == (configs, None)
+    assert catalog.MODEL_FAILURE.path in {path for path, _, _, _ in catalog.COMMANDS}
 
 
 # --- faults -------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ class Simulator:
     ``speed``: simulated seconds per real second (0: only :meth:`advance` moves time).
     ``start``: the simulated epoch at creation (real time when None); the history before it
     is built at creation. ``record_events=False`` keeps no ground-truth event log (large
-    fleets). ``new_batches_per_device_hour``: how often new batches arrive once running.
+    fleets). ``new_batches_per_device_hour``: how often new batches arrive once running,
+    about half of them in rollouts (one policy pushed to 30–70 % of the devices at once).
     """
 
     def __init__(

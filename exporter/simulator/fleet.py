@@ -16,6 +16,17 @@ device that is awake answers it within seconds, one that is asleep or rarely con
 often does not, and its batch waits for the next scheduled session. Which pushes land is
 drawn from a generator of its own, so the fleet a seed builds does not depend on it.
 
+Batches come one device at a time, or as *rollouts*: an administrator pushes one policy to
+a share of the fleet, which makes one batch per device under one name within a couple of
+minutes. About half of the new batches, and some of the history, belong to rollouts; the
+newest rollout of the history went out shortly before the start and is still under way.
+
+Devices out of the ordinary, a few of each in any fleet of ``QUIRKS_FROM`` devices or more:
+silent for days before the start, going silent soon after it (their sessions stop, their
+actions stay pending), ``DELETE_REQUESTED`` (silent as well) and ``PROVISIONING`` (enrolled
+minutes ago, ``ACTIVE`` at its first session after ``PROVISIONING_SPAN``). One setting fails
+on one hardware model every time (``catalog.MODEL_FAILURE``).
+
 Action path: ``Pending`` → ``Awaiting`` (``sentAt`` = check-in) → a final status
 (``receivedAt`` a few seconds later, or at a later check-in), or → ``Cancel`` by the
 administrator (``canceledAt``) from either pending status. Device-side cancellations
@@ -38,7 +49,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from exporter.simulator import catalog
-from exporter.simulator.catalog import Config
+from exporter.simulator.catalog import Config, Policy
 from exporter.simulator.clock import SimClock
 from exporter.simulator.faults import Faults
 from exporter.simulator.validation import parse_commands
@@ -63,9 +74,25 @@ MAX_ANSWER_DELAY = 120.0
 _DELAY_MU, _DELAY_SIGMA = math.log(2.0), 0.9  # lognormal answer delay: median 2 s
 _PUSH_MU, _PUSH_SIGMA = math.log(15.0), 1.0  # push to session: median 15 s
 MAX_PUSH_DELAY = 600.0
+ROLLOUT_SHARE = 0.5  # of the new batches, those that belong to a rollout
+ROLLOUT_REACH = (0.3, 0.7)  # share of the fleet one rollout targets
+ROLLOUT_SPREAD = 120.0  # seconds from a rollout's first batch to its last
+USER_POLICY_SHARE = 0.1  # single batches for the device's user, where it has one
+
+# Device states (docs/upstream-api.md §5.1).
+ACTIVE, PROVISIONING, DELETE_REQUESTED = "ACTIVE", "PROVISIONING", "DELETE_REQUESTED"
+PROVISIONING_SPAN = HOUR  # from enrollment to the end of the setup sessions
+# Devices out of the ordinary, as shares of the fleet; every fleet of QUIRKS_FROM devices or
+# more has at least one of each, smaller ones (most tests) only what the shares round to.
+SILENT, GOING_SILENT = "silent", "going-silent"
+QUIRKS: tuple[tuple[str, float], ...] = (
+    (SILENT, 0.03), (GOING_SILENT, 0.03), (DELETE_REQUESTED, 0.02), (PROVISIONING, 0.01),
+)
+QUIRKS_FROM = 10
 
 # Heap event kinds.
-_CREATE, _CHECKIN, _ANSWER, _CANCEL_ACTION, _CANCEL_BATCH, _ARRIVAL = range(6)
+_CREATE, _CHECKIN, _ANSWER, _CANCEL_ACTION, _CANCEL_BATCH, _ARRIVAL, _ROLLOUT = range(7)
+_MEAN_REACH = sum(ROLLOUT_REACH) / 2
 
 _CUM_ERROR_WEIGHTS = tuple(itertools.accumulate(catalog.ERROR_WEIGHTS))
 
@@ -84,8 +111,8 @@ class Event(NamedTuple):
 class Device:
     __slots__ = (
         "batches", "enrolled", "error_share", "id", "imei", "index", "inflight", "json",
-        "last_report", "mean_interval", "name", "next_checkin", "offline_since", "open",
-        "os", "segment", "serial", "tags", "user", "win_id",
+        "last_report", "mean_interval", "model", "name", "next_checkin", "offline_since",
+        "open", "os", "segment", "serial", "state", "tags", "user", "win_id",
     )
 
     def __init__(self) -> None:
@@ -95,12 +122,17 @@ class Device:
         self.inflight: set[Action] = set()  # answers on their way
         self.next_checkin: float | None = None
         self.last_report: float | None = None
-        self.offline_since: float | None = None
+        self.offline_since: float | None = None  # its sessions stop then (past or future)
+        self.state = ACTIVE
         self.json: bytes | None = None
 
     @property
     def online(self) -> bool:
+        """Whether the device keeps checking in for good."""
         return self.offline_since is None
+
+    def online_at(self, moment: float) -> bool:
+        return self.offline_since is None or moment < self.offline_since
 
 
 class Batch:
@@ -329,10 +361,9 @@ class Fleet:
         self, device_id: str, *, error_ratio: float | None = None
     ) -> str:
         self.sync()
-        configs, name = self._random_commands()
-        batch = self._create(
-            self.device(device_id), millis(self.now), configs, name, error_ratio
-        )
+        device = self.device(device_id)
+        configs, name = self._random_commands(device)
+        batch = self._create(device, millis(self.now), configs, name, error_ratio)
         return batch.id
 
     def delete_batch(self, device_id: str, batch_id: str) -> None:
@@ -363,26 +394,39 @@ class Fleet:
 
     def _build_history(self, count: int, batches_per_device: int) -> None:
         start = self.now
+        quirks = self._quirks(count)
         for index in range(count):
-            device = self._new_device(index, start)
-            self._devices.append(device)
-            self._plan_history(device, start, batches_per_device)
+            self._devices.append(self._new_device(index, start, quirks.get(index)))
+        taken = self._plan_history_rollouts(start, batches_per_device)
+        for device in self._devices:
+            self._plan_history(device, start, batches_per_device - taken[device])
         self.run_until(start)
         self._lazy = False
         self._events.sort(key=_first)
         self._acks.sort(key=_first)
         for device in self._devices:
             self._settle_last_report(device, start)
-            if device.online and device.next_checkin is None:
+            if device.online_at(start) and device.next_checkin is None:
                 self._schedule_checkin(device, start)
         if self._devices and self._arrival_rate > 0:
             self._schedule_arrival(start)
+            self._schedule_rollout(start)
 
-    def _new_device(self, index: int, start: float) -> Device:
+    def _quirks(self, count: int) -> dict[int, str]:
+        """Which devices (by index) are out of the ordinary, and how."""
+        wanted = [(kind, _quirk_count(share, count)) for kind, share in QUIRKS]
+        chosen = iter(self._rng.sample(range(count), min(count, sum(n for _, n in wanted))))
+        return {index: kind for kind, n in wanted for index in itertools.islice(chosen, n)}
+
+    def _new_device(self, index: int, start: float, quirk: str | None) -> Device:
         rng = self._rng
         device = Device()
         device.index = index
-        device.enrolled = millis(start - rng.uniform(20.0, 500.0) * DAY)
+        if quirk == PROVISIONING:  # enrolled minutes ago, still in its setup sessions
+            device.enrolled = millis(start - rng.uniform(10.0, 40.0) * MINUTE)
+            device.state = PROVISIONING
+        else:
+            device.enrolled = millis(start - rng.uniform(20.0, 500.0) * DAY)
         device.id = self._object_id(device.enrolled)
         site, site_code, segment = rng.choice(_SITES)
         role, role_code = _pick_weighted(rng, _ROLES)
@@ -392,20 +436,39 @@ class Fleet:
             tags.append("pilot")
         device.tags = tuple(tags)
         device.segment = segment
-        device.serial = self._unique(lambda: _serial(rng))
+        maker = rng.choices(_MAKERS, weights=_MAKER_WEIGHTS)[0]
+        device.serial = self._unique(lambda: _serial(rng, maker))
+        portable, fixed = _MODELS[maker]
+        device.model = rng.choice(portable if role == "laptop" else fixed)
         device.imei = self._unique(lambda: _imei(rng)) if rng.random() < 0.35 else None
         device.win_id = _guid(rng)
         device.os = rng.choice(_OS_VERSIONS)
         device.user = _user(rng) if role in ("laptop", "desktop") else None
-        device.mean_interval, offline_since = _schedule_profile(rng, start)
-        if offline_since is not None:
-            offline_since = max(offline_since, device.enrolled + DAY)
-        device.offline_since = offline_since
+        device.mean_interval = _mean_interval(rng)
+        device.offline_since = self._silence(device, start, quirk)
         device.error_share = _error_share(rng)
         for key in (device.id, device.serial, device.imei):
             if key is not None:
                 self._lookup[key] = device
         return device
+
+    def _silence(self, device: Device, start: float, quirk: str | None) -> float | None:
+        """When the device stops checking in, if it does; sets the pace of the quirky ones."""
+        rng = self._rng
+        if quirk == PROVISIONING:
+            device.mean_interval = rng.uniform(3.0, 10.0) * MINUTE  # setup syncs often
+            return None
+        if quirk == GOING_SILENT:  # chatty until then, so that the silence shows
+            device.mean_interval = rng.uniform(5.0, 30.0) * MINUTE
+            return millis(start + rng.uniform(10.0, 60.0) * MINUTE)
+        if quirk == SILENT:
+            since = start - rng.uniform(1.5, 20.0) * DAY
+        elif quirk == DELETE_REQUESTED:  # an unenrolment the device never came to collect
+            device.state = DELETE_REQUESTED
+            since = start - rng.uniform(1.0, 10.0) * DAY
+        else:
+            return None
+        return millis(max(since, device.enrolled + DAY))
 
     def _unique(self, make: object) -> str:
         while True:
@@ -426,10 +489,25 @@ class Fleet:
                 created = millis(start - span * rng.random() ** 2)
             self._push(created, _CREATE, device, None)
 
+    def _plan_history_rollouts(self, start: float, batches_per_device: int) -> Counter[Device]:
+        """Rollouts in the history; each takes one of ``batches_per_device`` on its devices.
+
+        The newest went out minutes before the start, so a fleet starts with one under
+        way: most of its devices have yet to check in, some never will.
+        """
+        rng = self._rng
+        taken: Counter[Device] = Counter()
+        for number in range(batches_per_device // 2):
+            if number == 0:
+                when = start - ROLLOUT_SPREAD - rng.uniform(3.0, 20.0) * MINUTE
+            else:
+                when = start - HISTORY_DAYS * DAY * rng.random() ** 2 - ROLLOUT_SPREAD
+            taken.update(self._roll_out(when))
+        return taken
+
     def _settle_last_report(self, device: Device, start: float) -> None:
         """The last session before the start, consistent with what it sent and did not send."""
-        bound = start if device.online else device.offline_since
-        assert bound is not None
+        bound = start if device.offline_since is None else min(start, device.offline_since)
         for batch in device.open:
             if any(action.status == PENDING for action in batch.actions):
                 bound = min(bound, batch.created)
@@ -453,7 +531,9 @@ class Fleet:
             if subject.next_checkin == when:  # type: ignore[attr-defined]
                 self._checkin(when, subject)  # type: ignore[arg-type]
         elif kind == _CREATE:
-            configs, name = self._random_commands()
+            # A rollout's batch carries its commands; a single one draws them now.
+            planned: tuple[list[Config], str] | None = extra  # type: ignore[assignment]
+            configs, name = planned or self._random_commands(subject)  # type: ignore[arg-type]
             self._create(subject, when, configs, name, None)  # type: ignore[arg-type]
         elif kind == _CANCEL_ACTION:
             self._cancel(when, subject)  # type: ignore[arg-type]
@@ -462,9 +542,12 @@ class Fleet:
                 self._cancel(when, action)
         elif kind == _ARRIVAL:
             device = self.random_device()
-            configs, name = self._random_commands()
+            configs, name = self._random_commands(device)
             self._create(device, when, configs, name, None)
             self._schedule_arrival(when)
+        elif kind == _ROLLOUT:
+            self._roll_out(when)
+            self._schedule_rollout(when)
 
     def _schedule_checkin(self, device: Device, after: float) -> None:
         interval = max(MIN_INTERVAL, self._rng.expovariate(1.0 / device.mean_interval))
@@ -472,8 +555,27 @@ class Fleet:
         self._push(device.next_checkin, _CHECKIN, device, None)
 
     def _schedule_arrival(self, after: float) -> None:
-        rate = self._arrival_rate * len(self._devices)
+        rate = self._arrival_rate * len(self._devices) * (1.0 - ROLLOUT_SHARE)
         self._push(millis(after + self._rng.expovariate(rate)), _ARRIVAL, None, None)
+
+    def _schedule_rollout(self, after: float) -> None:
+        # Each reaches about _MEAN_REACH of the fleet: rollouts make ROLLOUT_SHARE of the
+        # new batches at this pace.
+        rate = self._arrival_rate * ROLLOUT_SHARE / _MEAN_REACH
+        self._push(millis(after + self._rng.expovariate(rate)), _ROLLOUT, None, None)
+
+    def _roll_out(self, when: float) -> list[Device]:
+        """One policy pushed to a share of the fleet: a batch per device, all of one name."""
+        rng = self._rng
+        planned = self._compose(rng.choice(catalog.ROLLOUTS))
+        enrolled = [device for device in self._devices if device.enrolled < when]
+        if not enrolled:
+            return []
+        reach = max(1, round(rng.uniform(*ROLLOUT_REACH) * len(enrolled)))
+        targets = rng.sample(enrolled, reach)
+        for device in targets:  # as the console or a script works through the devices
+            self._push(millis(when + rng.uniform(0.0, ROLLOUT_SPREAD)), _CREATE, device, planned)
+        return targets
 
     def _create(
         self,
@@ -503,7 +605,7 @@ class Fleet:
     def _push_notification(self, device: Device, when: float) -> None:
         """A session soon after ``when``, when the push reaches the device."""
         rng = self._push_rng
-        if rng is None or not device.online or rng.random() >= _push_reach(device):
+        if rng is None or not device.online_at(when) or rng.random() >= _push_reach(device):
             return
         delay = min(MAX_PUSH_DELAY, 1.0 + math.exp(_PUSH_MU + _PUSH_SIGMA * rng.gauss()))
         moment = millis(when + delay)
@@ -528,6 +630,8 @@ class Fleet:
             return
         device.last_report = when
         device.json = None
+        if device.state == PROVISIONING and when >= device.enrolled + PROVISIONING_SPAN:
+            device.state = ACTIVE
         rng = self._rng
         waiting = False
         # While history is built nobody can look, so answers due before the start need no
@@ -563,6 +667,10 @@ class Fleet:
 
     def _outcome(self, device: Device, batch: Batch, action: Action) -> tuple[str, int | None]:
         rng = self._rng
+        failure = catalog.MODEL_FAILURE
+        if (batch.error_ratio is None and device.model == failure.model
+                and action.config[0] == failure.path):
+            return failure.status, catalog.status_code(failure.status)
         share = device.error_share if batch.error_ratio is None else batch.error_ratio
         draw = rng.random()
         if draw < share:
@@ -613,16 +721,31 @@ class Fleet:
 
     # --- drawing ---------------------------------------------------------------------------
 
-    def _random_commands(self) -> tuple[list[Config], str]:
+    def _random_commands(self, device: Device) -> tuple[list[Config], str]:
+        """A single batch: any policy, now and then one for the device's user."""
+        rng = self._rng
+        if device.user is not None and rng.random() < USER_POLICY_SHARE:
+            user_id, email, _ = device.user
+            policies = catalog.user_policies(_user_sid(user_id), email)
+        else:
+            policies = catalog.POLICIES
+        return self._compose(rng.choice(policies))
+
+    def _compose(self, policy: Policy) -> tuple[list[Config], str]:
+        """The policy's commands, cut or filled up with settings to a drawn batch size."""
         rng = self._rng
         low, high = self._actions_per_batch
         count = rng.randint(low, high)
-        pool = catalog.COMMANDS
-        if count <= len(pool):
-            configs = rng.sample(pool, count)
+        core = policy.configs
+        if count <= len(core):
+            return [core[i] for i in sorted(rng.sample(range(len(core)), count))], policy.name
+        pool = catalog.FILL.get(policy.name, catalog.COMMANDS)
+        extra = count - len(core)
+        if extra <= len(pool):
+            fill = rng.sample(pool, extra)
         else:
-            configs = [rng.choice(pool) for _ in range(count)]
-        return configs, rng.choice(catalog.BATCH_NAMES)
+            fill = [rng.choice(pool) for _ in range(extra)]
+        return [*core, *fill], policy.name
 
     def _object_id(self, moment: float) -> str:
         """A Mongo ObjectId: creation second, process id, counter."""
@@ -677,6 +800,16 @@ _OS_VERSIONS = (
     ("10.0.26100.3194", "Windows 11 24H2"),
     ("10.0.19045.5131", "Windows 10 22H2"),
 )
+# Makers by share, told apart by their serial numbers' style, and their models: portable
+# (laptops) and fixed (desktops, kiosks, tills).
+_MAKERS = ("Dell", "HP", "Lenovo", "Microsoft")
+_MAKER_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Dell": (("Latitude 5440", "Latitude 7440"), ("OptiPlex 7010",)),
+    "HP": (("HP EliteBook 840 G10", "HP ProBook 450 G9"), ("HP ProDesk 400 G9",)),
+    "Lenovo": (("ThinkPad T14 Gen 4", "ThinkPad X1 Carbon Gen 11"), ("ThinkCentre M70q Gen 4",)),
+    "Microsoft": (("Surface Laptop 5", "Surface Pro 9"), ("Surface Pro 9",)),
+}
 _FIRST = ("Ana", "Luis", "Marta", "John", "Priya", "Jonas", "Chen", "Lucia", "Omar", "Sofia")
 _LAST = ("Garcia", "Smith", "Muller", "Rossi", "Khan", "Lopez", "Novak", "Kim", "Silva", "Weber")
 _ALNUM = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -693,13 +826,12 @@ def _pick_weighted(
     return table[-1][0], table[-1][1]
 
 
-def _serial(rng: random.Random) -> str:
-    style = rng.random()
-    if style < 0.4:  # Dell service tag
+def _serial(rng: random.Random, maker: str) -> str:
+    if maker == "Dell":  # service tag
         return "".join(rng.choice(_ALNUM) for _ in range(7))
-    if style < 0.7:  # HP
+    if maker == "HP":
         return "5CG" + "".join(rng.choice(_ALNUM) for _ in range(7))
-    if style < 0.9:  # Lenovo
+    if maker == "Lenovo":
         return "PF" + "".join(rng.choice(_ALNUM) for _ in range(6))
     return "".join(rng.choice("0123456789") for _ in range(12))  # Surface
 
@@ -726,16 +858,26 @@ def _user(rng: random.Random) -> tuple[str, str, str]:
     return f"{rng.getrandbits(96):024x}", email, f"{first} {last}"
 
 
-def _schedule_profile(rng: random.Random, start: float) -> tuple[float, float | None]:
-    """(mean seconds between sessions, moment the device went offline or None)."""
+def _user_sid(user_id: str) -> str:
+    """The user's Entra ID SID (S-1-12-1 and four numbers), fixed by the user's id."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=16).digest()
+    parts = (int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))
+    return "S-1-12-1-" + "-".join(map(str, parts))
+
+
+def _quirk_count(share: float, count: int) -> int:
+    wanted = round(share * count)
+    return max(1, wanted) if count >= QUIRKS_FROM else wanted
+
+
+def _mean_interval(rng: random.Random) -> float:
+    """Mean seconds between a device's sessions."""
     draw = rng.random()
-    if draw < 0.75:
-        return rng.uniform(5, 60) * MINUTE, None
-    if draw < 0.90:
-        return rng.uniform(2, 12) * HOUR, None
-    if draw < 0.97:
-        return rng.uniform(1, 3) * DAY, None
-    return rng.uniform(5, 60) * MINUTE, millis(start - rng.uniform(3, 30) * DAY)
+    if draw < 0.77:
+        return rng.uniform(5, 60) * MINUTE
+    if draw < 0.93:
+        return rng.uniform(2, 12) * HOUR
+    return rng.uniform(1, 3) * DAY
 
 
 def _push_reach(device: Device) -> float:

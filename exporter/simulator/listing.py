@@ -23,6 +23,8 @@ DEVICE_KEYS: dict[str, Key] = {
     "summary.serialNumber": lambda d: d.serial,
     "summary.imei": lambda d: d.imei,
     "summary.osVersion": lambda d: d.os[0],
+    "summary.model": lambda d: d.model,
+    "state": lambda d: d.state,
     "winId": lambda d: d.win_id,
     "enrolledDate": lambda d: d.enrolled,
     "createdAt": lambda d: d.enrolled,

@@ -194,7 +194,7 @@ class Renderer:
             "displayName": device.name,
             "tags": list(device.tags),
             "winId": device.win_id,
-            "state": "ACTIVE",
+            "state": device.state,
             "summary": {
                 "name": device.name,
                 "osVersion": version,
@@ -203,6 +203,9 @@ class Renderer:
                 "serialNumber": device.serial,
                 "imei": device.imei,
                 "supervised": False,
+                # Not in the documented summary fields (docs/upstream-api.md §5.1), which
+                # name no hardware model; ours sits with the other hardware facts.
+                "model": device.model,
             },
             "lastStatusReportTime": stamp(device.last_report) if device.last_report else None,
             "type": "device",
