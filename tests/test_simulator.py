@@ -26,6 +26,8 @@ import pytest
 
 from exporter.records import decode_batch, parse_timestamp
 from exporter.simulator import Simulator, catalog
+from exporter.simulator.cli import build_parser, simulator
+from exporter.simulator.dialect import Dialect
 from exporter.simulator.faults import parse_spec
 from exporter.simulator.fleet import ROLLOUT_REACH, ROLLOUT_SPREAD
 from exporter.simulator.validation import ValidationError, parse_create_body
@@ -1121,6 +1123,236 @@ def test_create_body_validation_names_the_field() -> None:
         parse_create_body({"commands": [_command("./a"), _command("./b", action="Move")]})
 
 
+# --- dialect: how sort and the tags array are read ----------------------------------------------
+
+
+def _created(batches: list[Any]) -> list[float]:
+    return [ts(batch["createdAt"]) for batch in batches]
+
+
+async def _history_pages(api: Api, device: str, limit: int, **params: Any) -> list[Any]:
+    """Every page of a device's history, as (page) data documents."""
+    pages = []
+    page = 1
+    while True:
+        data = await api.data(f"/devices/{device}/commands", page=page, limit=limit, **params)
+        pages.append(data)
+        if not data["hasNextPage"]:
+            return pages
+        page += 1
+
+
+async def test_defaults_honour_sort_and_read_every_tags_spelling(api: Api) -> None:
+    sim = api.sim
+    device = sim.fleet.device_ids()[0]
+
+    history = await api.all_items(f"/devices/{device}/commands", limit=2)
+    checked_in = await api.all_items("/devices", limit=5, sort="lastStatusReportTime:desc")
+
+    assert sim.dialect == Dialect.of()
+    assert sim.dialect.settings() == {
+        "sort_mode": {"devices": "honour", "commands": "honour", "actions": "honour"},
+        "sort_fields": None, "tags_format": "any", "unknown_filter": "ignore",
+    }
+    assert str(sim.dialect) == ""
+    assert _created(history) == sorted(_created(history), reverse=True)
+    reports = [ts(item["lastStatusReportTime"]) for item in checked_in]
+    assert reports == sorted(reports, reverse=True)
+    assert not sim.stats.dialect
+
+
+async def test_sort_ignored_serves_a_history_oldest_first_on_every_page(make_api: Any) -> None:
+    api = await make_api(devices=3, batches_per_device=25, sort_mode="ignore")
+    fleet = api.sim.fleet
+    device = fleet.device_ids()[0]
+    stored = fleet.batch_ids(device)
+    assert len(stored) == 25
+
+    pages = await _history_pages(api, device, 10, sort="createdAt:desc")
+    unsorted = await _history_pages(api, device, 10)
+
+    assert [len(p["items"]) for p in pages] == [10, 10, 5]
+    assert [(p["page"], p["totalDocs"], p["hasNextPage"]) for p in pages] == [
+        (1, 25, True), (2, 25, True), (3, 25, False)
+    ]
+    served = [batch for p in pages for batch in p["items"]]
+    assert [batch["id"] for batch in served] == stored
+    assert _created(served) == sorted(_created(served))
+    assert pages == unsorted, "without sort too: the stored order"
+    assert api.sim.stats.dialect == {("commands", "sort_ignored"): 3}
+
+    # Issue 16's trap: a new batch lands at the tail, not on the first page asked for.
+    new = fleet.create_random_batch(device)
+    first = await api.data(f"/devices/{device}/commands", limit=20, sort="createdAt:desc")
+    last = (await _history_pages(api, device, 10, sort="createdAt:desc"))[-1]
+    assert new not in [batch["id"] for batch in first["items"]]
+    assert first["totalDocs"] == 26
+    assert last["items"][-1]["id"] == new
+
+
+async def test_sort_ignored_on_the_device_list_serves_the_fleet_order(make_api: Any) -> None:
+    api = await make_api(devices=12, sort_mode="ignore")
+    fleet = api.sim.fleet
+    by_checkin = sorted(fleet.devices, key=lambda d: d.last_report or 0.0, reverse=True)
+    assert [d.id for d in by_checkin] != fleet.device_ids()
+
+    items = await api.all_items("/devices", limit=5, sort="lastStatusReportTime:desc")
+    first = await api.data("/devices", limit=5, sort="lastStatusReportTime:desc")
+
+    assert [item["id"] for item in items] == fleet.device_ids()
+    assert (first["totalDocs"], first["totalPages"], first["hasNextPage"]) == (12, 3, True)
+    assert api.sim.stats.dialect[("devices", "sort_ignored")] == 4
+
+
+async def test_sort_ignored_on_actions_serves_batch_order(make_api: Any) -> None:
+    api = await make_api(devices=4, sort_mode="ignore")
+    fleet = api.sim.fleet
+    device = fleet.device_ids()[0]
+    batch = next(
+        b for b in fleet.device(device).batches
+        if sorted((a.cmd_id for a in b.actions), reverse=True) != [a.cmd_id for a in b.actions]
+    )
+    batch_id = batch.id
+
+    items = await api.all_items(f"/devices/{device}/commands/{batch_id}/actions", limit=2,
+                                sort="cmdId:desc")
+
+    assert [item["cmdId"] for item in items] == [action.cmd_id for action in batch.actions]
+
+
+async def test_sort_rejected_answers_400_with_code_5000_on_every_list(make_api: Any) -> None:
+    api = await make_api(devices=4, sort_mode="reject")
+    fleet = api.sim.fleet
+    device = fleet.device_ids()[0]
+    batch = fleet.batch_ids(device)[0]
+    paths = {"devices": "/devices", "commands": f"/devices/{device}/commands",
+             "actions": f"/devices/{device}/commands/{batch}/actions"}
+
+    for route, path in paths.items():
+        status, document = await api.get(path, sort="createdAt:desc")
+        assert status == 400, route
+        assert document == {"status": False, "error": {
+            "code": 5000, "message": 'Invalid sort field "createdAt"'}}
+        assert (await api.get(path))[0] == 200, "no sort, nothing to refuse"
+        status, malformed = await api.get(path, sort="createdAt:up")
+        assert status == 400 and malformed["error"]["code"] == 2001, "the pattern comes first"
+        assert api.sim.stats.counts[(route, 400)] == 2
+        assert api.sim.stats.dialect[(route, "sort_rejected")] == 1
+
+
+async def test_sort_mode_per_list_and_per_field(make_api: Any) -> None:
+    api = await make_api(devices=6, sort_mode={"devices": "reject"},
+                         sort_fields=["lastStatusReportTime"])
+    device = api.sim.fleet.device_ids()[0]
+
+    refused, _ = await api.get("/devices", sort="lastStatusReportTime:desc")
+    by_name = await api.all_items("/devices", sort="displayName:desc")
+    history = await api.all_items(f"/devices/{device}/commands", limit=2, sort="createdAt:asc")
+
+    assert refused == 400
+    names = [item["displayName"] for item in by_name]
+    assert names == sorted(names, reverse=True)
+    assert _created(history) == sorted(_created(history))
+
+    api.sim.set_dialect(sort_mode="devices=honour,commands=ignore", sort_fields=None)
+    checked_in = await api.all_items("/devices", sort="lastStatusReportTime:desc")
+    stored = await api.all_items(f"/devices/{device}/commands", limit=2, sort="createdAt:desc")
+    reports = [ts(item["lastStatusReportTime"]) for item in checked_in]
+    assert reports == sorted(reports, reverse=True)
+    assert [batch["id"] for batch in stored] == api.sim.fleet.batch_ids(device)
+
+
+def test_dialect_settings_are_checked_and_a_bad_change_keeps_the_old_one() -> None:
+    sim = Simulator(seed=1, devices=1, speed=0, start=START, sort_mode="commands=ignore")
+    assert sim.dialect.sort_mode == {"devices": "honour", "commands": "ignore",
+                                     "actions": "honour"}
+    for bad in ({"sort_mode": "sometimes"}, {"sort_mode": "history=ignore"},
+                {"sort_mode": {"devices": "no"}}, {"sort_fields": []},
+                {"tags_format": "csv"}, {"unknown_filter": "empty"}, {"colour": "blue"}):
+        with pytest.raises(ValueError):
+            sim.set_dialect(**bad)
+        assert sim.dialect.sort_mode["commands"] == "ignore"
+    with pytest.raises(ValueError, match="tags_format"):
+        Simulator(seed=1, devices=1, speed=0, start=START, tags_format="json")
+
+
+def _holding(sim: Simulator, *tags: str) -> list[str]:
+    """Ids of the devices carrying any of ``tags``, in the fleet's order (ground truth)."""
+    return [d.id for d in sim.fleet.devices if set(tags) & set(d.tags)]
+
+
+def _two_tags(sim: Simulator) -> tuple[str, str]:
+    """Two tags that each select part of the fleet, the second adding devices to the first."""
+    count = len(sim.fleet.devices)
+    tags = sorted({t for d in sim.fleet.devices for t in d.tags})
+    return next(
+        (a, b) for a in tags for b in tags
+        if 0 < len(_holding(sim, a)) < len(_holding(sim, a, b)) < count
+    )
+
+
+# What each tags format makes of each spelling of [tag, other] (``single``: [tag] alone, as
+# the exporter sends one tag): ``both``/``first`` the devices with those tags, ``all`` the
+# whole list, ``none`` an empty one, ``unread`` what unknown_filter says.
+TAG_SPELLINGS = ("repeated", "brackets", "comma", "single")
+TAG_READS: dict[str, tuple[str, ...]] = {
+    "any": ("both", "both", "both", "first"),
+    "repeated": ("both", "unread", "none", "first"),  # "a,b" is one tag nobody carries
+    "brackets": ("unread", "both", "unread", "unread"),
+    "comma": ("unread", "unread", "both", "first"),
+    "ignore": ("all", "all", "all", "all"),
+}
+
+
+@pytest.mark.parametrize("unknown_filter", ["ignore", "nothing"])
+@pytest.mark.parametrize("tags_format", list(TAG_READS))
+async def test_tags_formats_read_only_their_spelling(
+    make_api: Any, tags_format: str, unknown_filter: str
+) -> None:
+    api = await make_api(devices=10, tags_format=tags_format, unknown_filter=unknown_filter)
+    fleet = api.sim.fleet
+    everyone = fleet.device_ids()
+    tag, other = _two_tags(api.sim)
+    expected = {
+        "both": _holding(api.sim, tag, other),
+        "first": _holding(api.sim, tag),
+        "all": everyone,
+        "none": [],
+        "unread": everyone if unknown_filter == "ignore" else [],
+    }
+    queries: dict[str, dict[str, Any]] = {
+        "repeated": {"tags": [tag, other]},
+        "brackets": {"tags[]": [tag, other]},
+        "comma": {"tags": f"{tag},{other}"},
+        "single": {"tags": tag},
+    }
+
+    for spelling, read in zip(TAG_SPELLINGS, TAG_READS[tags_format], strict=True):
+        whole = await api.data("/devices", limit=100, **queries[spelling])
+        first = await api.data("/devices", limit=4, **queries[spelling])
+        assert [item["id"] for item in whole["items"]] == expected[read], (spelling, read)
+        assert first["totalDocs"] == len(expected[read])
+        assert first["hasNextPage"] is (len(expected[read]) > 4)
+
+    counted = api.sim.stats.dialect  # two requests per spelling
+    assert counted[("devices", "tags_unread")] == 2 * TAG_READS[tags_format].count("unread")
+    assert counted[("devices", "tags_ignored")] == 2 * TAG_READS[tags_format].count("all")
+    assert (await api.data("/devices", limit=100))["totalDocs"] == len(everyone)
+
+
+async def test_tags_in_two_spellings_at_once(make_api: Any) -> None:
+    api = await make_api(devices=10, tags_format="repeated")
+    tag, other = _two_tags(api.sim)
+    query = {"tags": tag, "tags[]": other}
+
+    read_part = await api.data("/devices", limit=100, **query)
+    api.sim.set_dialect(unknown_filter="nothing")
+    nothing = await api.data("/devices", limit=100, **query)
+
+    assert [d["id"] for d in read_part["items"]] == _holding(api.sim, tag)
+    assert nothing["items"] == [] and nothing["totalDocs"] == 0
+
+
 # --- control endpoint ---------------------------------------------------------------------------
 
 
@@ -1166,6 +1398,48 @@ async def test_control_endpoint_when_enabled(make_api: Any) -> None:
     assert classes and set(classes) == {"error"}
 
 
+async def test_control_endpoint_switches_the_dialect_mid_run(make_api: Any) -> None:
+    api = await make_api(devices=6, control=True)
+    control = f"{api.root}/_simulator"
+    device = api.sim.fleet.device_ids()[0]
+    path = f"/devices/{device}/commands"
+    newest_first = await api.all_items(path, limit=2, sort="createdAt:desc")
+
+    status, changed = await api.post(f"{control}/dialect", {"sort_mode": {"commands": "ignore"}})
+    stored = await api.all_items(path, limit=2, sort="createdAt:desc")
+    assert status == 200
+    assert changed["data"]["sort_mode"] == {"devices": "honour", "commands": "ignore",
+                                            "actions": "honour"}
+    assert [b["id"] for b in stored] == [b["id"] for b in reversed(newest_first)]
+
+    status, changed = await api.post(f"{control}/dialect", {
+        "sort_mode": "reject", "sort_fields": ["lastStatusReportTime"],
+        "tags_format": "brackets", "unknown_filter": "nothing",
+    })
+    assert status == 200 and changed["data"] == api.sim.dialect.settings()
+    refused, document = await api.get("/devices", sort="lastStatusReportTime:desc")
+    assert (refused, document["error"]["code"]) == (400, 5000)
+    assert (await api.data("/devices", tags="kiosk"))["items"] == []
+    assert (await api.get(path, sort="createdAt:desc"))[0] == 200
+
+    for bad in ({"sort_mode": "maybe"}, {"sort_mode": {"history": "ignore"}},
+                {"sort_fields": 3}, {"tags_format": None}, {"colour": "red"}):
+        status, document = await api.post(f"{control}/dialect", bad)
+        assert status == 400 and document["status"] is False, bad
+    status, unchanged = await api.post(f"{control}/dialect", {})
+    assert status == 200 and unchanged["data"]["tags_format"] == "brackets"
+
+    _, stats = await api.get(f"{control}/stats")
+    assert stats["data"]["dialect"] == api.sim.dialect.settings()
+    assert {"route": "devices", "what": "sort_rejected", "count": 1} in stats["data"][
+        "dialect_counts"]
+    assert {"route": "devices", "what": "tags_unread", "count": 1} in stats["data"][
+        "dialect_counts"]
+    assert {"route": "commands", "what": "sort_ignored", "count": -(-len(stored) // 2)} in stats[
+        "data"]["dialect_counts"]
+    assert {"route": "devices", "status": 400, "count": 1} in stats["data"]["counts"]
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 
@@ -1204,3 +1478,30 @@ def test_cli_rejects_a_bad_fault_spec() -> None:
     )
     assert result.returncode == 2
     assert "teapot" in result.stderr
+
+
+def test_cli_dialect_flags_reach_the_simulator() -> None:
+    args = build_parser().parse_args([
+        "--devices", "1", "--sort-mode", "devices=reject,commands=ignore",
+        "--sort-fields", "lastStatusReportTime,createdAt", "--tags-format", "comma",
+        "--unknown-filter", "nothing",
+    ])
+    defaults = simulator(build_parser().parse_args(["--devices", "1"]))
+
+    assert simulator(args).dialect.settings() == {
+        "sort_mode": {"devices": "reject", "commands": "ignore", "actions": "honour"},
+        "sort_fields": ["createdAt", "lastStatusReportTime"],
+        "tags_format": "comma", "unknown_filter": "nothing",
+    }
+    assert defaults.dialect == Dialect.of()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--sort-mode", "sometimes"], ["--sort-mode", "history=ignore"], ["--sort-fields", ","],
+    ["--tags-format", "csv"], ["--unknown-filter", "all"],
+])
+def test_cli_rejects_a_bad_dialect_flag(flags: list[str], capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(flags)
+    assert exited.value.code == 2
+    assert flags[0] in capsys.readouterr().err

@@ -22,6 +22,11 @@ What a lagging replica or a cache can serve, drawn per request: ``transient_404`
 batch or its actions with 404 (3001); ``short_list`` serves one action of the list (with a
 ``totalDocs`` that agrees); ``stale_read`` serves each action as it was before it left
 ``Pending`` (no timestamps, no code); ``window_churn`` leaves one batch out of a history page.
+
+How ``sort`` and ``tags`` are read is the simulator's dialect (dialect.py), consulted on every
+request so that it can change at run time: a list may serve its stored order whatever the
+``sort`` (paged as usual), or refuse a sort with 400 and code 5000; the device list may read
+only one spelling of the ``tags`` array, or none.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from exporter.records import COMMAND_ID, DEVICE_ID, OBJECT_ID, ORGANIZATION_ID
-from exporter.simulator import listing, wire
+from exporter.simulator import dialect, listing, wire
 from exporter.simulator.fleet import Batch, Device, UnknownEntity
 from exporter.simulator.stats import RESET
 from exporter.simulator.validation import (
@@ -110,6 +115,7 @@ def build_app(sim: Simulator) -> web.Application:
         router.add_post("/_simulator/advance", control.advance)
         router.add_post("/_simulator/token", control.token)
         router.add_post("/_simulator/burst", control.burst)
+        router.add_post("/_simulator/dialect", control.dialect)
     if sim.clock.speed > 0:
         app.cleanup_ctx.append(_ticker(sim))
     return app
@@ -253,14 +259,14 @@ class _Api:
         self._organization(request)
         query = request.query
         number, limit, order = self._paging(request)
-        tags = _tags(query)
+        tags = self._tags(query)
         segment = _optional_int(query, "segmentId")
         user = query.get("mdm-user")
         if user is not None and not OBJECT_ID.match(user):
             raise invalid(f'"mdm-user" with value "{user}" fails to match the required pattern')
         items: list[Device] = [
             device for device in self.fleet.devices
-            if (not tags or not tags.isdisjoint(device.tags))
+            if (tags is None or not tags.isdisjoint(device.tags))
             and (segment is None or device.segment == segment)
             and (user is None or (device.user is not None and device.user[0] == user.lower()))
         ]
@@ -276,6 +282,8 @@ class _Api:
     async def commands(self, request: web.Request) -> web.Response:
         device = self._device(request)
         number, limit, order = self._paging(request)
+        # The order served, not the one asked for: a history in its stored order (the dialect
+        # ignoring sort) grows at its tail.
         newest_first = order is None or order == ("createdAt", True)
         shift = 0
         if number > 1 and self.faults.draw("shifting_pages") is not None:
@@ -339,15 +347,34 @@ class _Api:
         return self.faults.randint(1, min(MAX_SHIFT, limit))
 
     def _paging(self, request: web.Request) -> tuple[int, int, Order]:
+        """Page, limit and the order to serve (the dialect's), or the 400 of either."""
         query = request.query
         try:
-            return (
-                parse_page(query.get("page")),
-                parse_limit(query.get("limit"), DEFAULT_LIMIT, self.sim.max_limit),
-                parse_sort(query.get("sort")),
-            )
+            number = parse_page(query.get("page"))
+            limit = parse_limit(query.get("limit"), DEFAULT_LIMIT, self.sim.max_limit)
+            order = parse_sort(query.get("sort"))
         except ValidationError as exc:
             raise invalid(str(exc)) from None
+        return number, limit, self._served_order(request.match_info.route.name, order)
+
+    def _served_order(self, route: str, order: Order) -> Order:
+        """``order`` as the dialect treats it: honoured, the stored order, or refused."""
+        mode = self.sim.dialect.sort_for(route, None if order is None else order[0])
+        if mode == dialect.HONOUR:
+            return order
+        if mode == dialect.REJECT:
+            assert order is not None  # sort_for refuses only a sort asked for
+            self.sim.stats.note(route, dialect.SORT_REJECTED)
+            raise ApiFailure(400, dialect.SORT_REJECTED_CODE, f'Invalid sort field "{order[0]}"')
+        if order is not None:
+            self.sim.stats.note(route, dialect.SORT_IGNORED)
+        return listing.NATURAL
+
+    def _tags(self, query: Any) -> dialect.TagFilter:
+        tags, unread = self.sim.dialect.read_tags(query)
+        if unread is not None:
+            self.sim.stats.note("devices", unread)
+        return tags
 
     def _organization(self, request: web.Request) -> None:
         org = request.match_info["org"]
@@ -367,12 +394,6 @@ class _Api:
             return self.fleet.batch(device, request.match_info["cmd"])
         except UnknownEntity:
             raise not_found() from None
-
-
-def _tags(query: Any) -> frozenset[str]:
-    """``tags=a&tags=b``, ``tags=a,b`` and ``tags[]=a`` alike (a device matches any of them)."""
-    values = [*query.getall("tags", ()), *query.getall("tags[]", ())]
-    return frozenset(tag.strip() for value in values for tag in value.split(",") if tag.strip())
 
 
 def _optional_int(query: Any, name: str) -> int | None:
@@ -432,7 +453,8 @@ async def _trickle(request: web.Request, body: bytes, rate: float) -> web.Stream
 
 
 class _Control:
-    """``/_simulator/*``: faults, stats, time, token and bursts at run time (off by default)."""
+    """``/_simulator/*``: faults, dialect, stats, time, token and bursts at run time (off by
+    default)."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
@@ -465,7 +487,17 @@ class _Control:
         sim = self.sim
         sim.fleet.sync()
         return self._ok({"now": sim.clock.now(), "faults": sim.faults.spec,
-                         "total": sim.stats.total(), "counts": sim.stats.as_rows()})
+                         "dialect": sim.dialect.settings(), "total": sim.stats.total(),
+                         "counts": sim.stats.as_rows(),
+                         "dialect_counts": sim.stats.dialect_rows()})
+
+    async def dialect(self, request: web.Request) -> web.Response:
+        """Changes the settings the body names (an empty body changes none); answers all."""
+        try:
+            self.sim.set_dialect(**await self._body(request))
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        return self._ok(self.sim.dialect.settings())
 
     async def advance(self, request: web.Request) -> web.Response:
         seconds = (await self._body(request)).get("seconds")

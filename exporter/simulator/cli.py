@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from exporter.simulator import dialect
 from exporter.simulator.core import Simulator
 from exporter.simulator.faults import parse_spec
 
@@ -43,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep no ground-truth event log (large fleets)")
     parser.add_argument("--no-push", action="store_true",
                         help="new batches wait for their device's scheduled session")
+    # How undocumented list parameters are read (dialect.py); the defaults are the faithful
+    # upstream, the others what a client that relies on them must survive.
+    parser.add_argument("--sort-mode", type=_sort_mode, default=dialect.HONOUR, metavar="MODE",
+                        help="honour, ignore (stored order) or reject (400, code 5000) sort, "
+                             "on every list or per list: devices=reject,commands=ignore "
+                             "(lists: devices, commands, actions)")
+    parser.add_argument("--sort-fields", type=_sort_fields, default=None, metavar="F,F",
+                        help="apply --sort-mode only to sorts on these fields")
+    parser.add_argument("--tags-format", choices=dialect.TAGS_FORMATS, default=dialect.ANY,
+                        help="the device list's tags spelling read: any, repeated (tags=a&tags=b),"
+                             " brackets (tags[]=a), comma (tags=a,b), or ignore the filter")
+    parser.add_argument("--unknown-filter", choices=dialect.UNKNOWN_FILTERS,
+                        default=dialect.IGNORE,
+                        help="a tags spelling not read: ignore it (the whole list) or match "
+                             "nothing (an empty list)")
     return parser
 
 
@@ -74,6 +90,22 @@ def _speed(text: str) -> float:
     return value
 
 
+def _sort_mode(text: str) -> str:
+    try:
+        dialect.Dialect.of(sort_mode=text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _sort_fields(text: str) -> list[str]:
+    try:
+        dialect.Dialect.of(sort_fields=text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return [field.strip() for field in text.split(",")]
+
+
 def _faults(text: str) -> str:
     try:
         parse_spec(text)
@@ -82,13 +114,18 @@ def _faults(text: str) -> str:
     return text
 
 
-async def serve(args: argparse.Namespace) -> int:
-    sim = Simulator(
+def simulator(args: argparse.Namespace) -> Simulator:
+    return Simulator(
         seed=args.seed, devices=args.devices, organization=args.organization, token=args.token,
         speed=args.speed, faults=args.faults, control=args.control, max_limit=args.max_limit,
         batches_per_device=args.batches_per_device, record_events=not args.no_events,
-        push=not args.no_push,
+        push=not args.no_push, sort_mode=args.sort_mode, sort_fields=args.sort_fields,
+        tags_format=args.tags_format, unknown_filter=args.unknown_filter,
     )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    sim = simulator(args)
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -104,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"  token:        {args.token}", flush=True)
         print(f"  devices: {args.devices}, seed: {args.seed}, speed: {args.speed:g}x"
               + (f", faults: {sim.faults.spec}" if sim.faults.spec else "")
+              + (f", dialect: {sim.dialect}" if str(sim.dialect) else "")
               + (f", control: http://{host}:{port}/_simulator/" if args.control else ""),
               flush=True)
         await stop.wait()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from aiohttp import web
 
 from exporter.simulator.clock import SimClock
+from exporter.simulator.dialect import Dialect, SortModeSpec
 from exporter.simulator.faults import Faults
 from exporter.simulator.fleet import Fleet
 from exporter.simulator.stats import Stats
@@ -18,6 +22,14 @@ class Simulator:
     is built at creation. ``record_events=False`` keeps no ground-truth event log (large
     fleets). ``new_batches_per_device_hour``: how often new batches arrive once running,
     about half of them in rollouts (one policy pushed to 30–70 % of the devices at once).
+
+    How ``sort`` and the device list's ``tags`` are read (exporter/simulator/dialect.py; the
+    defaults are the faithful upstream): ``sort_mode`` ``"honour"``, ``"ignore"`` or
+    ``"reject"`` for every list, or per list (``{"devices": "reject"}``, or
+    ``"devices=reject,commands=ignore"``); ``sort_fields`` narrows it to those fields;
+    ``tags_format`` ``"any"``, ``"repeated"``, ``"brackets"``, ``"comma"`` or ``"ignore"``;
+    ``unknown_filter`` ``"ignore"`` or ``"nothing"`` for a ``tags`` spelling not read.
+    :meth:`set_dialect` changes them at run time.
     """
 
     def __init__(
@@ -36,6 +48,10 @@ class Simulator:
         record_events: bool = True,
         new_batches_per_device_hour: float = 0.25,
         push: bool = True,
+        sort_mode: SortModeSpec = "honour",
+        sort_fields: Iterable[str] | None = None,
+        tags_format: str = "any",
+        unknown_filter: str = "ignore",
     ) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
@@ -44,6 +60,7 @@ class Simulator:
         self.token = token
         self.control = control
         self.max_limit = max_limit
+        self.dialect = Dialect.of(sort_mode, sort_fields, tags_format, unknown_filter)
         self.clock = SimClock(start=start, speed=speed)
         self.faults = Faults(seed, faults)
         self.stats = Stats()
@@ -63,6 +80,12 @@ class Simulator:
         """Move simulated time forward and apply everything due until then."""
         self.clock.advance(seconds)
         self.fleet.sync()
+
+    def set_dialect(self, /, **changes: Any) -> Dialect:
+        """Change some dialect settings now; raises ``ValueError`` and keeps the old ones on a
+        bad value. Takes the keyword arguments of the same names as the constructor."""
+        self.dialect = self.dialect.changed(**changes)
+        return self.dialect
 
     def app(self) -> web.Application:
         from exporter.simulator.app import build_app  # the model needs no web stack

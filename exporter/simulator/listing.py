@@ -3,6 +3,10 @@
 Sort keys name document fields (dotted paths allowed). An unknown field sorts nothing, as
 Mongo does when every document lacks it; missing values come first ascending, last
 descending; ties keep the natural order.
+
+``NATURAL`` asks for the stored order itself (Mongo's ``$natural``): a history oldest first.
+It is what a list whose dialect ignores ``sort`` serves; clients cannot ask for it, as the
+sort pattern admits no ``$``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from exporter.simulator.fleet import Action, Batch, Device
 
 T = TypeVar("T")
 Key = Callable[[Any], Any]
+
+NATURAL = ("$natural", False)  # no key of any list: sort_items leaves the stored order
 
 DEVICE_KEYS: dict[str, Key] = {
     "id": lambda d: d.id,
