@@ -62,8 +62,7 @@ def device_parts(batches: Iterable[BatchView]) -> tuple[Part, ...]:
         if known is None or (created, batch.id) > known[0]:
             latest[batch.name] = ((created, batch.id), batch)
     parts = []
-    for name in sorted(latest):
-        (created, _), batch = latest[name]
+    for name, ((created, _), batch) in latest.items():  # in the order of the batches given
         classes = [0] * len(CLASSES)
         for _, status_class, count in batch.counts:
             classes[_CLASS_INDEX[status_class]] += count
@@ -84,29 +83,33 @@ class RolloutTotals:
         self.generation = 0
 
     def replace(self, old: tuple[Part, ...], new: tuple[Part, ...]) -> None:
+        """One device's parts changed from ``old`` to ``new``."""
         if old == new:
             return
+        # A device re-rendered keeps most of its parts: only the others move the sums.
+        kept = set(old).intersection(new) if old and new else ()
         for part in old:
-            self._add(part, -1)
+            if part not in kept:
+                self._add(part, -1)
         for part in new:
-            self._add(part, 1)
+            if part not in kept:
+                self._add(part, 1)
         self.generation += 1
 
     def _add(self, part: Part, sign: int) -> None:
-        sums = self._sums.get(part.rollout)
+        name = part.rollout
+        sums = self._sums.get(name)
         if sums is None:
-            sums = self._sums[part.rollout] = [0] * (len(STATES) + len(CLASSES))
+            sums = self._sums[name] = [0] * (len(STATES) + len(CLASSES))
         sums[_STATE_INDEX[part.state]] += sign
         for i, count in enumerate(part.classes, len(STATES)):
             if count:
                 sums[i] += sign * count
         if not any(sums[: len(STATES)]):
-            del self._sums[part.rollout]
-            self._newest.pop(part.rollout, None)
+            del self._sums[name]
+            self._newest.pop(name, None)
         elif sign > 0:
-            self._newest[part.rollout] = max(
-                part.created_at, self._newest.get(part.rollout, -math.inf)
-            )
+            self._newest[name] = max(part.created_at, self._newest.get(name, -math.inf))
 
     def top(self, limit: int = MAX_ROLLOUTS) -> list[Rollout]:
         """The ``limit`` most recently created rollouts, by name."""
