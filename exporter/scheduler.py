@@ -7,18 +7,13 @@ Two strategies (``poll.strategy``):
   changed. The client's token bucket spaces the requests out, so with a large fleet a round
   simply takes longer than ``interval_seconds``.
 - ``budget`` (default): every round spends at most the requests the budget earned since the
-  previous one, on the devices most likely to have changed. Only a check-in (an OMA-DM
-  session) changes an action, and the device list shows each device's
+  previous one, on the devices due first by the plan of :mod:`exporter.planner` (never read,
+  checked in with pending actions, answers due, checked in, then the sweep). Only a check-in
+  (an OMA-DM session) changes an action, and the device list shows each device's
   ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
-  the last look. Devices that checked in since their last read go first: those with
-  pending actions (which certainly moved), then the others (creating a batch pushes the
-  device into a session, so a session most likely ran a new batch; the scheduler checks
-  that this holds, by how often such reads show a change next to sweep reads). The rest of
-  the budget, at least a quarter of it, sweeps the other devices, longest unread and silent
-  first: it finds batches whose push did not reach their device and cancellations by an
-  administrator, which no check-in announces. A pending batch is not read again while its
-  summary stays the same and its device has not checked in: a summary counts actions per
-  status, and on the path ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
+  the last look. A pending batch is not read again while its summary stays the same and its
+  device has not checked in: a summary counts actions per status, and on the path
+  ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
 
 Results go to :class:`FleetState`; the scheduler never renders or serves anything.
 """
@@ -31,13 +26,14 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
 from exporter.config import Config, DeviceConfig, DeviceDiscovery
+from exporter.planner import CREDIT_ROUNDS, Candidate, PushCheck, Tracking, cost, due, plan
 from exporter.records import Batch, Device, until
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
@@ -48,18 +44,6 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # lastStatusReportTime is written by upstream when a session ends, maybe a little out of
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
-# A device answers its actions during its session, which may last a while after
-# lastStatusReportTime moved: a read that soon may find them still pending.
-ANSWER_SECONDS = 150.0
-CHECKIN_WEIGHT = 2.0  # extra changes per new batch that a session after it already ran
-SILENCE_HORIZON = 3600.0  # silent this long, a device is read as if it never checked in
-CHANGED_SHARE = 0.75  # of a round, at most this much for devices known to have changed
-CREDIT_ROUNDS = 2.0  # unspent budget carries over up to this many rounds' worth
-# Share of reads that showed a change, for reads after a check-in with nothing known pending
-# and for sweep reads: a moving average over about this many reads of each kind, from priors
-# that expect pushes to work.
-REVEAL_READS = 200
-REVEAL_PRIORS = {"checkin": 0.2, "sweep": 0.05}
 # A configured batch that answered 404 is asked again after this many poll intervals.
 DROPPED_RETRY_ROUNDS = 10
 
@@ -122,124 +106,6 @@ class RoundResult:
     deferred: int = 0  # devices left for a later round by the budget
 
 
-@dataclass(slots=True)
-class Tracking:
-    """What the plan knows of one watched device."""
-
-    read_at: float | None = None  # scheduler clock at the start of the last complete read
-    checkin: float | None = None  # newest lastStatusReportTime seen (upstream's clock)
-    checkin_read: float | None = None  # ``checkin`` as known when the last read started
-    pending: int = 0  # batches with pending actions at the last read
-    # Pending batches whose actions were read: their summary then. Finished ones need no
-    # entry (the state knows they cannot change), so this stays small.
-    summaries: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
-    # Configured batches that answered 404, and when (scheduler clock): asked again later.
-    dropped: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def checked_in(self) -> bool:
-        """A check-in happened after the last read (so something may have changed)."""
-        if self.checkin is None or self.read_at is None:
-            return False
-        return self.checkin_read is None or self.checkin > self.checkin_read
-
-    def answers_due(self, now: float) -> bool:
-        """The last read came while its session was still answering and left actions pending:
-        their answers have had time to arrive since (read once more, not before)."""
-        if self.checked_in or not self.pending or self.checkin is None or self.read_at is None:
-            return False
-        return self.read_at < self.checkin + ANSWER_SECONDS <= now
-
-
-# --- planning (pure) ---------------------------------------------------------------------------
-
-
-def priority(
-    tracking: Tracking, now: float, *, checkins_first: bool = True
-) -> tuple[int, int, float]:
-    """Sort key, lowest first; the first item is the group :func:`select` shares out.
-
-    Never read; then checked in since the last read with pending actions (those certainly
-    moved; also a device read while its session was still answering, once its answers are
-    due), longest waiting first; then, with ``checkins_first``, the other devices that
-    checked in (creating a batch pushes the device into a session, so where pushes reach,
-    a session most likely ran a new batch); then the rest by the changes they may hold
-    unseen (what only the sweep finds: batches whose push did not reach the device,
-    cancellations by an administrator): time since the last read, plus twice the part of
-    it before a check-in (a batch created then has already run: three changes per action).
-    While sessions go first, a device that checks in often shows such a batch at its next
-    session anyway: its time counts only in proportion to its silence since its last
-    check-in, up to ``SILENCE_HORIZON``.
-    """
-    if tracking.read_at is None:
-        return (0, 0, 0.0)
-    if tracking.checked_in and (tracking.pending or checkins_first):
-        assert tracking.checkin is not None
-        return (1, 0 if tracking.pending else 1, tracking.checkin)
-    if tracking.answers_due(now):
-        assert tracking.checkin is not None
-        return (1, 0, tracking.checkin + ANSWER_SECONDS)
-    age = max(0.0, now - tracking.read_at)
-    if tracking.checked_in:
-        assert tracking.checkin is not None
-        age += CHECKIN_WEIGHT * max(0.0, min(now, tracking.checkin) - tracking.read_at)
-    elif tracking.checkin is not None and checkins_first:
-        silence = max(0.0, now - tracking.checkin)
-        age *= min(1.0, silence / SILENCE_HORIZON)
-    return (2, 0, -age)
-
-
-def estimated_cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
-    """Requests one poll of the device is expected to take."""
-    reads = 1 if commands is None else max(1, len(commands) - len(tracking.dropped))
-    if tracking.read_at is None:
-        return reads + 1  # first sight: some actions to read, most likely
-    return reads + (tracking.pending if tracking.checked_in else 0)
-
-
-Candidate = tuple[tuple[int, int, float], int, str]  # (priority, cost, device)
-
-
-def select(candidates: Iterable[Candidate], credit: float) -> tuple[list[str], int]:
-    """Devices to poll this round, in order, and the requests they are expected to cost.
-
-    ``candidates`` are (priority, cost, device). Devices never read go first (nothing of
-    theirs is known yet); devices known to have changed then take at most ``CHANGED_SHARE``
-    of what is left while others wait, so a busy fleet cannot starve the sweep that finds
-    new batches. When the first device of a group does not fit in the credit, the round
-    stops there and the credit is saved for it: cheaper devices behind it must not keep
-    it waiting for ever.
-    """
-    groups: tuple[list[Candidate], ...] = ([], [], [])
-    for candidate in sorted(candidates):
-        groups[candidate[0][0]].append(candidate)
-    unread, changed, quiet = groups
-    chosen: list[str] = []
-    planned = 0
-
-    def take(group: list[Candidate], limit: float) -> bool:
-        """Take from the head of ``group`` up to ``limit``; False when its head did not fit."""
-        nonlocal planned
-        taken = 0
-        for _, cost, device in group:
-            # The head may go past the share; never past the credit.
-            if planned + cost > (credit if taken == 0 else limit):
-                break
-            chosen.append(device)
-            planned += cost
-            taken += 1
-        head_fitted = taken > 0 or not group
-        del group[:taken]
-        return head_fitted
-
-    if not take(unread, credit):
-        return chosen, planned
-    share = planned + (credit - planned) * CHANGED_SHARE if quiet else credit
-    if take(changed, share) and take(quiet, credit):
-        take(changed, credit)
-    return chosen, planned
-
-
 # --- the scheduler -----------------------------------------------------------------------------
 
 
@@ -276,8 +142,7 @@ class Scheduler:
         self._credit_at: float | None = None
         self._credit_floor = 2.0
         self._sorted_since_full = False  # a look sorted by check-in since the last full list
-        self._reveals = dict(REVEAL_PRIORS)
-        self._checkins_first = True
+        self._pushes = PushCheck()
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -569,29 +434,16 @@ class Scheduler:
         looked = self._client.budget.spent - spent
         credit -= looked
         now = self._clock()
-        checkins_first = self._reveals["checkin"] >= self._reveals["sweep"]
-        if checkins_first != self._checkins_first:
-            self._checkins_first = checkins_first
-            # Worth knowing when freshness changes: pushes stopped (or started) reaching.
-            log.info(
-                "checkins_first" if checkins_first else "checkins_with_the_sweep",
-                checkin_reads_changed=round(self._reveals["checkin"], 3),
-                sweep_reads_changed=round(self._reveals["sweep"], 3),
-            )
-        candidates = []
-        for device, target in self._targets.items():
-            tracking = self._tracking[device]
-            candidates.append(
-                (
-                    priority(tracking, now, checkins_first=checkins_first),
-                    estimated_cost(tracking, target.commands),
-                    device,
-                )
-            )
+        pushes_reach = self._pushes.pushes_reach
+        candidates = [
+            Candidate(device, due(self._tracking[device], now, pushes_reach=pushes_reach),
+                      cost(self._tracking[device], target.commands))
+            for device, target in self._targets.items()
+        ]
         # Credit piles up to the dearest device after this round's look at the device list,
         # so that one is not deferred for ever.
-        self._credit_floor = looked + max((cost for _, cost, _ in candidates), default=1)
-        chosen, planned = select(candidates, math.floor(credit))
+        self._credit_floor = looked + max((c.cost for c in candidates), default=1)
+        chosen, planned = plan(candidates, math.floor(credit))
         result.planned = planned + looked
         result.deferred = len(self._targets) - len(chosen)
         await self._poll_all([self._targets[d] for d in chosen], result)
@@ -614,7 +466,8 @@ class Scheduler:
         device = target.device
         tracking = self._tracking.setdefault(device, Tracking())
         read_at, checkin = self._clock(), tracking.checkin
-        kind = _read_kind(tracking)
+        # What the read tells about pushes (devices without check-in times tell nothing).
+        kind = due(tracking, read_at).reason if tracking.checkin is not None else None
         moved = False
         try:
             batches = await self._device_batches(target, tracking)
@@ -629,8 +482,11 @@ class Scheduler:
             self._state.poll_succeeded(device)
             self._completed.add(device)
             tracking.read_at, tracking.checkin_read = read_at, checkin
-            if kind is not None:
-                self._reveals[kind] += (moved - self._reveals[kind]) / REVEAL_READS
+            if kind is not None and self._pushes.record(kind, moved):
+                # Worth knowing when freshness changes: pushes stopped (or started) reaching.
+                log.info("pushes_reach" if self._pushes.pushes_reach else "pushes_do_not_reach",
+                         checkin_reads_changed=round(self._pushes.checkin_share, 3),
+                         sweep_reads_changed=round(self._pushes.sweep_share, 3))
             tracking.pending = sum(1 for b in batches if not b.finished)
             current = {b.id for b in batches}
             for gone in tracking.summaries.keys() - current:
@@ -760,16 +616,6 @@ class Scheduler:
             delay = self._next_delay(time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-
-
-def _read_kind(tracking: Tracking) -> str | None:
-    """Which guess a read tests: that a session without known pending actions ran a new
-    batch (``checkin``), or that a device unread for a while holds one (``sweep``)."""
-    if tracking.read_at is None or tracking.checkin is None:
-        return None
-    if tracking.checked_in:
-        return None if tracking.pending else "checkin"
-    return "sweep"
 
 
 def _pending_first(batch: Batch) -> bool:

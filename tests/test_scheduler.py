@@ -20,16 +20,8 @@ import yaml
 from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
 from exporter.exposition import Exposition
-from exporter.scheduler import (
-    ANSWER_SECONDS,
-    CHANGED_SHARE,
-    RoundResult,
-    Scheduler,
-    Tracking,
-    estimated_cost,
-    priority,
-    select,
-)
+from exporter.planner import SWEEP_SHARE, Reason, cost, due
+from exporter.scheduler import RoundResult, Scheduler
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
 from exporter.state import FleetState
@@ -278,29 +270,28 @@ async def test_devices_that_checked_in_are_polled_before_quiet_ones(make_rig: Ma
     checked_in = {d for d in reports if rig.sim.fleet.device(d).last_report != reports[d]}
     assert checked_in, "some devices should have checked in"
     now = rig.sim.clock.now()
-    rank_before = {d: priority(replace(t), now) for d, t in rig.scheduler.tracking.items()}
-    # Devices known to have changed take at most CHANGED_SHARE of a round, counted in the
+    due_before = {d: due(replace(t), now) for d, t in rig.scheduler.tracking.items()}
+    # Devices known to have changed take at most 1 - SWEEP_SHARE of a round, counted in the
     # requests the plan expects (a page per batch that was pending, too); the round sees
     # every check-in in the device list it reads first.
     wanted = 0
     for device, known in rig.scheduler.tracking.items():
         seen = replace(known, checkin=rig.sim.fleet.device(device).last_report)
-        if priority(seen, now)[0] == 1:
-            wanted += estimated_cost(seen, None)
+        if Reason.NEW < due(seen, now).reason < Reason.SWEEP:
+            wanted += cost(seen, None)
 
     result = await rig.round()
     polled = {d for d, t in rig.scheduler.tracking.items() if t.read_at != read_before[d]}
     assert result.polled < 40, "the budget must force a choice"
-    assert wanted <= result.planned * CHANGED_SHARE, "the test wants room for all of them"
+    assert wanted <= result.planned * (1 - SWEEP_SHARE), "the test wants room for all of them"
     assert checked_in <= polled
-    # The rest of the round went to the devices that may hold the most unseen: unread for
-    # longest, as far as their silence since their last check-in vouches for it.
-    # (Devices that checked in after their last read go first, also those the exporter had
-    # not yet seen check in when the ranks were taken.)
+    # The rest of the round went to the sweep, longest unread first. (Devices that checked in
+    # after their last read go first, also those the exporter had not yet seen check in when
+    # the due times were taken.)
     moved = {d for d in reports if rig.sim.fleet.device(d).last_report > read_before[d]}
     swept, waiting = polled - moved, set(reports) - polled - moved
     assert swept and waiting
-    assert max(rank_before[d] for d in swept) <= min(rank_before[d] for d in waiting)
+    assert max(due_before[d].at for d in swept) <= min(due_before[d].at for d in waiting)
     truth = rig.truth(sorted(checked_in))
     assert {k: v for k, v in rig.gauges().items() if k[0] in checked_in} == truth
 
@@ -405,92 +396,6 @@ async def test_round_robin_under_a_tight_budget_takes_longer_than_its_interval(
     # Two rounds of 30+ requests each at 0.1 request per second.
     assert rig.sim.clock.now() - start > 2 * 30 / 0.1 * 0.9
     assert rig.scheduler.ready
-
-
-# --- the plan (pure) ---------------------------------------------------------------------------
-
-
-def test_priority_orders_unread_then_checked_in_then_longest_unread() -> None:
-    now = 10_000.0
-    unread = Tracking()
-    with_pending = Tracking(read_at=9_500.0, checkin=9_900.0, checkin_read=9_000.0, pending=2)
-    # A session with nothing known pending most likely ran a batch created since the last
-    # read (creating one pushes the device into a session): next, longest waiting first.
-    checked_in_late = Tracking(read_at=4_000.0, checkin=9_000.0, checkin_read=3_000.0)
-    checked_in_early = Tracking(read_at=9_500.0, checkin=9_800.0, checkin_read=9_000.0)
-    quiet_old = Tracking(read_at=2_000.0, checkin=900.0, checkin_read=900.0)
-    quiet_new = Tracking(read_at=9_000.0, checkin=900.0, checkin_read=900.0)
-    never_checked_in = Tracking(read_at=9_600.0)  # no device discovery: no check-in times
-    expected = [
-        unread,
-        with_pending,
-        checked_in_late,
-        checked_in_early,
-        quiet_old,
-        quiet_new,
-        never_checked_in,
-    ]
-    ranked = sorted(reversed(expected), key=lambda t: priority(t, now))
-    assert ranked == expected
-
-
-def test_without_pushes_a_check_in_weighs_as_unread_time_only() -> None:
-    # Where sessions turn out to show no more than sweep reads do, a device that checked in
-    # with nothing pending waits with the others: its time unread before the session counts
-    # triple (a batch created then already ran), so it still goes ahead of most.
-    now = 10_000.0
-    checked_in_late = Tracking(read_at=4_000.0, checkin=9_000.0, checkin_read=3_000.0)
-    quiet_old = Tracking(read_at=2_000.0, checkin=900.0, checkin_read=900.0)
-    checked_in_early = Tracking(read_at=9_500.0, checkin=9_800.0, checkin_read=9_000.0)
-    with_pending = Tracking(read_at=9_500.0, checkin=9_900.0, checkin_read=9_000.0, pending=2)
-    expected = [with_pending, checked_in_late, quiet_old, checked_in_early]
-    ranked = sorted(
-        reversed(expected), key=lambda t: priority(t, now, checkins_first=False)
-    )
-    assert ranked == expected
-
-
-def test_a_read_during_the_session_is_repeated_once_its_answers_are_due() -> None:
-    # Read 10 s after the check-in, two batches still pending: their answers trail the
-    # session. Not re-read at once (they would still be on their way), but once they are
-    # due, and only until a read comes after that moment.
-    checkin = 9_000.0
-    early = Tracking(read_at=checkin + 10, checkin=checkin, checkin_read=checkin, pending=2)
-    assert priority(early, checkin + 60)[0] == 2
-    assert priority(early, checkin + ANSWER_SECONDS + 1)[0] == 1
-    late = replace(early, read_at=checkin + ANSWER_SECONDS + 1)
-    assert priority(late, checkin + 3_600)[0] == 2
-    settled = replace(early, pending=0)
-    assert priority(settled, checkin + ANSWER_SECONDS + 1)[0] == 2
-
-
-def test_estimated_cost_counts_pending_batches_only_after_a_check_in() -> None:
-    quiet = Tracking(read_at=1.0, checkin=5.0, checkin_read=5.0, pending=3)
-    moved = Tracking(read_at=1.0, checkin=6.0, checkin_read=5.0, pending=3)
-    assert estimated_cost(quiet, None) == 1
-    assert estimated_cost(moved, None) == 4
-    assert estimated_cost(quiet, ("a" * 24, "b" * 24)) == 2
-
-
-def test_select_keeps_a_share_for_the_sweep_when_many_devices_changed() -> None:
-    changed = [((1, 0, float(i)), 1, f"changed-{i}") for i in range(20)]
-    quiet = [((2, 0, -float(i)), 1, f"quiet-{i}") for i in range(20)]
-    chosen, planned = select(changed + quiet, 8)
-    assert planned == 8
-    assert sum(d.startswith("changed") for d in chosen) == 6  # 3/4 of the credit
-    assert "quiet-19" in chosen  # the longest unread of the quiet ones
-    chosen, planned = select(changed, 8)
-    assert len(chosen) == 8, "without quiet devices, changed ones take everything"
-
-
-def test_select_reads_unread_devices_first_and_never_overspends() -> None:
-    candidates = [((2, 0, -5.0), 1, "old"), ((0, 0, 0.0), 2, "new-a"), ((0, 0, 0.0), 2, "new-b")]
-    chosen, planned = select(candidates, 4)
-    assert chosen == ["new-a", "new-b"]
-    assert planned == 4
-    # Credit for one request only: the round saves it for the unread device, which costs
-    # two, rather than spend it on the old one and keep the new ones waiting.
-    assert select(candidates, 1) == ([], 0)
 
 
 async def test_requests_planned_are_exported_next_to_the_budget(make_rig: MakeRig) -> None:

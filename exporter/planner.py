@@ -1,0 +1,192 @@
+"""The budget strategy's plan: which devices a round reads, as one pure policy.
+
+Only a device's check-in (an OMA-DM session) changes an action, and the device list says
+when each device last checked in. So every watched device is *due* at some moment, for a
+reason:
+
+- ``new``: never read; due at once (nothing of it is known);
+- ``pending``: it checked in since its last read and had actions pending, which its session
+  certainly moved; due at that check-in;
+- ``answers``: the last read came while its session was still answering and left actions
+  pending; due once those answers have had time to arrive;
+- ``checkin``: it checked in since its last read with nothing known pending; due at that
+  check-in. Creating a batch pushes its device into a session, so such a session most likely
+  ran a new batch. Where pushes do not reach the devices (:class:`PushCheck` tells), such a
+  session is no better a hint than time, and the device waits in the sweep instead;
+- ``sweep``: nothing announced a change; due since its last read (the longest unread first).
+  Only the sweep finds what no check-in announces: a batch whose push did not reach its
+  device, an administrator's cancel.
+
+A round takes devices in that order, oldest due first, while its credit lasts, keeping at
+least ``SWEEP_SHARE`` of it for the sweep while sweep devices wait. Everything here but
+:class:`PushCheck` is a function of its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+# The constants, and what each trades:
+# Reading a device within this long of its check-in may find its answers still on their way
+# (a session goes on after lastStatusReportTime moves): one more read once they are due. Longer
+# spends fewer reads on early looks; shorter shows those answers sooner.
+ANSWER_SECONDS = 150.0
+# Of each round's credit, this much at least goes to the sweep while sweep devices wait. More
+# finds unannounced batches and cancels sooner; less reads check-ins sooner on a tight budget.
+SWEEP_SHARE = 0.25
+# Unspent credit carries over up to this many rounds' worth. More absorbs bursts of check-ins;
+# less keeps the request rate flat (the budget is per hour, bursts count too).
+CREDIT_ROUNDS = 2.0
+
+
+class Reason(IntEnum):
+    """Why a device is due, in the order a round takes them."""
+
+    NEW = 0
+    PENDING = 1
+    ANSWERS = 2
+    CHECKIN = 3
+    SWEEP = 4
+
+
+@dataclass(slots=True)
+class Tracking:
+    """What the plan knows of one watched device."""
+
+    read_at: float | None = None  # scheduler clock at the start of the last complete read
+    checkin: float | None = None  # newest lastStatusReportTime seen (upstream's clock)
+    checkin_read: float | None = None  # ``checkin`` as known when the last read started
+    pending: int = 0  # batches with pending actions at the last read
+    # Pending batches whose actions were read: their summary then. Finished ones need no
+    # entry (the state knows they cannot change), so this stays small.
+    summaries: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # Configured batches that answered 404, and when (scheduler clock): asked again later.
+    dropped: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checked_in(self) -> bool:
+        """A check-in happened after the last read (so something may have changed)."""
+        if self.checkin is None or self.read_at is None:
+            return False
+        return self.checkin_read is None or self.checkin > self.checkin_read
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    at: float
+    reason: Reason
+
+
+def due(tracking: Tracking, now: float, *, pushes_reach: bool = True) -> Due:
+    """When the device should next be read, and why (see the module's docstring)."""
+    if tracking.read_at is None:
+        return Due(-math.inf, Reason.NEW)
+    if tracking.checked_in:
+        assert tracking.checkin is not None
+        if tracking.pending:
+            return Due(tracking.checkin, Reason.PENDING)
+        if pushes_reach:
+            return Due(tracking.checkin, Reason.CHECKIN)
+    elif answers_due(tracking, now):
+        assert tracking.checkin is not None
+        return Due(tracking.checkin + ANSWER_SECONDS, Reason.ANSWERS)
+    return Due(tracking.read_at, Reason.SWEEP)
+
+
+def answers_due(tracking: Tracking, now: float) -> bool:
+    """The last read came during the device's session and left actions pending, and their
+    answers have had time to arrive since."""
+    if not tracking.pending or tracking.checkin is None or tracking.read_at is None:
+        return False
+    return tracking.read_at < tracking.checkin + ANSWER_SECONDS <= now
+
+
+def cost(tracking: Tracking, commands: Sequence[str] | None) -> int:
+    """Requests one read of the device is expected to take: its batches (the history, or
+    each configured batch still served), plus the actions of pending batches after a check-in
+    (their actions moved), plus one for a device never read (some actions, most likely)."""
+    reads = 1 if commands is None else max(1, len(commands) - len(tracking.dropped))
+    if tracking.read_at is None:
+        return reads + 1
+    return reads + (tracking.pending if tracking.checked_in else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    device: str
+    due: Due
+    cost: int
+
+
+def plan(candidates: Iterable[Candidate], credit: float) -> tuple[list[str], int]:
+    """The devices a round reads, in order, and the requests they are expected to cost.
+
+    Devices never read go first; then announced changes, by reason and oldest due first,
+    leaving ``SWEEP_SHARE`` of the credit to the sweep while sweep devices wait; then the
+    sweep; then announced changes again with what the sweep left. When the head of a queue
+    does not fit in the credit, the round ends there: the credit saved is that device's next
+    round (cheaper devices behind it must not keep it waiting for ever).
+    """
+    ordered = sorted(candidates, key=lambda c: (c.due.reason, c.due.at, c.device))
+    new = [c for c in ordered if c.due.reason == Reason.NEW]
+    announced = [c for c in ordered if Reason.NEW < c.due.reason < Reason.SWEEP]
+    sweep = [c for c in ordered if c.due.reason == Reason.SWEEP]
+    taken: list[Candidate] = []
+    share = credit * (1 - SWEEP_SHARE) if sweep else credit
+    # ``all`` stops at the first queue whose head did not fit.
+    all(_take(queue, taken, limit, credit) for queue, limit in (
+        (new, credit), (announced, share), (sweep, credit), (announced, credit)))
+    return [c.device for c in taken], sum(c.cost for c in taken)
+
+
+def _take(queue: list[Candidate], taken: list[Candidate], limit: float, credit: float) -> bool:
+    """Move candidates from the head of ``queue`` to ``taken`` while the total stays within
+    ``limit`` (the head may go up to ``credit``); False when the head did not fit."""
+    spent = sum(c.cost for c in taken)
+    moved = 0
+    for candidate in queue:
+        if spent + candidate.cost > (credit if moved == 0 else limit):
+            break
+        taken.append(candidate)
+        spent += candidate.cost
+        moved += 1
+    head_fitted = moved > 0 or not queue
+    del queue[:moved]
+    return head_fitted
+
+
+# Reads of each kind a PushCheck averages over: enough to judge a share of a few per cent.
+PUSH_READS = 200
+# Prior shares of reads that showed a change, expecting pushes to work.
+PUSH_PRIORS = (0.2, 0.05)  # (reads after a check-in with nothing pending, sweep reads)
+# The shares must differ by this factor before the verdict changes, so two shares that are
+# about equal (pushes or not, a session then shows as much as time) do not flip it back and
+# forth.
+PUSH_HYSTERESIS = 1.5
+
+
+class PushCheck:
+    """Do pushes reach the devices? Reads after a check-in with nothing known pending should
+    then show a change more often than sweep reads (the session ran a new batch)."""
+
+    def __init__(self) -> None:
+        self.checkin_share, self.sweep_share = PUSH_PRIORS
+        self.pushes_reach = True
+
+    def record(self, reason: Reason, changed: bool) -> bool:
+        """Note what a read of that reason showed; True when the verdict changed."""
+        if reason == Reason.CHECKIN:
+            self.checkin_share += (changed - self.checkin_share) / PUSH_READS
+        elif reason == Reason.SWEEP:
+            self.sweep_share += (changed - self.sweep_share) / PUSH_READS
+        else:
+            return False
+        if self.pushes_reach:
+            verdict = self.checkin_share * PUSH_HYSTERESIS >= self.sweep_share
+        else:
+            verdict = self.checkin_share >= self.sweep_share * PUSH_HYSTERESIS
+        changed_verdict, self.pushes_reach = verdict != self.pushes_reach, verdict
+        return changed_verdict
