@@ -74,10 +74,19 @@ class Scenario:
     batches_per_device: int = 5
     new_batches_per_device_hour: float = 0.25
     push: bool = True  # creating a batch pushes its device into a session (when it reaches)
+    checkin_seconds: float | None = None  # every device's mean time between sessions
+    rollout_share: float = 0.5  # of the new batches, those pushed to much of the fleet at once
+    actions_per_batch: tuple[int, int] = (3, 12)
 
 
 SMOKE = Scenario(devices=100, budget=600, interval=30, warmup=1500, window=1800, horizon=1800)
 FULL = Scenario(devices=2000, budget=10_000, interval=30, warmup=1800, window=5400, horizon=3600)
+# A small fleet polled fast: 10 requests/s, a session every ~40 s per device, about 4 new
+# batches of 3 actions every 5 s on random devices, no push (a batch waits for its device's
+# next session). Naive round-robin cannot do better than a p95 of 0.95 x 200 / 10 = 19 s.
+SMALL = Scenario(devices=200, budget=36_000, interval=2, warmup=300, window=600, horizon=300,
+                 seed=11, new_batches_per_device_hour=14.4, push=False, checkin_seconds=40,
+                 rollout_share=0.0, actions_per_batch=(3, 3))
 
 
 class ObservedState(FleetState):
@@ -124,7 +133,9 @@ async def run_strategy(scenario: Scenario, strategy: str) -> tuple[Run, Simulato
     sim = Simulator(seed=scenario.seed, devices=scenario.devices, speed=0, start=START,
                     max_limit=100, batches_per_device=scenario.batches_per_device,
                     new_batches_per_device_hour=scenario.new_batches_per_device_hour,
-                    push=scenario.push)
+                    push=scenario.push, checkin_seconds=scenario.checkin_seconds,
+                    rollout_share=scenario.rollout_share,
+                    actions_per_batch=scenario.actions_per_batch)
     run = Run(strategy)
     record = sim.stats.record
 
@@ -326,6 +337,8 @@ async def main_async(scenario: Scenario) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small fleet, seconds")
+    parser.add_argument("--small", action="store_true",
+                        help="200 devices at 10 requests/s, interval 2 s, no push (SMALL)")
     parser.add_argument("--devices", type=int)
     parser.add_argument("--budget", type=float)
     parser.add_argument("--window", type=float, help="measured window, simulated seconds")
@@ -334,7 +347,7 @@ def main() -> None:
                         help="batches wait for their device's scheduled session")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    scenario = SMOKE if args.smoke else FULL
+    scenario = SMOKE if args.smoke else SMALL if args.small else FULL
     overrides = {k: v for k, v in (("devices", args.devices), ("budget", args.budget),
                                    ("window", args.window), ("seed", args.seed),
                                    ("push", args.push)) if v is not None}
@@ -342,8 +355,8 @@ def main() -> None:
         scenario = replace(scenario, **overrides)
     report = asyncio.run(main_async(scenario))
     print(f"{scenario.devices} devices, budget {scenario.budget:,.0f} requests/hour, "
-          f"interval {scenario.interval:.0f} s, window {scenario.window / HOUR:.1f} h "
-          f"after {scenario.warmup / HOUR:.1f} h warm-up, horizon {scenario.horizon / HOUR:.1f} h, "
+          f"interval {scenario.interval:.0f} s, window {scenario.window / HOUR:.2f} h "
+          f"after {scenario.warmup / HOUR:.2f} h warm-up, horizon {scenario.horizon / HOUR:.2f} h, "
           f"seed {scenario.seed}, push {'on' if scenario.push else 'off'}")
     print(table(report["results"]))
     print("p95 delay, budget / round_robin: " + ", ".join(

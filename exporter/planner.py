@@ -13,9 +13,11 @@ reason:
   check-in. Creating a batch pushes its device into a session, so such a session most likely
   ran a new batch. Where pushes do not reach the devices (:class:`PushCheck` tells), such a
   session is no better a hint than time, and the device waits in the sweep instead;
-- ``sweep``: nothing announced a change; due since its last read (the longest unread first).
-  Only the sweep finds what no check-in announces: a batch whose push did not reach its
-  device, an administrator's cancel.
+- ``sweep``: nothing announced a change. Only the sweep finds what no check-in announces: a
+  batch whose push did not reach its device, an administrator's cancel. A device silent for
+  ``SILENCE_HORIZON`` is due since its last read; one that checked in more recently counts
+  its time unread only in the proportion it has been silent (while pushes reach, its next
+  session would show a new batch anyway).
 
 A round takes devices in that order, oldest due first, while its credit lasts, keeping at
 least ``SWEEP_SHARE`` of it for the sweep while sweep devices wait. Everything here but
@@ -37,6 +39,10 @@ ANSWER_SECONDS = 150.0
 # Of each round's credit, this much at least goes to the sweep while sweep devices wait. More
 # finds unannounced batches and cancels sooner; less reads check-ins sooner on a tight budget.
 SWEEP_SHARE = 0.25
+# Silent this long, a device's whole time unread counts for the sweep; one that checked in
+# more recently counts it in proportion. Longer favours silent devices (where unannounced
+# batches wait) more; shorter sweeps every device alike.
+SILENCE_HORIZON = 3600.0
 # Unspent credit carries over up to this many rounds' worth. More absorbs bursts of check-ins;
 # less keeps the request rate flat (the budget is per hour, bursts count too).
 CREDIT_ROUNDS = 2.0
@@ -93,7 +99,10 @@ def due(tracking: Tracking, now: float, *, pushes_reach: bool = True) -> Due:
     elif answers_due(tracking, now):
         assert tracking.checkin is not None
         return Due(tracking.checkin + ANSWER_SECONDS, Reason.ANSWERS)
-    return Due(tracking.read_at, Reason.SWEEP)
+    if not pushes_reach or tracking.checkin is None:
+        return Due(tracking.read_at, Reason.SWEEP)
+    silent = min(1.0, max(0.0, now - tracking.checkin) / SILENCE_HORIZON)
+    return Due(now - (now - tracking.read_at) * silent, Reason.SWEEP)
 
 
 def answers_due(tracking: Tracking, now: float) -> bool:

@@ -46,13 +46,19 @@ NOW = 10_000.0
         (Tracking(read_at=9_010, checkin=9_000, checkin_read=9_000, pending=1), True,
          Due(9_000 + ANSWER_SECONDS, Reason.ANSWERS)),
         # ... not before they are due, and not after a read that came late enough.
-        (Tracking(read_at=NOW - 10, checkin=NOW - 20, checkin_read=NOW - 20, pending=1), True,
+        (Tracking(read_at=NOW - 10, checkin=NOW - 20, checkin_read=NOW - 20, pending=1), False,
          Due(NOW - 10, Reason.SWEEP)),
         (Tracking(read_at=9_000 + ANSWER_SECONDS + 1, checkin=9_000, checkin_read=9_000,
-                  pending=1), True, Due(9_000 + ANSWER_SECONDS + 1, Reason.SWEEP)),
-        # Quiet, or without check-in times (no device list): the sweep, by last read.
+                  pending=1), False, Due(9_000 + ANSWER_SECONDS + 1, Reason.SWEEP)),
+        # The sweep: silent for an hour or more (or without check-in times, or where pushes
+        # do not reach), due since the last read...
         (Tracking(read_at=2_000, checkin=900, checkin_read=900), True, Due(2_000, Reason.SWEEP)),
         (Tracking(read_at=9_600), True, Due(9_600, Reason.SWEEP)),
+        (Tracking(read_at=2_000, checkin=9_100, checkin_read=9_100), False,
+         Due(2_000, Reason.SWEEP)),
+        # ... a device that checked in 15 minutes ago counts a quarter of its time unread.
+        (Tracking(read_at=2_000, checkin=NOW - 900, checkin_read=NOW - 900), True,
+         Due(NOW - (NOW - 2_000) / 4, Reason.SWEEP)),
     ],
 )
 def test_due(tracking: Tracking, pushes_reach: bool, expected: Due) -> None:

@@ -21,7 +21,9 @@ class Simulator:
     ``start``: the simulated epoch at creation (real time when None); the history before it
     is built at creation. ``record_events=False`` keeps no ground-truth event log (large
     fleets). ``new_batches_per_device_hour``: how often new batches arrive once running,
-    about half of them in rollouts (one policy pushed to 30–70 % of the devices at once).
+    ``rollout_share`` of them in rollouts (one policy pushed to 30–70 % of the devices at
+    once). ``checkin_seconds``: every device's mean time between sessions (else each draws
+    its own, minutes to days).
 
     How ``sort`` and the device list's ``tags`` are read (exporter/simulator/dialect.py; the
     defaults are the faithful upstream): ``sort_mode`` ``"honour"``, ``"ignore"`` or
@@ -48,6 +50,8 @@ class Simulator:
         record_events: bool = True,
         new_batches_per_device_hour: float = 0.25,
         push: bool = True,
+        checkin_seconds: float | None = None,
+        rollout_share: float = 0.5,
         sort_mode: SortModeSpec = "honour",
         sort_fields: Iterable[str] | None = None,
         tags_format: str = "any",
@@ -74,6 +78,8 @@ class Simulator:
             record_events=record_events,
             new_batches_per_device_hour=new_batches_per_device_hour,
             push=push,
+            checkin_seconds=checkin_seconds,
+            rollout_share=rollout_share,
         )
 
     def advance(self, seconds: float) -> None:

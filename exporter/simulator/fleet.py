@@ -225,6 +225,8 @@ class Fleet:
         record_events: bool = True,
         new_batches_per_device_hour: float = 0.25,
         push: bool = True,
+        checkin_seconds: float | None = None,
+        rollout_share: float = ROLLOUT_SHARE,
     ) -> None:
         low, high = actions_per_batch
         if devices < 0 or batches_per_device < 0 or not 1 <= low <= high:
@@ -234,6 +236,9 @@ class Fleet:
         self.record_events = record_events
         self._actions_per_batch = (low, high)
         self._arrival_rate = new_batches_per_device_hour / HOUR
+        # Every device's mean time between sessions, when given (else each draws its own).
+        self._checkin_seconds = checkin_seconds
+        self._rollout_share = rollout_share
         self._rng = random.Random(f"{seed}/fleet")
         self._push_rng = random.Random(f"{seed}/push") if push else None
         self._heap: list[tuple[float, int, int, object, object]] = []
@@ -410,7 +415,8 @@ class Fleet:
                 self._schedule_checkin(device, start)
         if self._devices and self._arrival_rate > 0:
             self._schedule_arrival(start)
-            self._schedule_rollout(start)
+            if self._rollout_share > 0:
+                self._schedule_rollout(start)
 
     def _quirks(self, count: int) -> dict[int, str]:
         """Which devices (by index) are out of the ordinary, and how."""
@@ -444,7 +450,7 @@ class Fleet:
         device.win_id = _guid(rng)
         device.os = rng.choice(_OS_VERSIONS)
         device.user = _user(rng) if role in ("laptop", "desktop") else None
-        device.mean_interval = _mean_interval(rng)
+        device.mean_interval = self._checkin_seconds or _mean_interval(rng)
         device.offline_since = self._silence(device, start, quirk)
         device.error_share = _error_share(rng)
         for key in (device.id, device.serial, device.imei):
@@ -555,13 +561,13 @@ class Fleet:
         self._push(device.next_checkin, _CHECKIN, device, None)
 
     def _schedule_arrival(self, after: float) -> None:
-        rate = self._arrival_rate * len(self._devices) * (1.0 - ROLLOUT_SHARE)
+        rate = self._arrival_rate * len(self._devices) * (1.0 - self._rollout_share)
         self._push(millis(after + self._rng.expovariate(rate)), _ARRIVAL, None, None)
 
     def _schedule_rollout(self, after: float) -> None:
         # Each reaches about _MEAN_REACH of the fleet: rollouts make ROLLOUT_SHARE of the
         # new batches at this pace.
-        rate = self._arrival_rate * ROLLOUT_SHARE / _MEAN_REACH
+        rate = self._arrival_rate * self._rollout_share / _MEAN_REACH
         self._push(millis(after + self._rng.expovariate(rate)), _ROLLOUT, None, None)
 
     def _roll_out(self, when: float) -> list[Device]:
