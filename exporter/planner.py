@@ -8,7 +8,8 @@ reason:
 - ``pending``: it checked in since its last read and had actions pending, which its session
   certainly moved; due at that check-in;
 - ``answers``: the last read came while its session was still answering and left actions
-  pending; due once those answers have had time to arrive;
+  pending; due once those answers have had time to arrive (:func:`answer_wait`: as long as
+  nine answers in ten took, at most ``ANSWER_SECONDS``);
 - ``checkin``: it checked in since its last read with nothing known pending; due at that
   check-in. Creating a batch pushes its device into a session, so such a session most likely
   ran a new batch. Where pushes do not reach the devices (:class:`PushCheck` tells), such a
@@ -31,11 +32,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from exporter.histogram import Histogram
+
 # The constants, and what each trades:
-# Reading a device within this long of its check-in may find its answers still on their way
-# (a session goes on after lastStatusReportTime moves): one more read once they are due. Longer
-# spends fewer reads on early looks; shorter shows those answers sooner.
+# Reading a device soon after its check-in may find its answers still on their way (a session
+# goes on after lastStatusReportTime moves): one more read once they are due, as long after
+# the check-in as nine answers in ten took (ANSWER_QUANTILE of receivedAt - sentAt, once
+# ANSWERS_KNOWN were seen), at most ANSWER_SECONDS. Longer spends fewer reads on early
+# looks; shorter shows those answers sooner.
 ANSWER_SECONDS = 150.0
+ANSWER_QUANTILE = 0.9
+ANSWERS_KNOWN = 50
 # Of each round's credit, this much at least goes to the sweep while sweep devices wait. More
 # finds unannounced batches and cancels sooner; less reads check-ins sooner on a tight budget.
 SWEEP_SHARE = 0.25
@@ -86,7 +93,13 @@ class Due:
     reason: Reason
 
 
-def due(tracking: Tracking, now: float, *, pushes_reach: bool = True) -> Due:
+def due(
+    tracking: Tracking,
+    now: float,
+    *,
+    pushes_reach: bool = True,
+    answer_seconds: float = ANSWER_SECONDS,
+) -> Due:
     """When the device should next be read, and why (see the module's docstring)."""
     if tracking.read_at is None:
         return Due(-math.inf, Reason.NEW)
@@ -96,21 +109,40 @@ def due(tracking: Tracking, now: float, *, pushes_reach: bool = True) -> Due:
             return Due(tracking.checkin, Reason.PENDING)
         if pushes_reach:
             return Due(tracking.checkin, Reason.CHECKIN)
-    elif answers_due(tracking, now):
+    elif answers_due(tracking, now, answer_seconds):
         assert tracking.checkin is not None
-        return Due(tracking.checkin + ANSWER_SECONDS, Reason.ANSWERS)
+        return Due(tracking.checkin + answer_seconds, Reason.ANSWERS)
     if not pushes_reach or tracking.checkin is None:
         return Due(tracking.read_at, Reason.SWEEP)
     silent = min(1.0, max(0.0, now - tracking.checkin) / SILENCE_HORIZON)
     return Due(now - (now - tracking.read_at) * silent, Reason.SWEEP)
 
 
-def answers_due(tracking: Tracking, now: float) -> bool:
+def answers_due(tracking: Tracking, now: float, answer_seconds: float = ANSWER_SECONDS) -> bool:
     """The last read came during the device's session and left actions pending, and their
     answers have had time to arrive since."""
     if not tracking.pending or tracking.checkin is None or tracking.read_at is None:
         return False
-    return tracking.read_at < tracking.checkin + ANSWER_SECONDS <= now
+    return tracking.read_at < tracking.checkin + answer_seconds <= now
+
+
+def answer_wait(latencies: Iterable[Histogram]) -> float:
+    """How long after a session its answers are due: the latency bucket bound under which
+    ANSWER_QUANTILE of the answers seen came, at most ANSWER_SECONDS (and that until
+    ANSWERS_KNOWN answers were seen)."""
+    merged: list[int] | None = None
+    bounds: tuple[float, ...] = ()
+    for histogram in latencies:
+        counts = histogram.cumulative()
+        merged = counts if merged is None else [a + b for a, b in zip(merged, counts, strict=True)]
+        bounds = histogram.buckets
+    if merged is None or merged[-1] < ANSWERS_KNOWN:
+        return ANSWER_SECONDS
+    wanted = ANSWER_QUANTILE * merged[-1]
+    for bound, count in zip(bounds, merged, strict=False):
+        if count >= wanted:
+            return min(bound, ANSWER_SECONDS)
+    return ANSWER_SECONDS
 
 
 def cost(tracking: Tracking, commands: Sequence[str] | None) -> int:

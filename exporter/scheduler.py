@@ -33,7 +33,16 @@ import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
 from exporter.config import Config, DeviceConfig, DeviceDiscovery
-from exporter.planner import CREDIT_ROUNDS, Candidate, PushCheck, Tracking, cost, due, plan
+from exporter.planner import (
+    CREDIT_ROUNDS,
+    Candidate,
+    PushCheck,
+    Tracking,
+    answer_wait,
+    cost,
+    due,
+    plan,
+)
 from exporter.records import Batch, Device, until
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
@@ -435,9 +444,13 @@ class Scheduler:
         credit -= looked
         now = self._clock()
         pushes_reach = self._pushes.pushes_reach
+        wait = answer_wait(self._state.latency().values())
         candidates = [
-            Candidate(device, due(self._tracking[device], now, pushes_reach=pushes_reach),
-                      cost(self._tracking[device], target.commands))
+            Candidate(
+                device,
+                due(self._tracking[device], now, pushes_reach=pushes_reach, answer_seconds=wait),
+                cost(self._tracking[device], target.commands),
+            )
             for device, target in self._targets.items()
         ]
         # Credit piles up to the dearest device after this round's look at the device list,

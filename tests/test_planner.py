@@ -7,8 +7,10 @@ import math
 
 import pytest
 
+from exporter.histogram import Histogram
 from exporter.planner import (
     ANSWER_SECONDS,
+    ANSWERS_KNOWN,
     PUSH_READS,
     SWEEP_SHARE,
     Candidate,
@@ -16,6 +18,7 @@ from exporter.planner import (
     PushCheck,
     Reason,
     Tracking,
+    answer_wait,
     cost,
     due,
     plan,
@@ -151,3 +154,30 @@ def test_push_check_ignores_reads_that_test_nothing() -> None:
     for reason in (Reason.NEW, Reason.PENDING, Reason.ANSWERS):
         assert not check.record(reason, True)
     assert (check.checkin_share, check.sweep_share) == shares
+
+
+def histogram(*latencies: float) -> Histogram:
+    observed = Histogram((1.0, 5.0, 15.0, 60.0, 300.0))
+    for seconds in latencies:
+        observed.observe(seconds)
+    return observed
+
+
+@pytest.mark.parametrize(
+    ("histograms", "expected"),
+    [
+        ([], ANSWER_SECONDS),  # nothing seen yet
+        ([histogram(*[2.0] * (ANSWERS_KNOWN - 1))], ANSWER_SECONDS),  # too few to tell
+        ([histogram(*[2.0] * 90, *[40.0] * 10)], 5.0),  # nine in ten within 5 s
+        ([histogram(*[2.0] * 60), histogram(*[40.0] * 40)], 60.0),  # classes merged
+        ([histogram(*[900.0] * 100)], ANSWER_SECONDS),  # never longer than the ceiling
+    ],
+)
+def test_answer_wait(histograms: list[Histogram], expected: float) -> None:
+    assert answer_wait(histograms) == expected
+
+
+def test_answers_are_due_after_the_wait_given() -> None:
+    read_early = Tracking(read_at=9_002, checkin=9_000, checkin_read=9_000, pending=1)
+    assert due(read_early, 9_004, answer_seconds=5.0).reason == Reason.SWEEP
+    assert due(read_early, 9_005, answer_seconds=5.0) == Due(9_005, Reason.ANSWERS)

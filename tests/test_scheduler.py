@@ -20,7 +20,7 @@ import yaml
 from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
 from exporter.exposition import Exposition
-from exporter.planner import SWEEP_SHARE, Reason, cost, due
+from exporter.planner import SWEEP_SHARE, Reason, answer_wait, cost, due
 from exporter.scheduler import RoundResult, Scheduler
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
@@ -270,14 +270,16 @@ async def test_devices_that_checked_in_are_polled_before_quiet_ones(make_rig: Ma
     checked_in = {d for d in reports if rig.sim.fleet.device(d).last_report != reports[d]}
     assert checked_in, "some devices should have checked in"
     now = rig.sim.clock.now()
-    due_before = {d: due(replace(t), now) for d, t in rig.scheduler.tracking.items()}
+    wait = answer_wait(rig.state.latency().values())  # as the round will judge it
+    due_before = {d: due(replace(t), now, answer_seconds=wait)
+                  for d, t in rig.scheduler.tracking.items()}
     # Devices known to have changed take at most 1 - SWEEP_SHARE of a round, counted in the
     # requests the plan expects (a page per batch that was pending, too); the round sees
     # every check-in in the device list it reads first.
     wanted = 0
     for device, known in rig.scheduler.tracking.items():
         seen = replace(known, checkin=rig.sim.fleet.device(device).last_report)
-        if Reason.NEW < due(seen, now).reason < Reason.SWEEP:
+        if Reason.NEW < due(seen, now, answer_seconds=wait).reason < Reason.SWEEP:
             wanted += cost(seen, None)
 
     result = await rig.round()
