@@ -22,12 +22,27 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from operator import attrgetter
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import structlog
 
+from exporter.paging import (
+    ASCENDING,
+    HONOURED,
+    IGNORED,
+    REJECTED,
+    REPROBE_SECONDS,
+    UNCHECKED,
+    FetchPage,
+    Order,
+    Query,
+    Read,
+    Verdicts,
+    settle,
+    tail_start,
+)
 from exporter.records import (
     SCHEMA,
     Action,
@@ -57,12 +72,20 @@ BACKOFF_CAP = 60.0
 BURST_SECONDS = 5.0  # the bucket holds this many seconds' worth of requests (at least one)
 MIN_RATE_FACTOR = 1 / 16
 RECOVERY_SECONDS = 600.0  # a throttled rate climbs back by the full rate over this long
-MAX_PASSES = 4  # reads of a paged list from page 1 while its pages keep shifting
 CHUNK_BYTES = 64 * 1024
 MEMO_RECORDS = 50_000  # decoded records kept for re-polls that bring the same bytes
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 BASE_PATH = "/organizations/{org}/mdm/windows/enterprise"
+
+# Query parameters whose reading upstream leaves undocumented (docs/upstream-api.md §6, §15),
+# as keys of ``ApiClient.query_verdicts``.
+HISTORY_SORT: Query = ("commands", "sort")
+HISTORY_ORDER = "createdAt:desc"
+DEVICE_SORT: Query = ("devices", "sort")
+DEVICE_TAGS: Query = ("devices", "tags")
+# Sent as asked but never checked: device documents do not carry their segment (§5.1).
+DEVICE_SEGMENT: Query = ("devices", "segmentId")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -107,6 +130,20 @@ class UpstreamError(ApiError):
     def __init__(self, endpoint: str, reason: str, status: int | None = None) -> None:
         super().__init__(endpoint, reason)
         self.status = status
+
+
+class SortRejected(UpstreamError):
+    """A list refused its ``sort`` (400 on the sorted read, an answer without it)."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(endpoint, reason, 400)
+
+
+class Listing(list[T]):
+    """A list as read, with what the read showed of its ``sort``: ``honoured`` (it came in
+    that order), ``ignored`` (it did not) or ``unchecked`` (no sort, or nothing to tell)."""
+
+    sort: str = UNCHECKED
 
 
 # --- the token ---------------------------------------------------------------------------------
@@ -329,14 +366,6 @@ class _Failure:
     sent_at: float | None = None  # when the request went out (after its budget wait)
 
 
-@dataclass(slots=True)
-class _Pass(Generic[T]):
-    items: dict[str, T]
-    problems: int  # undecodable items
-    consistent: bool
-    total: int | None  # the last totalDocs seen
-
-
 class _Memo:
     """The decoded answer to each recent request, kept with a digest of its body.
 
@@ -450,6 +479,8 @@ class ApiClient:
         self._rng = random.Random(seed)
         self.budget = TokenBucket(requests_per_hour, monotonic=monotonic, sleep=sleep)
         self._memo = _Memo(memo_records)
+        self._verdicts = Verdicts(monotonic)
+        self._tags_checked: dict[frozenset[str], float] = {}  # tag set -> last unfiltered check
         self._headers: dict[str, str] = {}
         self._headers_token = ""
 
@@ -473,6 +504,13 @@ class ApiClient:
 
     # --- endpoints ----------------------------------------------------------------------------
 
+    @property
+    def query_verdicts(self) -> dict[tuple[str, str], str]:
+        """How upstream reads each query parameter the client sent whose reading the docs
+        leave open, by (api_endpoint, parameter): ``honoured``, ``ignored``, ``rejected`` or
+        ``unchecked`` (see :class:`exporter.paging.Verdicts`). A copy, read-only."""
+        return self._verdicts.snapshot()
+
     async def list_devices(
         self,
         *,
@@ -480,37 +518,98 @@ class ApiClient:
         segment: int | None = None,
         sort: str | None = None,
         stop: Callable[[Device], bool] | None = None,
-    ) -> list[Device]:
-        """Enrolled devices; with ``stop``, the list ends before the first item it accepts
-        (with ``sort``, e.g. the devices that checked in since a moment)."""
-        params: list[tuple[str, str]] = [("tags", tag) for tag in tags]
+    ) -> Listing[Device]:
+        """Enrolled devices; with ``tags``, only those carrying one of them (checked on each
+        device's own ``tags``, whatever upstream did with the filter); with ``stop``, the
+        list ends before the first item it accepts (with ``sort``, e.g. the devices that
+        checked in since a moment).
+
+        ``sort`` (``field:asc|desc``) is checked against what comes back: the result's
+        ``sort`` says whether this read came in that order (``honoured``) or did not
+        (``ignored``: then ``stop`` cut it at an arbitrary place); when the read cannot
+        tell (a short page), what the client knows of that sort (``query_verdicts``,
+        ``unchecked`` at first). The client does not fall back on its own: reading the
+        whole list instead is the caller's choice of budget. A sort upstream refuses raises
+        :class:`SortRejected`, without a request until it is due for a re-probe.
+        """
+        wanted = tuple(tags)
+        send_tags = bool(wanted) and self._verdicts.ask(DEVICE_TAGS)
         if segment is not None:
-            params.append(("segmentId", str(segment)))
+            self._verdicts.ask(DEVICE_SEGMENT)  # sent; device documents do not say it back
+        if sort is not None and not self._verdicts.ask(DEVICE_SORT):
+            raise SortRejected("devices", f"sort {sort} refused upstream (remembered)")
+        sent = wanted if send_tags else ()
+        try:
+            read = await self._device_read(sent, segment, sort, stop)
+        except UpstreamError as exc:
+            if exc.status != 400:
+                raise
+            if sort is not None and await self._devices_answer(sent, segment):
+                self._verdicts.note(DEVICE_SORT, REJECTED, sort=sort, reason=exc.reason)
+                raise SortRejected("devices", f"sort {sort} refused ({exc.reason})") from None
+            if not send_tags:
+                raise
+            read = await self._device_read((), segment, sort, stop)  # fails too: not the tags
+            self._verdicts.note(DEVICE_TAGS, REJECTED, tags=list(wanted), reason=exc.reason)
+            send_tags = False
+        devices = Listing(read.values())
         if sort is not None:
-            params.append(("sort", sort))
-        return await self._collect(
-            "devices", "/devices", _decode_devices, _device_key, params, stop=stop
-        )
+            devices.sort = self._sort_verdict(DEVICE_SORT, sort, read.order)
+        if not wanted:
+            return devices
+        tagged = _tagged(devices, wanted)
+        if not send_tags:
+            return tagged  # the whole list, filtered here
+        if len(tagged) < len(devices):
+            self._verdicts.note(DEVICE_TAGS, IGNORED, tags=list(wanted),
+                                outside=len(devices) - len(tagged), listed=len(devices))
+        elif stop is not None:
+            pass  # part of the list: neither its being short nor its matching proves much
+        elif tagged:
+            self._verdicts.note(DEVICE_TAGS, HONOURED, tags=list(wanted))
+        elif self._tags_worth_checking(wanted):
+            # Nothing at all: upstream may read the array in another spelling and match
+            # nothing. One unfiltered read tells; when it shows such devices, they are the
+            # answer, and the filter is no longer sent until a re-probe.
+            everything = await self._device_read((), segment, sort, None)
+            tagged = _tagged(Listing(everything.values()), wanted)
+            tagged.sort = devices.sort
+            if tagged:
+                self._verdicts.note(DEVICE_TAGS, REJECTED, tags=list(wanted),
+                                    reason="matched nothing", tagged=len(tagged))
+        return tagged
 
     async def list_batches(
         self, device: str, *, max_items: int, since: float | None = None
     ) -> list[Batch]:
-        """Command history, newest first: at most ``max_items``, none created before ``since``."""
+        """Command history, newest first: the ``max_items`` most recently created, none
+        created before ``since``, whatever upstream does with ``sort``.
+
+        The history is asked for ``createdAt:desc`` and read while it comes in that order
+        (usually one page). Out of order, it is read to its end — from the pages that hold
+        its newest when it comes oldest first — and the newest are kept here. A sort that
+        is ignored or refused is no longer sent until a re-probe (``query_verdicts``).
+        """
         if max_items <= 0:
             return []
+        path = f"/devices/{_segment(device)}/commands"
 
-        def too_old(batch: Batch) -> bool:
-            return since is not None and batch.created_at is not None and batch.created_at < since
+        def read(params: Sequence[tuple[str, str]]) -> Awaitable[Read[Batch]]:
+            return settle(lambda: self._recent(path, params, max_items, since),
+                          endpoint="commands", path=path)
 
-        return await self._collect(
-            "commands",
-            f"/devices/{_segment(device)}/commands",
-            _decode_batches,
-            _batch_key,
-            [("sort", "createdAt:desc")],
-            max_items=max_items,
-            stop=too_old,
-        )
+        if not self._verdicts.ask(HISTORY_SORT, avoid=(IGNORED, REJECTED)):
+            return _newest(await read(()), max_items, since)
+        try:
+            found = await read((("sort", HISTORY_ORDER),))
+        except UpstreamError as exc:
+            if exc.status != 400:
+                raise
+            found = await read(())  # refused again without it: not the sort's doing
+            self._verdicts.note(HISTORY_SORT, REJECTED, sort=HISTORY_ORDER, reason=exc.reason)
+        else:
+            self._sort_verdict(HISTORY_SORT, HISTORY_ORDER, found.order)
+        return _newest(found, max_items, since)
 
     async def get_batch(self, device: str, batch: str) -> Batch:
         path = f"/devices/{_segment(device)}/commands/{_segment(batch)}"
@@ -518,93 +617,139 @@ class ApiClient:
 
     async def list_actions(self, device: str, batch: str) -> list[Action]:
         path = f"/devices/{_segment(device)}/commands/{_segment(batch)}/actions"
-        return await self._collect("actions", path, decode_actions_body, _action_key, [])
+        read = await self._collect("actions", path, decode_actions_body, _action_key, ())
+        return read.values()
 
-    # --- paging -------------------------------------------------------------------------------
+    # --- lists, as the pager reads them ----------------------------------------------------------
 
     async def _collect(
-        self,
-        endpoint: str,
-        path: str,
-        decode: Callable[[bytes], Page[T]],
-        key: Callable[[T], str],
-        params: list[tuple[str, str]],
-        *,
-        max_items: int | None = None,
-        stop: Callable[[T], bool] | None = None,
-    ) -> list[T]:
-        """Every item of a paged list once, re-reading from page 1 while pages shift."""
-        union: dict[str, T] = {}
-        for number in range(1, MAX_PASSES + 1):
-            result = await self._pass(endpoint, path, decode, key, params, max_items, stop)
-            if result.consistent:
-                return list(result.items.values())[:max_items]
-            union.update(result.items)
-            if result.total is not None and len(union) + result.problems >= result.total:
-                return list(union.values())[:max_items]  # the reads together hold everything
-            log.debug("api_pages_shifted", endpoint=endpoint, path=path, read=number)
-        # Still moving: keep everything seen in any read rather than drop an item.
-        log.warning("api_pages_unstable", endpoint=endpoint, path=path, reads=MAX_PASSES)
-        return list(union.values())[:max_items]
+        self, endpoint: str, path: str, decode: Callable[[bytes], Page[T]],
+        key: Callable[[T], str], params: Sequence[tuple[str, str]], *,
+        stop: Callable[[T], bool] | None = None, when: Callable[[T], float | None] | None = None,
+    ) -> Read[T]:
+        """Every item of a paged list once (up to the first ``stop`` accepts), read again if
+        its pages shifted (``paging.settle``); ``when`` notes the order items came in
+        (``Read.order``)."""
+        fetch = self._pager(endpoint, path, decode, params)
 
-    async def _pass(
-        self,
-        endpoint: str,
-        path: str,
-        decode: Callable[[bytes], Page[T]],
-        key: Callable[[T], str],
-        params: list[tuple[str, str]],
-        max_items: int | None,
-        stop: Callable[[T], bool] | None,
-    ) -> _Pass[T]:
-        """One read from page 1 to the end; ``consistent`` when nothing moved meanwhile."""
-        result: _Pass[T] = _Pass({}, 0, True, None)
-        seen = result.items
-        fetched = 0
-        past_end = False
-        limit = self.page_size
-        for number in range(1, self.max_pages + 1):
+        async def once() -> Read[T]:
+            read = Read(key, self.page_size)
+            order = read.order = None if when is None else Order(when)
+            pages = read.pages(fetch, max_pages=self.max_pages, endpoint=endpoint, path=path)
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    if order is not None:
+                        order.see(read.unseen(page.items))
+                    cut = _cut(page.items, stop)
+                    read.take(page, page.items[:cut])
+                    if cut is not None:
+                        break
+            return read
+
+        return await settle(once, endpoint=endpoint, path=path)
+
+    async def _recent(
+        self, path: str, params: Sequence[tuple[str, str]], max_items: int, since: float | None
+    ) -> Read[Batch]:
+        """One read of a history for its ``max_items`` newest batches: while it comes newest
+        first, up to them (or the first created before ``since``); else every page to the
+        end, starting from the pages that hold the newest when it comes oldest first."""
+        fetch = self._pager("commands", path, _decode_batches, params)
+        read: Read[Batch] = Read(_batch_key, self.page_size)
+        order = read.order = Order(_created)
+        where = {"endpoint": "commands", "path": path}
+        jump = None
+        pages = read.pages(fetch, max_pages=self.max_pages, **where)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                order.see(read.unseen(page.items))
+                if order.contradicts(descending=True):
+                    read.take(page)
+                    start = tail_start(read, max_items) if order.seen == ASCENDING else read.next
+                    if start > read.next:
+                        jump = start
+                        break
+                    continue
+                cut = _cut(page.items, None if since is None else _older_than(since))
+                read.take(page, page.items[:cut])
+                if cut is not None or len(read.items) >= max_items:
+                    return read
+        if jump is not None:
+            async for page in read.pages(fetch, max_pages=self.max_pages, first=jump, **where):
+                order.see(read.unseen(page.items))
+                read.take(page)
+        return read
+
+    def _pager(
+        self, endpoint: str, path: str, decode: Callable[[bytes], Page[T]],
+        params: Sequence[tuple[str, str]],
+    ) -> FetchPage[T]:
+        """One page of a list: a logical request with its retries, through the budget."""
+
+        async def fetch(number: int, limit: int) -> Page[T]:
             query = [*params, ("page", str(number)), ("limit", str(limit))]
-            page = await self._fetch(endpoint, path, query, decode)
-            result.problems += len(page.problems)
-            if page.total_docs is not None:
-                if result.total is not None and page.total_docs != result.total:
-                    result.consistent = False
-                result.total = page.total_docs
-            before = len(seen)
-            if stop is None and max_items is None:
-                # The common case in bulk: a later copy is the fresher one, its slot stays.
-                keyed = dict(zip(map(key, page.items), page.items, strict=True))
-                if len(keyed) != len(page.items) or not seen.keys().isdisjoint(keyed):
-                    result.consistent = False
-                seen.update(keyed)
-            else:
-                for item in page.items:
-                    if stop is not None and stop(item):
-                        return result
-                    item_key = key(item)
-                    if item_key in seen:
-                        result.consistent = False
-                    seen[item_key] = item
-                    if max_items is not None and len(seen) >= max_items:
-                        return result
-            count = len(page.items) + len(page.problems)
-            fetched += count
-            more, limit = _next_page(page, number, count, fetched, limit)
-            missing = result.total is not None and len(seen) + result.problems < result.total
-            if past_end:
-                more = missing and len(seen) > before
-            elif not more and missing and not result.consistent and count:
-                # Pages moved back under us: the tail may lie past the announced end.
-                more = past_end = True
-            if not more:
-                break
-        else:
-            log.warning("api_page_cap", endpoint=endpoint, path=path, pages=self.max_pages)
-            return result
-        if result.total is not None and len(seen) + result.problems != result.total:
-            result.consistent = False  # an item moved past a page boundary already read
-        return result
+            return await self._fetch(endpoint, path, query, decode)
+
+        return fetch
+
+    async def _device_read(
+        self,
+        tags: Sequence[str],
+        segment: int | None,
+        sort: str | None,
+        stop: Callable[[Device], bool] | None,
+    ) -> Read[Device]:
+        params = [("tags", tag) for tag in tags]
+        if segment is not None:
+            params.append(("segmentId", str(segment)))
+        when = None
+        if sort is not None:
+            params.append(("sort", sort))
+            when = _DEVICE_MOMENTS.get(_sort_field(sort)[0])
+        return await self._collect(
+            "devices", "/devices", _decode_devices, _device_key, params, stop=stop, when=when
+        )
+
+    async def _devices_answer(self, tags: Sequence[str], segment: int | None) -> bool:
+        """Whether the device list answers without ``sort`` (one small page): after a 400 on
+        a sorted read, True puts it on the sort."""
+        params = [("tags", tag) for tag in tags]
+        if segment is not None:
+            params.append(("segmentId", str(segment)))
+        try:
+            await self._pager("devices", "/devices", _decode_devices, params)(1, 1)
+        except UpstreamError as exc:
+            if exc.status == 400:
+                return False
+            raise
+        return True
+
+    def _sort_verdict(self, query: Query, sort: str, order: Order | None) -> str:
+        """Note what a read with ``sort`` showed. Returns what holds for this read: its own
+        evidence, else what the client knows of the sort."""
+        descending = _sort_field(sort)[1]
+        if order is None:
+            return UNCHECKED  # a field whose values the documents do not carry
+        if order.confirms(descending):
+            self._verdicts.note(query, HONOURED, sort=sort)
+            return HONOURED
+        if order.contradicts(descending):
+            self._verdicts.note(query, IGNORED, sort=sort, seen=order.seen)
+            return IGNORED
+        if self._verdicts[query] == REJECTED:  # accepted again, order not known yet
+            self._verdicts.note(query, UNCHECKED, sort=sort)
+        return self._verdicts[query]
+
+    def _tags_worth_checking(self, tags: Sequence[str]) -> bool:
+        """Whether an empty tagged list is worth an unfiltered read: once per tag set and
+        re-probe interval (a fleet may simply carry none of them)."""
+        key = frozenset(tags)
+        now = self._monotonic()
+        last = self._tags_checked.get(key)
+        if last is not None and now - last < REPROBE_SECONDS:
+            return False
+        self._tags_checked[key] = now
+        return True
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -793,32 +938,6 @@ class ApiClient:
         return self._session
 
 
-def _next_page(
-    page: Page[Any], number: int, count: int, fetched: int, limit: int
-) -> tuple[bool, int]:
-    """Whether another page follows, and the ``limit`` to ask for it.
-
-    ``hasNextPage`` decides when present; else ``totalDocs`` against the effective page size
-    (the response's ``limit``, else what has been fetched); else a short page ends the list.
-    When upstream serves fewer items than asked, later pages ask for that many, so both
-    sides compute the same offsets.
-    """
-    if count == 0:
-        return False, limit
-    served = page.limit if page.limit is not None and page.limit > 0 else None
-    if page.has_next_page is not None:
-        more = page.has_next_page
-    elif page.total_docs is not None:
-        more = number * served < page.total_docs if served else fetched < page.total_docs
-    else:
-        more = count >= (served or limit)
-    if served is not None and served < limit:
-        limit = served
-    elif served is None and more and count < limit:
-        limit = count
-    return more, limit
-
-
 def _upstream_code(body: bytes) -> int | None:
     try:
         return error_code(decode_json(body))
@@ -834,6 +953,56 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def _cut(items: Sequence[T], stop: Callable[[T], bool] | None) -> int | None:
+    """Index of the first item ``stop`` accepts (None: none does)."""
+    if stop is not None:
+        for index, item in enumerate(items):
+            if stop(item):
+                return index
+    return None
+
+
+def _older_than(since: float) -> Callable[[Batch], bool]:
+    def older(batch: Batch) -> bool:
+        return batch.created_at is not None and batch.created_at < since
+
+    return older
+
+
+def _newest(read: Read[Batch], max_items: int, since: float | None) -> list[Batch]:
+    """The ``max_items`` most recently created batches of a read, none before ``since``;
+    batches without a creation time last, ties in the order upstream gave."""
+    batches = list(read.items.values())
+    if since is not None:
+        batches = [b for b in batches if b.created_at is None or b.created_at >= since]
+    batches.sort(key=_creation_rank)
+    return batches[:max_items]
+
+
+def _creation_rank(batch: Batch) -> tuple[bool, float]:
+    created = batch.created_at
+    return (created is None, 0.0 if created is None else -created)
+
+
+def _sort_field(sort: str) -> tuple[str, bool]:
+    """(field, descending) of a ``field[:asc|:desc]`` sort."""
+    field, _, direction = sort.partition(":")
+    return field, direction.lower() == "desc"
+
+
+def _tagged(devices: Listing[Device], tags: Sequence[str]) -> Listing[Device]:
+    """The devices carrying one of ``tags`` (as upstream's filter selects)."""
+    wanted = frozenset(tags)
+    kept = Listing(d for d in devices if not wanted.isdisjoint(d.tags))
+    kept.sort = devices.sort
+    return kept
+
+
+_created: Callable[[Batch], float | None] = attrgetter("created_at")
+# Device fields a device-list sort can be checked on, by sort field.
+_DEVICE_MOMENTS: dict[str, Callable[[Device], float | None]] = {
+    "lastStatusReportTime": attrgetter("last_status_report"),
+}
 _device_key: Callable[[Device], str] = attrgetter("id")
 _batch_key: Callable[[Batch], str] = attrgetter("id")
 _action_key: Callable[[Action], str] = attrgetter("cmd_id")

@@ -23,21 +23,23 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from exporter.client import (
     BACKOFF_BASE,
-    MAX_PASSES,
     RETRY_AFTER_CAP,
     ApiClient,
     ApiError,
     AuthError,
     NotFoundError,
+    SortRejected,
     TokenBucket,
     TokenSource,
     TokenUnavailable,
     UpstreamError,
     parse_retry_after,
 )
+from exporter.paging import MAX_READS
 from exporter.records import SCHEMA, UNKNOWN_STATUS, Action, Device
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
@@ -348,7 +350,7 @@ async def test_endless_duplicates_return_the_union_without_looping(aiohttp_serve
         actions = await client.list_actions("d1", "b1")
     assert sorted(a.cmd_id for a in actions) == ["c000", "c001", "c002"]
     # A few reads of the announced pages, and of one past the end when items are missing.
-    assert len(requests) <= MAX_PASSES * 3
+    assert len(requests) <= MAX_READS * 3
 
 
 # --- against the simulator --------------------------------------------------------------------
@@ -1111,3 +1113,378 @@ async def test_repolled_simulator_pages_follow_the_fleet(sim: Simulated) -> None
         second = {b.id: b for b in await client.list_batches(device, max_items=100)}
     assert batch_id not in first
     assert set(second) == set(first) | {batch_id}
+
+
+# --- history whatever upstream does with sort (issue 16) -----------------------------------------
+
+NEW_COMMAND = [{"config": {"path": "./Vendor/MSFT/Policy/Config/A/B", "action": "Get",
+                           "format": "int"}}]
+HISTORY = ("commands", "sort")
+VERDICT_OF_MODE = {"honour": "honoured", "ignore": "ignored", "reject": "rejected"}
+
+
+def newest(sim: Simulated, device: str, count: int) -> list[str]:
+    """The ``count`` most recently created batches of ``device``, from the fleet itself."""
+    batches = sim.sim.fleet.device(device).batches
+    return [b.id for b in sorted(batches, key=lambda b: b.created, reverse=True)][:count]
+
+
+def history_requests(sim: Simulated) -> int:
+    return sim.sim.stats.total("commands")
+
+
+@pytest.mark.parametrize(
+    ("mode", "page_size", "first_read", "later_read"),
+    [
+        ("honour", 10, 2, 2),  # newest first: two pages hold the 20 newest
+        ("ignore", 10, 3, 3),  # oldest first: every page (the tail starts on page 2)
+        ("reject", 10, 3, 2),  # a 400, then unsorted (upstream's default, newest first)
+        ("honour", 100, 1, 1),
+        ("ignore", 100, 1, 1),  # one page holds the whole history: sorted here
+        ("reject", 100, 2, 1),
+    ],
+)
+async def test_a_new_batch_beyond_max_per_device_is_read_whatever_the_sort(
+    make_simulator_server: Any, mode: str, page_size: int, first_read: int, later_read: int
+) -> None:
+    sim = await simulated(make_simulator_server, devices=1, batches_per_device=25,
+                          sort_mode={"commands": mode})
+    device = sim.sim.fleet.device_ids()[0]
+    assert len(sim.sim.fleet.batch_ids(device)) >= 25
+    async with sim.client(page_size=page_size) as client:
+        before = await client.list_batches(device, max_items=20)
+        assert history_requests(sim) == first_read
+        assert [b.id for b in before] == newest(sim, device, 20)
+        created = sim.sim.fleet.create_batch(device, NEW_COMMAND)
+        for read in (1, 2):
+            after = await client.list_batches(device, max_items=20)
+            assert history_requests(sim) == first_read + read * later_read
+            assert after[0].id == created
+            assert [b.id for b in after] == newest(sim, device, 20)
+        assert client.query_verdicts[HISTORY] == VERDICT_OF_MODE[mode]
+    assert sim.served("commands", 400) == (mode == "reject")  # refused once, then not sent
+
+
+async def test_a_long_history_oldest_first_is_read_from_its_last_pages(
+    make_simulator_server: Any,
+) -> None:
+    sim = await simulated(make_simulator_server, devices=1, batches_per_device=95,
+                          sort_mode="ignore")
+    device = sim.sim.fleet.device_ids()[0]
+    total = len(sim.sim.fleet.batch_ids(device))
+    async with sim.client(page_size=10) as client:
+        recent = await client.list_batches(device, max_items=20)
+        assert [b.id for b in recent] == newest(sim, device, 20)
+        # Page 1 shows the order; the 20 newest lie on the last three pages at most.
+        assert history_requests(sim) == 1 + (total // 10 + 1) - ((total - 20) // 10 + 1) + 1
+        assert history_requests(sim) < -(-total // 10)  # fewer than reading every page
+        cutoff = recent[4].created_at
+        assert cutoff is not None
+        since = await client.list_batches(device, max_items=20, since=cutoff)
+    assert [b.id for b in since] == newest(sim, device, 5)
+
+
+async def test_the_sort_verdict_is_logged_once_and_probed_again_hourly(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    sim.sim.set_dialect(sort_mode="ignore")
+    with capture_logs() as logs:
+        async with sim.client(page_size=2) as client:
+            await client.list_batches(device, max_items=3)
+            sent = sim.sim.stats.dialect[("commands", "sort_ignored")]
+            for _ in range(2):
+                await client.list_batches(device, max_items=3)
+            assert client.query_verdicts[HISTORY] == "ignored"
+            assert sim.sim.stats.dialect[("commands", "sort_ignored")] == sent  # not sent again
+            sim.sim.set_dialect(sort_mode="honour")
+            sim.clock.now += 1800
+            await client.list_batches(device, max_items=3)
+            assert client.query_verdicts[HISTORY] == "ignored"  # not asked again yet
+            sim.clock.now += 1800
+            batches = await client.list_batches(device, max_items=3)
+            assert client.query_verdicts[HISTORY] == "honoured"
+            await client.list_batches(device, max_items=3)
+    assert [b.id for b in batches] == newest(sim, device, 3)
+    verdicts = [(e["verdict"], e["log_level"]) for e in logs if e["event"] == "api_query_verdict"]
+    assert verdicts == [("ignored", "warning"), ("honoured", "info")]
+
+
+async def test_a_rejected_sort_is_probed_again_hourly(sim: Simulated) -> None:
+    device = sim.sim.fleet.device_ids()[0]
+    sim.sim.set_dialect(sort_mode={"commands": "reject"})
+    async with sim.client(page_size=100) as client:
+        for _ in range(3):
+            assert [b.id for b in await client.list_batches(device, max_items=3)] == newest(
+                sim, device, 3)
+        assert sim.served("commands", 400) == 1
+        sim.clock.now += 3600
+        await client.list_batches(device, max_items=3)
+        assert sim.served("commands", 400) == 2  # one probe, refused again
+        assert client.query_verdicts[HISTORY] == "rejected"
+        sim.sim.set_dialect(sort_mode="honour")
+        sim.clock.now += 3600
+        await client.list_batches(device, max_items=3)
+        assert client.query_verdicts[HISTORY] == "honoured"
+    # Every request went through the budget, the refused ones too.
+    assert client.budget.spent == sim.sim.stats.total()
+
+
+async def test_an_error_that_is_not_the_sorts_keeps_the_verdict(sim: Simulated) -> None:
+    async with sim.client() as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.list_batches("bad-id!", max_items=3)  # 400 for the path, sorted or not
+        assert caught.value.status == 400
+        assert client.query_verdicts[HISTORY] == "unchecked"
+        with pytest.raises(NotFoundError):
+            await client.list_batches("NOSUCHSERIAL42", max_items=3)
+    assert sim.served("commands", 404) == 1  # not retried without the sort
+
+
+# --- pages that shift mid-read -------------------------------------------------------------------
+
+HISTORY_PATH = ROOT + "/devices/{device}/commands"
+
+
+def history_doc(n: int) -> dict[str, Any]:
+    moment = datetime.fromtimestamp(1_770_000_000 + 60 * n, UTC).isoformat()
+    return {"id": f"{n:024x}", "name": f"batch {n}", "createdAt": moment}
+
+
+def shifting_history_app(
+    docs: list[dict[str, Any]], *, newest_first: bool, arrive: list[int],
+    requests: list[tuple[int, int]],
+) -> web.Application:
+    """A history served page by page; before the read of a page > 1, the batches numbered in
+    ``arrive`` are created (one per request), as upstream would between two requests."""
+
+    async def handler(request: web.Request) -> web.Response:
+        page, limit = int(request.query["page"]), int(request.query["limit"])
+        requests.append((page, limit))
+        if page > 1 and arrive:
+            docs.append(history_doc(arrive.pop(0)))
+        ordered = docs[::-1] if newest_first else docs
+        chunk = ordered[(page - 1) * limit : page * limit]
+        meta = {"totalDocs": len(docs), "limit": limit, "hasNextPage": page * limit < len(docs)}
+        return web.json_response({"status": True, "data": {"items": chunk, **meta}})
+
+    app = web.Application()
+    app.router.add_get(HISTORY_PATH, handler)
+    return app
+
+
+@pytest.mark.parametrize("newest_first", [True, False], ids=["newest-first", "oldest-first"])
+async def test_a_history_that_shifts_mid_read_is_read_again_once(
+    aiohttp_server: Any, newest_first: bool
+) -> None:
+    docs = [history_doc(n) for n in range(25)]
+    requests: list[tuple[int, int]] = []
+    app = shifting_history_app(docs, newest_first=newest_first, arrive=[25], requests=requests)
+    server = await aiohttp_server(app)
+    with capture_logs() as logs:
+        async with make_client(str(server.make_url("/v1")), page_size=10) as client:
+            batches = await client.list_batches("d1", max_items=20)
+    ids = [b.id for b in batches]
+    assert ids == [f"{n:024x}" for n in range(25, 5, -1)]  # the newest 20, the new one first
+    shifted = [e for e in logs if e["event"] == "api_pages_shifted"]
+    assert len(shifted) == 1
+    assert not [e for e in logs if e["event"] == "api_pages_unstable"]
+    # Newest first: pages 1-3 (the new batch lands at the head: page 2 repeats an item and
+    # totalDocs moves), then pages 1-2 again. Oldest first: pages 1-3 (it lands at the
+    # tail, totalDocs moves), then the same again.
+    pages = [page for page, _ in requests]
+    assert pages == ([1, 2, 3, 1, 2] if newest_first else [1, 2, 3, 1, 2, 3])
+
+
+async def test_actions_that_shift_under_every_read_come_once_each(
+    make_simulator_server: Any,
+) -> None:
+    # Every page after the first slides back: no read agrees with itself; the reads together
+    # hold every action, none twice.
+    sim = await simulated(make_simulator_server, max_limit=4, actions_per_batch=(30, 30))
+    device, batch_id = sim.batch_with_actions(30)
+    sim.sim.faults.set("shifting_pages=1.0")
+    async with sim.client(page_size=4) as client:
+        for _ in range(5):
+            actions = await client.list_actions(device, batch_id)
+            assert len({a.cmd_id for a in actions}) == len(actions)
+            assert counts(actions) == sim.sim.fleet.grouped_counts(device, batch_id)
+
+
+async def test_a_history_that_gains_batches_while_paged_newest_first(
+    make_simulator_server: Any,
+) -> None:
+    # The simulator creates a real batch before each page > 1 of a newest-first history.
+    sim = await simulated(make_simulator_server, devices=1, batches_per_device=12)
+    device = sim.sim.fleet.device_ids()[0]
+    before = set(sim.sim.fleet.batch_ids(device))
+    sim.sim.faults.set("shifting_pages=1.0")
+    with capture_logs() as logs:
+        async with sim.client(page_size=5) as client:
+            batches = await client.list_batches(device, max_items=100)
+    ids = [b.id for b in batches]
+    assert len(ids) == len(set(ids))
+    sim.sim.faults.clear()
+    truth = newest(sim, device, 100)
+    # A batch arrives before every page but the first: each read misses those that
+    # arrived during it, the next one finds them. Nothing there before is ever lost.
+    assert before <= set(ids) <= set(truth)
+    assert ids == [i for i in truth if i in set(ids)]
+    reads = 1 + len([e for e in logs if e["event"] == "api_pages_shifted"])
+    assert reads == MAX_READS
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["api_pages_unstable"]
+
+
+# --- tags that check themselves (issue 17) ---------------------------------------------
+
+TAGS = ("devices", "tags")
+
+
+def tags_in_fleet(sim: Simulated, count: int) -> tuple[str, ...]:
+    """``count`` tags that some devices carry and others do not."""
+    models = [sim.sim.fleet.device(d) for d in sim.sim.fleet.device_ids()]
+    seen: list[str] = []
+    for model in models:
+        for tag in model.tags:
+            carriers = sum(tag in m.tags for m in models)
+            if tag not in seen and 0 < carriers < len(models):
+                seen.append(tag)
+    assert len(seen) >= count
+    chosen = tuple(seen[:count])
+    assert sum(any(t in m.tags for t in chosen) for m in models) < len(models)
+    return chosen
+
+
+def carrying(sim: Simulated, tags: tuple[str, ...]) -> set[str]:
+    return {d for d in sim.sim.fleet.device_ids() if set(tags) & set(sim.sim.fleet.device(d).tags)}
+
+
+@pytest.mark.parametrize(
+    ("tags_format", "unknown_filter", "count", "verdict", "first_read"),
+    [
+        # first_read None: the pages of the tagged devices; 3: the whole list of 12 by 5.
+        ("any", "ignore", 2, "honoured", None),
+        ("repeated", "ignore", 2, "honoured", None),
+        ("comma", "ignore", 1, "honoured", None),
+        ("comma", "ignore", 2, "ignored", 3),  # a repeated tags is not read: the whole list
+        ("comma", "nothing", 2, "rejected", 1 + 3),  # matches nothing: one unfiltered read
+        ("brackets", "ignore", 1, "ignored", 3),
+        ("brackets", "nothing", 1, "rejected", 1 + 3),
+        ("ignore", "ignore", 2, "ignored", 3),
+    ],
+)
+async def test_exactly_the_tagged_devices_come_back_whatever_the_tags_format(
+    make_simulator_server: Any, tags_format: str, unknown_filter: str, count: int,
+    verdict: str, first_read: int | None,
+) -> None:
+    sim = await simulated(make_simulator_server, devices=12, tags_format=tags_format,
+                          unknown_filter=unknown_filter)
+    tags = tags_in_fleet(sim, count)
+    expected = carrying(sim, tags)
+    whole = -(-12 // 5)
+    if first_read is None:
+        first_read = -(-len(expected) // 5)
+    with capture_logs() as logs:
+        async with sim.client(page_size=5) as client:
+            for read in range(3):
+                devices = await client.list_devices(tags=tags)
+                assert {d.id for d in devices} == expected
+                assert len(devices) == len(expected)
+                if read == 0:
+                    assert sim.served("devices", 200) == first_read
+            assert client.query_verdicts[TAGS] == verdict
+    # Later reads: the filter as sent (one page when honoured), or the whole list.
+    later = -(-len(expected) // 5) if verdict == "honoured" else whole
+    assert sim.served("devices", 200) == first_read + 2 * later
+    events = [e for e in logs if e["event"] == "api_query_verdict"]
+    assert [e["verdict"] for e in events] == [verdict]
+    assert events[0]["log_level"] == ("info" if verdict == "honoured" else "warning")
+
+
+async def test_a_tags_filter_read_as_nothing_is_probed_again_hourly(
+    make_simulator_server: Any,
+) -> None:
+    sim = await simulated(make_simulator_server, devices=12, tags_format="brackets",
+                          unknown_filter="nothing")
+    tags = tags_in_fleet(sim, 1)
+    async with sim.client(page_size=5) as client:
+        await client.list_devices(tags=tags)
+        assert client.query_verdicts[TAGS] == "rejected"
+        unread = sim.sim.stats.dialect[("devices", "tags_unread")]
+        await client.list_devices(tags=tags)
+        assert sim.sim.stats.dialect[("devices", "tags_unread")] == unread  # not sent
+        sim.sim.set_dialect(tags_format="any")
+        sim.clock.now += 3600
+        devices = await client.list_devices(tags=tags)
+        assert client.query_verdicts[TAGS] == "honoured"
+    assert {d.id for d in devices} == carrying(sim, tags)
+
+
+async def test_an_empty_tagged_list_is_checked_once_when_no_device_carries_the_tag(
+    sim: Simulated,
+) -> None:
+    async with sim.client(page_size=100) as client:
+        for _ in range(3):
+            assert await client.list_devices(tags=["nobody-has-this"]) == []
+        # One filtered read each time, one unfiltered check the first time only.
+        assert sim.served("devices", 200) == 3 + 1
+        assert client.query_verdicts[TAGS] == "unchecked"
+
+
+async def test_recent_checkins_keep_only_tagged_devices_when_tags_are_ignored(
+    make_simulator_server: Any,
+) -> None:
+    sim = await simulated(make_simulator_server, devices=12, tags_format="ignore")
+    tags = tags_in_fleet(sim, 1)
+    async with sim.client(page_size=5) as client:
+        recent = await client.list_devices(
+            tags=tags, sort="lastStatusReportTime:desc", stop=lambda d: False
+        )
+    assert {d.id for d in recent} == carrying(sim, tags)
+    assert recent.sort == "honoured"
+
+
+async def test_a_segment_is_sent_but_cannot_be_checked(sim: Simulated) -> None:
+    segment = sim.sim.fleet.device(sim.sim.fleet.device_ids()[0]).segment
+    async with sim.client() as client:
+        assert client.query_verdicts == {}
+        await client.list_devices(segment=segment)
+        assert client.query_verdicts == {("devices", "segmentId"): "unchecked"}
+
+
+# --- the device list's sort, for the check-in look ---------------------------------------
+
+DEVICE_SORT = ("devices", "sort")
+CHECKINS = "lastStatusReportTime:desc"
+
+
+@pytest.mark.parametrize(("mode", "verdict"), [("honour", "honoured"), ("ignore", "ignored")])
+async def test_a_sorted_device_list_says_whether_it_came_in_order(
+    make_simulator_server: Any, mode: str, verdict: str
+) -> None:
+    sim = await simulated(make_simulator_server, devices=12, sort_mode={"devices": mode})
+    async with sim.client(page_size=5) as client:
+        devices = await client.list_devices(sort=CHECKINS)
+        assert devices.sort == verdict
+        assert client.query_verdicts[DEVICE_SORT] == verdict
+        unsorted = await client.list_devices()
+        assert unsorted.sort == "unchecked"
+    assert {d.id for d in devices} == set(sim.sim.fleet.device_ids())
+
+
+async def test_a_refused_device_sort_raises_and_costs_nothing_until_probed(
+    make_simulator_server: Any,
+) -> None:
+    sim = await simulated(make_simulator_server, devices=12, sort_mode={"devices": "reject"})
+    async with sim.client(page_size=5) as client:
+        with pytest.raises(SortRejected) as caught:
+            await client.list_devices(sort=CHECKINS, stop=lambda d: True)
+        assert isinstance(caught.value, UpstreamError) and caught.value.status == 400
+        assert client.query_verdicts[DEVICE_SORT] == "rejected"
+        # The refused read and one small unsorted page that put it on the sort.
+        assert (sim.served("devices", 400), sim.served("devices", 200)) == (1, 1)
+        with pytest.raises(SortRejected):
+            await client.list_devices(sort=CHECKINS)
+        assert sim.sim.stats.total("devices") == 2  # remembered: no request
+        assert len(await client.list_devices()) == 12  # the unsorted list still reads
+        sim.sim.set_dialect(sort_mode="honour")
+        sim.clock.now += 3600
+        assert (await client.list_devices(sort=CHECKINS)).sort == "honoured"
