@@ -140,10 +140,11 @@ class SortRejected(UpstreamError):
 
 
 class Listing(list[T]):
-    """A list as read, with what the read showed of its ``sort``: ``honoured`` (it came in
-    that order), ``ignored`` (it did not) or ``unchecked`` (no sort, or nothing to tell)."""
+    """A list as read; ``sort_verdict`` says what the read showed of its ``sort``: ``honoured``
+    (it came in that order), ``ignored`` (it did not) or ``unchecked`` (no sort, or nothing
+    to tell)."""
 
-    sort: str = UNCHECKED
+    sort_verdict: str = UNCHECKED
 
 
 # --- the token ---------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ class ApiClient:
         checked in since a moment).
 
         ``sort`` (``field:asc|desc``) is checked against what comes back: the result's
-        ``sort`` says whether this read came in that order (``honoured``) or did not
+        ``sort_verdict`` says whether this read came in that order (``honoured``) or did not
         (``ignored``: then ``stop`` cut it at an arbitrary place); when the read cannot
         tell (a short page), what the client knows of that sort (``query_verdicts``,
         ``unchecked`` at first). The client does not fall back on its own: reading the
@@ -554,7 +555,7 @@ class ApiClient:
             send_tags = False
         devices = Listing(read.values())
         if sort is not None:
-            devices.sort = self._sort_verdict(DEVICE_SORT, sort, read.order)
+            devices.sort_verdict = self._sort_verdict(DEVICE_SORT, sort, read.order)
         if not wanted:
             return devices
         tagged = _tagged(devices, wanted)
@@ -573,7 +574,7 @@ class ApiClient:
             # answer, and the filter is no longer sent until a re-probe.
             everything = await self._device_read((), segment, sort, None)
             tagged = _tagged(Listing(everything.values()), wanted)
-            tagged.sort = devices.sort
+            tagged.sort_verdict = devices.sort_verdict
             if tagged:
                 self._verdicts.note(DEVICE_TAGS, REJECTED, tags=list(wanted),
                                     reason="matched nothing", tagged=len(tagged))
@@ -994,7 +995,7 @@ def _tagged(devices: Listing[Device], tags: Sequence[str]) -> Listing[Device]:
     """The devices carrying one of ``tags`` (as upstream's filter selects)."""
     wanted = frozenset(tags)
     kept = Listing(d for d in devices if not wanted.isdisjoint(d.tags))
-    kept.sort = devices.sort
+    kept.sort_verdict = devices.sort_verdict
     return kept
 
 

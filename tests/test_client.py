@@ -1439,7 +1439,7 @@ async def test_recent_checkins_keep_only_tagged_devices_when_tags_are_ignored(
             tags=tags, sort="lastStatusReportTime:desc", stop=lambda d: False
         )
     assert {d.id for d in recent} == carrying(sim, tags)
-    assert recent.sort == "honoured"
+    assert recent.sort_verdict == "honoured"
 
 
 async def test_a_segment_is_sent_but_cannot_be_checked(sim: Simulated) -> None:
@@ -1463,10 +1463,10 @@ async def test_a_sorted_device_list_says_whether_it_came_in_order(
     sim = await simulated(make_simulator_server, devices=12, sort_mode={"devices": mode})
     async with sim.client(page_size=5) as client:
         devices = await client.list_devices(sort=CHECKINS)
-        assert devices.sort == verdict
+        assert devices.sort_verdict == verdict
         assert client.query_verdicts[DEVICE_SORT] == verdict
         unsorted = await client.list_devices()
-        assert unsorted.sort == "unchecked"
+        assert unsorted.sort_verdict == "unchecked"
     assert {d.id for d in devices} == set(sim.sim.fleet.device_ids())
 
 
@@ -1487,4 +1487,4 @@ async def test_a_refused_device_sort_raises_and_costs_nothing_until_probed(
         assert len(await client.list_devices()) == 12  # the unsorted list still reads
         sim.sim.set_dialect(sort_mode="honour")
         sim.clock.now += 3600
-        assert (await client.list_devices(sort=CHECKINS)).sort == "honoured"
+        assert (await client.list_devices(sort=CHECKINS)).sort_verdict == "honoured"
