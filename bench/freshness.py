@@ -77,6 +77,8 @@ class Scenario:
     checkin_seconds: float | None = None  # every device's mean time between sessions
     rollout_share: float = 0.5  # of the new batches, those pushed to much of the fleet at once
     actions_per_batch: tuple[int, int] = (3, 12)
+    # What upstream does with sort, per list (the simulator's sort_mode): honoured by default.
+    sort_mode: str = "honour"
 
 
 SMOKE = Scenario(devices=100, budget=600, interval=30, warmup=1500, window=1800, horizon=1800)
@@ -135,7 +137,7 @@ async def run_strategy(scenario: Scenario, strategy: str) -> tuple[Run, Simulato
                     new_batches_per_device_hour=scenario.new_batches_per_device_hour,
                     push=scenario.push, checkin_seconds=scenario.checkin_seconds,
                     rollout_share=scenario.rollout_share,
-                    actions_per_batch=scenario.actions_per_batch)
+                    actions_per_batch=scenario.actions_per_batch, sort_mode=scenario.sort_mode)
     run = Run(strategy)
     record = sim.stats.record
 
@@ -345,19 +347,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-push", dest="push", action="store_false", default=None,
                         help="batches wait for their device's scheduled session")
+    parser.add_argument("--sort-mode", help="upstream's sort, e.g. devices=ignore, "
+                        "devices=reject, ignore (the simulator's sort_mode)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     scenario = SMOKE if args.smoke else SMALL if args.small else FULL
     overrides = {k: v for k, v in (("devices", args.devices), ("budget", args.budget),
                                    ("window", args.window), ("seed", args.seed),
-                                   ("push", args.push)) if v is not None}
+                                   ("push", args.push), ("sort_mode", args.sort_mode))
+                 if v is not None}
     if overrides:
         scenario = replace(scenario, **overrides)
     report = asyncio.run(main_async(scenario))
     print(f"{scenario.devices} devices, budget {scenario.budget:,.0f} requests/hour, "
           f"interval {scenario.interval:.0f} s, window {scenario.window / HOUR:.2f} h "
           f"after {scenario.warmup / HOUR:.2f} h warm-up, horizon {scenario.horizon / HOUR:.2f} h, "
-          f"seed {scenario.seed}, push {'on' if scenario.push else 'off'}")
+          f"seed {scenario.seed}, push {'on' if scenario.push else 'off'}, "
+          f"sort {scenario.sort_mode}")
     print(table(report["results"]))
     print("p95 delay, budget / round_robin: " + ", ".join(
         f"{k} {v}" for k, v in report["p95_ratio_budget_to_naive"].items()))

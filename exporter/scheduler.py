@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
+from exporter.client import ApiClient, ApiError, AuthError, NotFoundError, SortRejected
 from exporter.config import Config, DeviceConfig, DeviceDiscovery
 from exporter.planner import (
     CREDIT_ROUNDS,
@@ -53,6 +53,12 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 # lastStatusReportTime is written by upstream when a session ends, maybe a little out of
 # order: a look at the device list reaches this far behind the newest check-in it knew.
 SIGNAL_OVERLAP_SECONDS = 120.0
+CHECKIN_SORT = "lastStatusReportTime:desc"
+# Where upstream does not honour that sort, the whole device list brings the check-ins, read
+# as often as this share of the budget allows (every round on a small fleet); the sorted
+# look is tried again once per SORT_PROBE_SECONDS.
+FULL_LIST_SHARE = 0.2
+SORT_PROBE_SECONDS = 3600.0
 # A configured batch that answered 404 is asked again after this many poll intervals.
 DROPPED_RETRY_ROUNDS = 10
 
@@ -151,6 +157,8 @@ class Scheduler:
         self._credit_at: float | None = None
         self._credit_floor = 2.0
         self._sorted_since_full = False  # a look sorted by check-in since the last full list
+        self._sorted_tried_at: float | None = None  # budget clock of the last sorted look
+        self._full_look_at: float | None = None  # budget clock of the last full look
         self._pushes = PushCheck()
         self._wake = asyncio.Event()
         self.rounds = 0
@@ -299,26 +307,77 @@ class Scheduler:
         return configured - self._shown_by_discovery
 
     async def _read_checkins(self) -> None:
-        """Devices that checked in since the last look, newest first, usually one page."""
+        """Devices that checked in since the last look: one page of the list sorted by
+        check-in while upstream honours that sort, else the whole list at the pace
+        ``FULL_LIST_SHARE`` of the budget allows (the sorted look tried again hourly)."""
         spec = self.config.discovery.devices
-        mark = self._signal_mark
-        if spec is None or mark is None:
+        if spec is None or self._signal_mark is None:
             return
-        horizon = mark - SIGNAL_OVERLAP_SECONDS
+        now = self._client.budget.now()
+        sorted_look = self._metrics.checkin_source == "sorted_list" or (
+            self._sorted_tried_at is None or now - self._sorted_tried_at >= SORT_PROBE_SECONDS
+        )
+        if sorted_look and await self._sorted_look(spec.tags, spec.segment):
+            return
+        if self._full_look_at is None or now - self._full_look_at >= self._full_look_every():
+            self._full_look_at = now
+            await self._full_look(spec.tags, spec.segment)
+
+    async def _sorted_look(self, tags: Sequence[str], segment: int | None) -> bool:
+        """The devices that checked in since the mark, newest first; False when upstream
+        does not honour the sort (the whole list must tell instead)."""
+        assert self._signal_mark is not None
+        horizon = self._signal_mark - SIGNAL_OVERLAP_SECONDS
+        self._sorted_tried_at = self._client.budget.now()
 
         def older(device: Device) -> bool:
             return device.last_status_report is None or device.last_status_report < horizon
 
         try:
             devices = await self._client.list_devices(
-                tags=spec.tags, segment=spec.segment, sort="lastStatusReportTime:desc", stop=older
+                tags=tags, segment=segment, sort=CHECKIN_SORT, stop=older
             )
+        except SortRejected:
+            self._checkins_from("full_list")
+            return False
+        except ApiError as exc:
+            log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
+            return True
+        # Out of order, the list was cut at an arbitrary place: what it showed is true, but
+        # not all there is.
+        honoured = devices.sort_verdict != "ignored"
+        shown = self._until_now(devices)
+        self._note_checkins(shown, full=False)
+        self._note_listed(shown)
+        self._checkins_from("sorted_list" if honoured else "full_list")
+        return honoured
+
+    async def _full_look(self, tags: Sequence[str], segment: int | None) -> None:
+        try:
+            devices = await self._client.list_devices(tags=tags, segment=segment)
         except ApiError as exc:
             log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
             return
         devices = self._until_now(devices)
-        self._note_checkins(devices, full=False)
+        self._note_checkins(devices, full=True)
         self._note_listed(devices)
+
+    def _full_look_every(self) -> float:
+        """Seconds between two full looks: ⌈N / page_size⌉ requests each, within
+        FULL_LIST_SHARE of the budget, and never more often than every round."""
+        pages = max(1, math.ceil(len(self._discovered) / self.config.api.page_size))
+        rate = max(1e-9, self._client.budget.effective_rate_per_hour)
+        return max(self.config.poll.interval_seconds, pages * 3600 / (FULL_LIST_SHARE * rate))
+
+    def _checkins_from(self, source: str) -> None:
+        """Switch the source of check-ins, saying so once per change."""
+        if source != self._metrics.checkin_source:
+            (log.info if source == "sorted_list" else log.warning)(
+                "checkin_source", source=source,
+                every_seconds=None if source == "sorted_list" else round(self._full_look_every()),
+            )
+            self._metrics.checkin_source = source
+            self._metrics.touch()
 
     def _until_now(self, devices: Sequence[Device]) -> list[Device]:
         limit = self._state.future_limit()

@@ -15,6 +15,9 @@ from exporter.records import PROBLEM_KINDS
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ENDPOINTS = ("devices", "commands", "command", "actions")
 POLL_FAILURE_KINDS = ("round", "device")
+# Where the budget strategy learns check-ins: the device list sorted by lastStatusReportTime
+# (one page a look) while upstream honours that sort, else the whole list.
+CHECKIN_SOURCES = ("sorted_list", "full_list")
 
 
 @dataclass(slots=True)
@@ -35,6 +38,10 @@ class SelfMetrics:
     poll_round_seconds: float = 0.0
     requests_planned: int = 0  # by the scheduler for its latest round
     config_reload_successful: bool = True
+    checkin_source: str = CHECKIN_SOURCES[0]
+    # (api_endpoint, parameter) -> what upstream does with a query parameter the exporter
+    # relies on: honoured, ignored, rejected or unchecked (ApiClient.query_verdicts).
+    query_verdicts: dict[tuple[str, str], str] = field(default_factory=dict)
     generation: int = 0
 
     def observe_request(self, endpoint: str, code: str, seconds: float) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
@@ -406,3 +407,33 @@ async def test_requests_planned_are_exported_next_to_the_budget(make_rig: MakeRi
     assert 0 < result.planned <= 600 * 60 / HOUR
     body = Exposition(rig.state, rig.metrics, version="test").body(openmetrics=False).decode()
     assert f"applivery_exporter_api_requests_planned {result.planned}\n" in body
+
+
+@pytest.mark.parametrize(
+    ("mode", "source"),
+    [("honour", "sorted_list"), ("ignore", "full_list"), ("reject", "full_list")],
+)
+async def test_check_ins_are_learned_whatever_upstream_does_with_their_sort(
+    make_rig: MakeRig, mode: str, source: str
+) -> None:
+    # Devices check in every ~40 s: the plan learns who did from the list sorted by check-in
+    # or, where upstream ignores or refuses that sort, from the whole list, and reads them.
+    rig = await make_rig({"devices": 30, "checkin_seconds": 40.0, "push": False,
+                          "new_batches_per_device_hour": 30.0, "rollout_share": 0.0,
+                          "sort_mode": {"devices": mode}},
+                         api={"requests_per_hour": 36_000, "page_size": 10},
+                         poll={"interval_seconds": 2})
+    with capture_logs() as logs:
+        await rounds_until(rig, 300, interval=2)
+    assert rig.metrics.checkin_source == source
+    switches = [e for e in logs if e["event"] == "checkin_source"]
+    assert len(switches) == (0 if mode == "honour" else 1)  # said once, not every round
+    # Every device that checked in more than a few rounds ago has been read since.
+    now = rig.sim.clock.now()
+    for device in rig.sim.fleet.device_ids():
+        report = rig.sim.fleet.device(device).last_report
+        read_at = rig.scheduler.tracking[device].read_at
+        if report is not None and report < now - 10:
+            assert read_at is not None and read_at >= report, device
+    # The budget kept: five minutes of 10 requests/s, the bucket's burst and one in flight.
+    assert len(rig.request_times) <= 300 * 10 + 50 + 1

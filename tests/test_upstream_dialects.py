@@ -136,3 +136,4 @@ async def test_discovery_watches_exactly_the_tagged_devices(
         assert [e["verdict"] for e in said] == [verdict]
     finally:
         await exporter.client.close()
+
