@@ -477,6 +477,7 @@ class Scheduler:
         self.rounds += 1
         self._metrics.poll_round_seconds = time.monotonic() - started
         self._metrics.requests_planned = result.planned
+        self._metrics.query_verdicts = self._client.query_verdicts
         self._metrics.touch()
         log.info(
             "poll_round",
