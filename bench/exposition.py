@@ -6,9 +6,18 @@ goes through the real FleetState. Measured in one run:
 - serve: ``Exposition.body()`` vs ``prometheus_client.generate_latest`` over the same samples
   in a prometheus_client registry, and both behind a real aiohttp server on 127.0.0.1;
 - full render (a new Exposition), incremental refresh after one device changed, refresh after
-  a poll round (every device's last-success line moved), gzip of the body.
+  a poll round (every device's last-success line moved), gzip of the body;
+- rendering during poll rounds: the render loop's work per tick (one a second, like
+  ``cli._refresh_loop``: ``refresh_steps()`` to the end, then gzip of both formats) in CPU
+  seconds, so CPU seconds per tick = share of a core. Three kinds of tick: ``self`` (three
+  API requests, the fleet unchanged), ``read`` (three requests and one device read: its
+  last-success line moves, what a budget round does about every second) and ``changed``
+  (the same, and the read found a new batch: the device's action gauges move). Each tree
+  runs in a child process of its own; with ``--before PATH`` (a checkout of another commit,
+  e.g. from ``git worktree add``) the two trees alternate, and the table shows both and
+  their ratio.
 
-Usage: python bench/exposition.py [--smoke] [--devices N]
+Usage: python bench/exposition.py [--smoke] [--devices N] [--before PATH] [--ticks N]
 Prints a table and writes bench/results/exposition.json.
 """
 
@@ -18,7 +27,9 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,13 +38,16 @@ from pathlib import Path
 from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# A rounds measurement's child imports the exporter of the checkout it is given.
+sys.path.insert(0, os.environ.get("EXPOSITION_BENCH_TREE") or str(Path(__file__).parent.parent))
 
 from exporter.exposition import GZIP_LEVEL, Exposition
 from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 
+ROOT = Path(__file__).resolve().parent.parent
+TREE_VARIABLE = "EXPOSITION_BENCH_TREE"
 START = 1_760_000_000.0
 BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 STATUSES = ("Pending", "Awaiting", "Acknowledged", "NotSupported", "CommandNotFound", "Cancel")
@@ -262,6 +276,136 @@ def run(devices: int, repeat: int) -> dict:
     }
 
 
+# --- rendering during poll rounds ---------------------------------------------------------
+
+TICK_KINDS = ("self", "read", "changed")
+REQUESTS_PER_TICK = 3  # about 10,000 requests an hour
+
+
+def render_tick(exposition: Exposition) -> tuple[float, float]:
+    """CPU seconds of what the render loop does after a change: the refresh (in the steps
+    the loop runs it in), then the gzip of both formats that it computes ahead of scrapes
+    (``gzip_parts`` where the tree has it, else ``gzip_body``)."""
+    started = time.process_time()
+    for _ in exposition.refresh_steps():
+        pass
+    refreshed = time.process_time()
+    compress = getattr(exposition, "gzip_parts", exposition.gzip_body)
+    for openmetrics in (True, False):
+        compress(openmetrics=openmetrics)
+    return refreshed - started, time.process_time() - refreshed
+
+
+def rounds(devices: int, ticks: int) -> dict:
+    """Per kind of tick: median CPU seconds of the refresh and of the gzip."""
+    clock = Clock()
+    state = build_state(devices, clock)
+    metrics = state._metrics
+    registry = CollectorRegistry()
+    started = time.process_time()
+    exposition = Exposition(state, metrics, version="bench", registry=registry)
+    out: dict = {"devices": devices, "ticks": ticks,
+                 "first_render_cpu_s": time.process_time() - started}
+    started = time.process_time()
+    for openmetrics in (True, False):
+        exposition.gzip_body(openmetrics=openmetrics)
+    out["first_gzip_cpu_s"] = time.process_time() - started
+    out["body_bytes"] = len(exposition.body(openmetrics=False))
+    out["gzip_bytes"] = len(exposition.gzip_body(openmetrics=False))
+    for kind in TICK_KINDS:
+        refreshes, gzips = [], []
+        for i in range(ticks):
+            clock.now += 1
+            for r in range(REQUESTS_PER_TICK):
+                metrics.observe_request("actions", "200", 0.05 + 0.01 * r)
+            d = (i * 7919 + 13) % devices
+            if kind == "changed":  # a batch new to the device: its action gauges move
+                b = BATCHES + i
+                batch = Batch(id=f"{d:012x}{b:012x}", name=f"Policy {b}", created_at=clock.now)
+                state.apply_actions(device_id(d), batch, batch_actions(d, b))
+            if kind != "self":
+                state.poll_succeeded(device_id(d))
+            refresh_s, gzip_s = render_tick(exposition)
+            refreshes.append(refresh_s)
+            gzips.append(gzip_s)
+        out[kind] = {
+            "refresh_cpu_s": statistics.median(refreshes),
+            "gzip_cpu_s": statistics.median(gzips),
+            "cpu_per_second": statistics.median(
+                r + g for r, g in zip(refreshes, gzips, strict=True)
+            ),
+        }
+    return out
+
+
+def rounds_in_child(tree: Path, devices: int, ticks: int) -> dict:
+    """:func:`rounds` with the exporter of ``tree``, in a fresh process."""
+    result = subprocess.run(
+        [sys.executable, __file__, "--rounds-only", "--devices", str(devices),
+         "--ticks", str(ticks)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, TREE_VARIABLE: str(tree)},
+    )
+    return json.loads(result.stdout)
+
+
+def compare_rounds(devices: int, ticks: int, before: Path | None, repeat: int) -> dict:
+    """The current tree (and ``before``), alternating, ``repeat`` times each: per figure,
+    the median of the runs."""
+    trees = {"after": ROOT, **({"before": before} if before is not None else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(repeat):
+        for name, tree in trees.items():
+            runs[name].append(rounds_in_child(tree, devices, ticks))
+
+    def median_of(results: list[dict]) -> dict:
+        out = {key: statistics.median(r[key] for r in results)
+               for key in results[0] if not isinstance(results[0][key], dict)}
+        for kind in TICK_KINDS:
+            out[kind] = {key: statistics.median(r[kind][key] for r in results)
+                         for key in results[0][kind]}
+        return out
+
+    out: dict = {name: median_of(results) for name, results in runs.items()}
+    out["repeat"] = repeat
+    if before is not None:
+        out["before_tree"] = str(before)
+        out["after_over_before"] = {
+            kind: out["after"][kind]["cpu_per_second"] / out["before"][kind]["cpu_per_second"]
+            for kind in TICK_KINDS
+        } | {
+            "first_render": out["after"]["first_render_cpu_s"]
+            / out["before"]["first_render_cpu_s"],
+            "first_gzip": out["after"]["first_gzip_cpu_s"] / out["before"]["first_gzip_cpu_s"],
+        }
+    return out
+
+
+def rounds_table(result: dict) -> str:
+    ms = 1000.0
+    names = [name for name in ("before", "after") if name in result]
+    head = f"{'rendering during rounds (CPU per tick)':<40}" + "".join(
+        f"{name:>14}" for name in names
+    ) + (f"{'after/before':>14}" if len(names) == 2 else "")
+    rows = [head]
+
+    def row(label: str, values: list[float], unit: str = "ms", ratio: bool = True) -> None:
+        cells = "".join(f"{v * ms:>11.2f} {unit}" for v in values)
+        if ratio and len(values) == 2 and values[0]:
+            cells += f"{values[1] / values[0]:>14.4f}"
+        rows.append(f"{label:<40}{cells}")
+
+    for kind in TICK_KINDS:
+        row(f"{kind}: refresh", [result[n][kind]["refresh_cpu_s"] for n in names])
+        row(f"{kind}: gzip (both formats)", [result[n][kind]["gzip_cpu_s"] for n in names])
+        row(f"{kind}: CPU per second", [result[n][kind]["cpu_per_second"] for n in names])
+    row("first render", [result[n]["first_render_cpu_s"] for n in names])
+    row("first gzip (both formats)", [result[n]["first_gzip_cpu_s"] for n in names])
+    rows.append(f"{'gzip bytes (text)':<40}" + "".join(
+        f"{result[n]['gzip_bytes']:>14,.0f}" for n in names))
+    return "\n".join(rows)
+
+
 def table(result: dict) -> str:
     ms = 1000.0
     rows = [
@@ -287,11 +431,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small fleet, few repeats")
     parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout to measure rendering during rounds against")
+    parser.add_argument("--ticks", type=int, default=None, help="ticks per kind (rounds)")
+    parser.add_argument("--rounds-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     devices = args.devices or (50 if args.smoke else 1000)
+    ticks = args.ticks or (5 if args.smoke else 15)
+    if args.rounds_only:
+        print(json.dumps(rounds(devices, ticks)))
+        return
     repeat = 5 if args.smoke else 21
     result = run(devices, repeat)
     print(table(result))
+    result["rounds"] = compare_rounds(devices, ticks, args.before, 1 if args.smoke else 2)
+    print()
+    print(rounds_table(result["rounds"]))
     out = Path(__file__).resolve().parent / "results" / "exposition.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"smoke": args.smoke, **result}, indent=2) + "\n")

@@ -227,7 +227,7 @@ async def _refresh_loop(exporter: Exporter, renders: Renders) -> None:
             loop = asyncio.get_running_loop()
             for openmetrics in (True, False):
                 await loop.run_in_executor(
-                    None, partial(exporter.exposition.gzip_body, openmetrics=openmetrics)
+                    None, partial(exporter.exposition.gzip_parts, openmetrics=openmetrics)
                 )
 
 

@@ -2,18 +2,27 @@
 
 A scrape serves bytes that already exist. ``refresh()`` re-renders only what moved since the
 previous call: sample lines are cached per device and per family group (device info, poll
-status, command data), keyed by the generations FleetState keeps for them, and a body is one
-``b"".join`` of cached chunks. Gauge, counter and histogram sample lines are the same in the
-text format 0.0.4 and in OpenMetrics 1.0, so both bodies share the chunks and differ only in
-their HELP/TYPE headers and the closing ``# EOF``.
+status, command data), keyed by the generations FleetState keeps for them. Gauge, counter and
+histogram sample lines are the same in the text format 0.0.4 and in OpenMetrics 1.0, so both
+bodies share them and differ only in their HELP/TYPE headers and the closing ``# EOF``.
+
+A body is a tuple of sections, never one big copy: the fleet part (each per-device family's
+lines joined in blocks of ``BLOCK_DEVICES`` devices, and the fleet-wide families), then the
+self part (the exporter's own metrics, which move with every API request). A change re-joins
+only the blocks and sections it touched; a self-metrics change re-renders only the self part.
+gzip follows the same cut: each section is deflated once on its own and the pieces are strung
+into one gzip member (``gzip_parts``), so compressing after a change costs the changed
+sections only.
 """
 
 from __future__ import annotations
 
-import gzip
+import functools
 import math
 import re
+import struct
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +51,11 @@ TRUNCATED = "...[truncated]"
 GZIP_LEVEL = 1
 # Devices rendered between two pauses of refresh_steps(): tens of milliseconds of work.
 RENDER_STEP_DEVICES = 200
+# Devices whose lines of one family are joined (and compressed) together: a device's change
+# costs its block, a few hundred kB at most, instead of the whole family.
+BLOCK_DEVICES = 256
+# Blocks joined between two pauses of refresh_steps() when many moved (a first render).
+JOIN_STEP_BLOCKS = 4
 
 
 # --- negotiation --------------------------------------------------------------------------
@@ -138,10 +152,17 @@ class Family:
     help: str
 
     def header(self, *, openmetrics: bool) -> bytes:
-        name = self.name
-        if self.type == "counter" and not openmetrics:
-            name += "_total"  # the text format names a counter family by its sample
-        return f"# HELP {name} {self.help}\n# TYPE {name} {self.type}\n".encode()
+        """HELP and TYPE lines: one bytes object per family and format, so a body's sections
+        can be compared by identity."""
+        return _header(self, openmetrics)
+
+
+@functools.cache
+def _header(family: Family, openmetrics: bool) -> bytes:
+    name = family.name
+    if family.type == "counter" and not openmetrics:
+        name += "_total"  # the text format names a counter family by its sample
+    return f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n".encode()
 
 
 ACTIONS = Family(
@@ -561,7 +582,56 @@ def default_registry() -> CollectorRegistry:
     return registry
 
 
+# --- gzip in pieces -----------------------------------------------------------------------
+
+# One gzip member (RFC 1952) strung together from sections deflated on their own: each piece is
+# raw deflate that ends in a sync flush (byte-aligned, not final) and refers to nothing before
+# it, so a section compressed once serves every body it is part of, in either format. One
+# member rather than one per section: Go's reader (Prometheus) and Python's read every member
+# of a stream, but curl stops after the first.
+GZIP_HEADER = b"\x1f\x8b\x08\x00" + b"\x00\x00\x00\x00" + b"\x04\xff"  # mtime 0, level 1
+LAST_BLOCK = b"\x03\x00"  # an empty final block (fixed codes): the end of the deflate stream
+
+
+def deflate_piece(section: bytes) -> bytes:
+    """``section`` as raw deflate blocks that any deflate stream may continue with."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(section) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def gzip_trailer(crc: int, size: int) -> bytes:
+    """The end of the member: the final block, then CRC-32 and size of the whole body."""
+    return LAST_BLOCK + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
 # --- the exposition -----------------------------------------------------------------------
+
+# Fields of _Chunks whose lines go in blocks, per guard level: the action gauges at the
+# detail the level keeps (none at the last level: one fleet-wide section), then the families
+# that do not depend on the level.
+_ACTION_FIELDS = ("actions", "by_status", "by_status", "by_class", "by_class", None)
+
+
+def _block_fields(level: int) -> tuple[str, ...]:
+    actions = _ACTION_FIELDS[level]
+    return (
+        *((actions,) if actions else ()),
+        "oldest",
+        *(("info",) if level < 4 else ()),
+        *(("command_info",) if level < 2 else ()),
+        "up",
+        "last_success",
+        "check_in",
+    )
+
+
+Body = tuple[bytes, ...]  # sections in order; the last one is the self part
+
+
+def _keep_equal(old: tuple[bytes, ...], new: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """``new``, with the old object wherever the bytes are equal (sections are compared by
+    identity: an unchanged one is neither compressed nor checksummed again)."""
+    return tuple(o if o == n else n for o, n in zip(old, new, strict=True))
 
 
 class Exposition:
@@ -580,20 +650,35 @@ class Exposition:
         self._registry = registry if registry is not None else default_registry()
         self._chunks: dict[str, _Chunks] = {}
         self._order: list[str] = []
+        self._position: dict[str, int] = {}  # device -> index in _order
+        # Devices re-rendered since their blocks were last joined; None: every block.
+        self._dirty: set[str] | None = None
+        # Per _Chunks field: per block, the lines it was joined from and the joined bytes.
+        self._blocks: dict[str, list[tuple[list[bytes] | None, bytes]]] = {}
         self._state_generation = -1
         self._counters_generation = -1
         self._metrics_generation = -1
-        self._fleet = (b"", b"", b"")
+        self._fleet: tuple[bytes, ...] = (b"", b"", b"")
         self._rollouts = RolloutTotals()
         self._rollouts_generation = -1
-        self._rollout_sections = (b"", b"")
+        self._rollout_sections: tuple[bytes, ...] = (b"", b"")
         self._device_states = b""
         self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
         self._extras: Mapping[bool, bytes] = {False: b"", True: b""}
+        self._fleet_parts: Mapping[bool, Body] | None = None
+        self._own: Mapping[bool, bytes] = {False: b"", True: b""}
+        # Series of the fleet part at each guard level, while the fleet does not move.
+        self._fleet_totals: list[int] | None = None
         # Replaced as a whole, never mutated: a thread reading them sees one consistent body.
-        self._bodies: Mapping[bool, bytes] = {False: b"", True: b""}
-        self._gzipped: dict[bool, tuple[bytes, bytes]] = {}
-        self._gzip_locks = {False: threading.Lock(), True: threading.Lock()}
+        self._bodies: Mapping[bool, Body] = {False: (), True: ()}
+        self._joined: dict[bool, tuple[Body, bytes]] = {}
+        self._gzipped: dict[bool, tuple[Body, Body]] = {}
+        self._gzip_joined: dict[bool, tuple[Body, bytes]] = {}
+        # Under _gzip_lock: deflated pieces by id of their section (shared by both formats)
+        # and the CRC-32 after each section of the last body compressed in each format.
+        self._gzip_lock = threading.Lock()
+        self._pieces: dict[int, tuple[bytes, bytes]] = {}
+        self._crcs: dict[bool, tuple[Body, list[int]]] = {}
         self._max_series = max_series
         self.guard_level = 0
         self.series_total = 0  # series at full detail
@@ -613,6 +698,8 @@ class Exposition:
             self._max_series = value
             self._chunks = {}
             self._order = []
+            self._position = {}
+            self._dirty = None
             self._rollouts = RolloutTotals()
             self._rollouts_generation = -1
             self._state_generation = -1
@@ -653,14 +740,19 @@ class Exposition:
             base + fleet_classes,
         ]
 
-    def _choose_level(self, fixed: int) -> bool:
-        """Pick the guard level for the current series; True when it changed."""
+    def _choose_level(self, own_series: int, *, fleet_moved: bool) -> bool:
+        """Pick the guard level for the current series; True when it (or the number of
+        series it drops) changed. The fleet's share is counted again only when it moved."""
         ceiling = self._max_series
         if ceiling is None:
+            self._fleet_totals = None
             self.series_total = self.series_dropped = 0
             changed, self.guard_level = self.guard_level != 0, 0
             return changed
-        totals = self._level_totals(fixed)
+        if fleet_moved or self._fleet_totals is None:
+            fleet = (*self._fleet, *self._rollout_sections, self._device_states)
+            self._fleet_totals = self._level_totals(sum(_sample_lines(part) for part in fleet))
+        totals = [n + own_series for n in self._fleet_totals]
         level = next((i for i, n in enumerate(totals) if n <= ceiling), len(totals) - 1)
         if level < self.guard_level and totals[level] > ceiling * GUARD_RELAX:
             # More detail only with room to spare; else stay, unless the old level overflows.
@@ -688,6 +780,8 @@ class Exposition:
             (i for i, n in enumerate(totals) if n <= ceiling * GUARD_RELAX), len(totals) - 1
         )
 
+    # --- refreshing -----------------------------------------------------------------------
+
     def refresh(self) -> bool:
         """Bring the cached bodies up to date in one go; True when their bytes changed."""
         steps = self.refresh_steps()
@@ -699,64 +793,82 @@ class Exposition:
 
     def refresh_steps(self) -> Generator[None, None, bool]:
         """:meth:`refresh` in steps: it pauses after every ``RENDER_STEP_DEVICES`` devices it
-        renders and between the two bodies it assembles, so that a caller on the event loop
-        lets scrapes through a large first render (seconds for millions of actions). Changes
-        made while it is paused are seen by the next refresh."""
+        renders and every ``JOIN_STEP_BLOCKS`` blocks it joins, so that a caller on the event
+        loop lets scrapes through a large first render (seconds for millions of actions).
+        Changes made while it is paused are seen by the next refresh.
+
+        The fleet part is touched only when FleetState moved (or the guard level changed);
+        a self-metrics change re-renders the self part alone."""
         state, metrics = self._state, self._metrics
         state_generation = state.generation
         state_moved = state_generation != self._state_generation
         metrics_moved = metrics.generation != self._metrics_generation
         if not (state_moved or metrics_moved):
             return False
-        changed = False
+        fleet_changed = own_changed = False
         if state_moved:
-            changed |= yield from self._refresh_devices()
-            changed |= self._refresh_fleet_views()
+            fleet_changed |= yield from self._refresh_devices()
+            fleet_changed |= self._refresh_fleet_views()
             self._state_generation = state_generation
         if metrics_moved:
             self._metrics_generation = metrics.generation
             sections = {
                 om: _self_section(metrics, self._version, openmetrics=om) for om in (False, True)
             }
-            changed |= sections != self._self_sections
+            own_changed |= sections != self._self_sections
             self._self_sections = sections
         extras = {om: _extras(self._registry, openmetrics=om) for om in (False, True)}
-        changed |= extras != self._extras
+        own_changed |= extras != self._extras
         self._extras = extras
+        level = self.guard_level
         if self._max_series is not None or self.guard_level:
-            untouched = (
-                *self._fleet, *self._rollout_sections, self._device_states,
-                self._self_sections[False], extras[False],
-            )
-            changed |= self._choose_level(sum(_sample_lines(part) for part in untouched))
-        if changed:
-            plain = self._assemble(openmetrics=False)
-            yield  # a large body takes a while to copy together: one at a time
-            self._bodies = {False: plain, True: self._assemble(openmetrics=True)}
-        return changed
+            own_series = _sample_lines(self._self_sections[False]) + _sample_lines(extras[False])
+            own_changed |= self._choose_level(own_series, fleet_moved=state_moved)
+        if state_moved or self.guard_level != level or self._fleet_parts is None:
+            fleet_changed |= yield from self._join_blocks()
+            if fleet_changed or self.guard_level != level or self._fleet_parts is None:
+                fleet_changed = True
+                self._fleet_parts = {om: self._fleet_layout(openmetrics=om) for om in (False, True)}
+        if own_changed:
+            self._own = {om: self._own_section(openmetrics=om) for om in (False, True)}
+        if not (fleet_changed or own_changed):
+            return False
+        fleet = self._fleet_parts
+        assert fleet is not None
+        self._bodies = {om: (*fleet[om], self._own[om]) for om in (False, True)}
+        return True
 
     def _refresh_fleet_views(self) -> bool:
         """Re-render the fleet-wide sections that moved; True when any bytes changed."""
         state, organization = self._state, self._state.organization
         changed = False
+        # Equal bytes keep their old object: sections are compared by identity downstream.
         if state.counters_generation != self._counters_generation:
             fleet = _fleet_sections(organization, state)
-            changed |= fleet != self._fleet
-            self._fleet = fleet
+            if fleet != self._fleet:
+                changed = True
+                self._fleet = _keep_equal(self._fleet, fleet)
             self._counters_generation = state.counters_generation
         if self._rollouts.generation != self._rollouts_generation:
             rollouts = _rollout_lines(organization, self._rollouts.top())
-            changed |= rollouts != self._rollout_sections
-            self._rollout_sections = rollouts
+            if rollouts != self._rollout_sections:
+                changed = True
+                self._rollout_sections = _keep_equal(self._rollout_sections, rollouts)
             self._rollouts_generation = self._rollouts.generation
         device_states = _device_state_lines(organization, self._chunks.values())
-        changed |= device_states != self._device_states
-        self._device_states = device_states
+        if device_states != self._device_states:
+            changed = True
+            self._device_states = device_states
         return changed
 
     def rollouts(self) -> list[Rollout]:
         """The exported rollouts, by name (for the landing page)."""
         return self._rollouts.top()
+
+    def _set_order(self, order: list[str]) -> None:
+        self._order = order
+        self._position = {device: i for i, device in enumerate(order)}
+        self._dirty = None  # blocks hold other devices now
 
     def _refresh_devices(self) -> Generator[None, None, bool]:
         """Re-render the devices whose generations moved; True when any bytes changed."""
@@ -765,7 +877,7 @@ class Exposition:
         changed = False
         if len(watched) != len(self._order) or set(watched) != set(self._order):
             changed = True
-            self._order = sorted(watched)
+            self._set_order(sorted(watched))
             for gone in self._chunks.keys() - set(watched):
                 self._rollouts.replace(self._chunks.pop(gone).rollouts, ())
         organization = state.organization
@@ -784,72 +896,177 @@ class Exposition:
                 )
                 changed = changed or previous is None or fresh.lines() != previous.lines()
                 chunks[device] = fresh
+                if self._dirty is not None:
+                    self._dirty.add(device)
                 self._rollouts.replace(previous.rollouts if previous else (), fresh.rollouts)
                 rendered += 1
                 if rendered % RENDER_STEP_DEVICES == 0:
                     yield
         if rendered >= RENDER_STEP_DEVICES:  # paused: the watched set may have moved
-            self._order = [device for device in self._order if device in chunks]
+            order = [device for device in self._order if device in chunks]
+            if len(order) != len(self._order):
+                self._set_order(order)
         return changed
 
-    def _assemble(self, *, openmetrics: bool) -> bytes:
-        chunks = [self._chunks[device] for device in self._order]
+    def _join_blocks(self) -> Generator[None, None, bool]:
+        """Re-join the blocks of per-device lines that hold a re-rendered device (all of them
+        after the watched set or the guard level changed); True when any bytes changed."""
+        order, chunks = self._order, self._chunks
+        fields = _block_fields(self.guard_level)
+        count = -(-len(order) // BLOCK_DEVICES)
+        blocks = self._blocks
+        if tuple(blocks) != fields:
+            blocks = self._blocks = {field: [] for field in fields}
+        for joined in blocks.values():
+            del joined[count:]
+            joined.extend([(None, b"")] * (count - len(joined)))
+        todo: Iterable[int]
+        if self._dirty is None:  # every block is looked at; those whose lines stay are kept
+            todo = range(count)
+        else:
+            position = self._position
+            todo = sorted({position[d] // BLOCK_DEVICES for d in self._dirty if d in position})
+        self._dirty = set()
+        changed = False
+        for joined_blocks, index in enumerate(todo, 1):
+            block = [chunks[d] for d in order[index * BLOCK_DEVICES : (index + 1) * BLOCK_DEVICES]]
+            for field in fields:
+                lines = [getattr(chunk, field) for chunk in block]
+                if lines != blocks[field][index][0]:
+                    blocks[field][index] = (lines, b"".join(lines))
+                    changed = True
+            if joined_blocks % JOIN_STEP_BLOCKS == 0:
+                yield
+        return changed
+
+    def _fleet_layout(self, *, openmetrics: bool) -> Body:
+        """The fleet part's sections in order: per-device command data first, the fleet-wide
+        families, then the poll status that moves with every device read, so that a device
+        read changes sections near the end (the gzip CRC is recomputed from the first
+        changed section on)."""
+        blocks = self._blocks
+        level = self.guard_level
         transitions, latency, settings = self._fleet
         rollout_devices, rollout_actions = self._rollout_sections
-        level = self.guard_level
-        parts: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
-        if level == 0:
-            parts += [c.actions for c in chunks]
-        elif level < 3:
-            parts += [c.by_status for c in chunks]
-        elif level < 5:
-            parts += [c.by_class for c in chunks]
-        else:
-            parts.append(_fleet_class_lines(self._state.organization, chunks))
-        parts += [TRANSITIONS.header(openmetrics=openmetrics), transitions]
-        parts += [LATENCY.header(openmetrics=openmetrics), latency]
-        parts.append(OLDEST_PENDING.header(openmetrics=openmetrics))
-        parts += [c.oldest for c in chunks]
-        parts.append(DEVICE_INFO.header(openmetrics=openmetrics))
-        if level < 4:
-            parts += [c.info for c in chunks]
-        parts.append(COMMAND_INFO.header(openmetrics=openmetrics))
-        if level < 2:
-            parts += [c.command_info for c in chunks]
-        parts.append(TARGET_UP.header(openmetrics=openmetrics))
-        parts += [c.up for c in chunks]
-        parts.append(LAST_SUCCESS.header(openmetrics=openmetrics))
-        parts += [c.last_success for c in chunks]
-        parts += [ROLLOUT_DEVICES.header(openmetrics=openmetrics), rollout_devices]
-        parts += [ROLLOUT_ACTIONS.header(openmetrics=openmetrics), rollout_actions]
-        parts += [SETTING_RESULTS.header(openmetrics=openmetrics), settings]
-        parts.append(CHECK_IN.header(openmetrics=openmetrics))
-        parts += [c.check_in for c in chunks]
-        parts += [DEVICES.header(openmetrics=openmetrics), self._device_states]
-        parts.append(self._self_sections[openmetrics])
-        parts.append(SERIES_DROPPED.header(openmetrics=openmetrics))
-        parts.append(f"{SERIES_DROPPED.name} {self.series_dropped}\n".encode())
-        parts.append(GUARD_LEVEL.header(openmetrics=openmetrics))
-        parts.append(f"{GUARD_LEVEL.name} {level}\n".encode())
-        parts.append(self._extras[openmetrics])
-        if openmetrics:
-            parts.append(b"# EOF\n")
-        return b"".join(parts)
 
-    def body(self, *, openmetrics: bool) -> bytes:
+        def joined(field: str) -> list[bytes]:
+            return [lines for _, lines in blocks[field]]
+
+        out: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
+        actions = _ACTION_FIELDS[level]
+        if actions is None:
+            chunks = [self._chunks[device] for device in self._order]
+            out.append(_fleet_class_lines(self._state.organization, chunks))
+        else:
+            out += joined(actions)
+        out.append(OLDEST_PENDING.header(openmetrics=openmetrics))
+        out += joined("oldest")
+        out.append(DEVICE_INFO.header(openmetrics=openmetrics))
+        if level < 4:
+            out += joined("info")
+        out.append(COMMAND_INFO.header(openmetrics=openmetrics))
+        if level < 2:
+            out += joined("command_info")
+        out += [TRANSITIONS.header(openmetrics=openmetrics), transitions]
+        out += [LATENCY.header(openmetrics=openmetrics), latency]
+        out += [SETTING_RESULTS.header(openmetrics=openmetrics), settings]
+        out += [ROLLOUT_DEVICES.header(openmetrics=openmetrics), rollout_devices]
+        out += [ROLLOUT_ACTIONS.header(openmetrics=openmetrics), rollout_actions]
+        out.append(TARGET_UP.header(openmetrics=openmetrics))
+        out += joined("up")
+        out.append(LAST_SUCCESS.header(openmetrics=openmetrics))
+        out += joined("last_success")
+        out.append(CHECK_IN.header(openmetrics=openmetrics))
+        out += joined("check_in")
+        out += [DEVICES.header(openmetrics=openmetrics), self._device_states]
+        return tuple(section for section in out if section)
+
+    def _own_section(self, *, openmetrics: bool) -> bytes:
+        """The self part: self-metrics, the guard's gauges, process metrics (and ``# EOF``)."""
+        return b"".join(
+            (
+                self._self_sections[openmetrics],
+                SERIES_DROPPED.header(openmetrics=openmetrics),
+                f"{SERIES_DROPPED.name} {self.series_dropped}\n".encode(),
+                GUARD_LEVEL.header(openmetrics=openmetrics),
+                f"{GUARD_LEVEL.name} {self.guard_level}\n".encode(),
+                self._extras[openmetrics],
+                b"# EOF\n" if openmetrics else b"",
+            )
+        )
+
+    # --- serving --------------------------------------------------------------------------
+
+    def parts(self, *, openmetrics: bool) -> Body:
+        """The current body as its sections, in order (the self part last): what a scrape
+        writes, one after the other."""
         return self._bodies[openmetrics]
 
-    def gzip_body(self, *, openmetrics: bool) -> bytes:
-        """gzip of the current body, compressed once per change. Safe from any thread: it
-        compresses an immutable bytes object and swaps the cache entry in one assignment."""
-        plain = self._bodies[openmetrics]
+    def body(self, *, openmetrics: bool) -> bytes:
+        """The current body in one bytes object (joined on demand, once per change)."""
+        parts = self._bodies[openmetrics]
+        joined = self._joined.get(openmetrics)
+        if joined is None or joined[0] is not parts:
+            joined = (parts, b"".join(parts))
+            self._joined[openmetrics] = joined
+        return joined[1]
+
+    def gzip_parts(self, *, openmetrics: bool) -> Body:
+        """The current body as one gzip member, in parts to write one after the other.
+
+        Safe from any thread: the body is an immutable tuple; only sections not seen before
+        are deflated (the fleet part's once per fleet change, for both formats), and the
+        CRC-32 runs from the first section that changed. The result is swapped into the
+        cache in one assignment."""
+        parts = self._bodies[openmetrics]
         cached = self._gzipped.get(openmetrics)
-        if cached is not None and cached[0] is plain:
+        if cached is not None and cached[0] is parts:
             return cached[1]
-        with self._gzip_locks[openmetrics]:
+        with self._gzip_lock:
             cached = self._gzipped.get(openmetrics)
-            if cached is not None and cached[0] is plain:
+            if cached is not None and cached[0] is parts:
                 return cached[1]
-            compressed = gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0)
-            self._gzipped[openmetrics] = (plain, compressed)
+            known = self._pieces
+            pieces: dict[int, tuple[bytes, bytes]] = {}
+            out = [GZIP_HEADER]
+            for section in parts:
+                piece = known.get(id(section))
+                if piece is None or piece[0] is not section:
+                    piece = (section, deflate_piece(section))
+                pieces[id(section)] = piece
+                out.append(piece[1])
+            for section in self._bodies[not openmetrics]:  # the other format's, still current
+                piece = known.get(id(section))
+                if piece is not None and piece[0] is section:
+                    pieces.setdefault(id(section), piece)
+            self._pieces = pieces
+            out.append(gzip_trailer(self._crc(parts, openmetrics), sum(map(len, parts))))
+            compressed = tuple(out)
+            self._gzipped[openmetrics] = (parts, compressed)
             return compressed
+
+    def _crc(self, parts: Body, openmetrics: bool) -> int:
+        """CRC-32 of the body, continued from the last section it shares with the previous
+        body of its format (under _gzip_lock)."""
+        previous, crcs = self._crcs.get(openmetrics, ((), []))
+        same = 0
+        for old, new in zip(previous, parts, strict=False):
+            if old is not new:
+                break
+            same += 1
+        crcs = crcs[:same]
+        crc = crcs[-1] if crcs else 0
+        for section in parts[same:]:
+            crc = zlib.crc32(section, crc)
+            crcs.append(crc)
+        self._crcs[openmetrics] = (parts, crcs)
+        return crc
+
+    def gzip_body(self, *, openmetrics: bool) -> bytes:
+        """:meth:`gzip_parts` in one bytes object (joined once per change)."""
+        parts = self.gzip_parts(openmetrics=openmetrics)
+        joined = self._gzip_joined.get(openmetrics)
+        if joined is None or joined[0] is not parts:
+            joined = (parts, b"".join(parts))
+            self._gzip_joined[openmetrics] = joined
+        return joined[1]

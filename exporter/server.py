@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,21 +48,47 @@ def _accepts_gzip(request: web.Request) -> bool:
     return "gzip" in request.headers.get("Accept-Encoding", "").lower()
 
 
-async def metrics(request: web.Request) -> web.Response:
+WRITE_BYTES = 1 << 16  # small sections (headers, deflated pieces) go out together
+
+
+def _writes(parts: Sequence[bytes]) -> Iterator[bytes]:
+    """``parts`` in writes of at least WRITE_BYTES: small ones joined, large ones as they are."""
+    pending: list[bytes] = []
+    size = 0
+    for part in parts:
+        pending.append(part)
+        size += len(part)
+        if size >= WRITE_BYTES:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
     exposition = request.app[HOOKS].exposition
     openmetrics = wants_openmetrics(request.headers.get("Accept"))
     content_type = CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
     if _accepts_gzip(request):
         headers["Content-Encoding"] = "gzip"
-        # Compressing a large body takes tens of ms; zlib releases the GIL, so a thread keeps
-        # the loop free. Usually the refresh loop has already filled this cache.
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, partial(exposition.gzip_body, openmetrics=openmetrics)
+        # Compressing what changed may take tens of ms; zlib releases the GIL, so a thread
+        # keeps the loop free. Usually the refresh loop has already filled this cache.
+        parts = await asyncio.get_running_loop().run_in_executor(
+            None, partial(exposition.gzip_parts, openmetrics=openmetrics)
         )
     else:
-        body = exposition.body(openmetrics=openmetrics)
-    return web.Response(body=body, headers=headers)
+        parts = exposition.parts(openmetrics=openmetrics)
+    # The body's sections are written one after the other (small ones together): no copy
+    # of the whole body per scrape, nor per change.
+    response = web.StreamResponse(headers=headers)
+    response.content_length = sum(map(len, parts))
+    await response.prepare(request)
+    if request.method != "HEAD":
+        for chunk in _writes(parts):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def healthy(_: web.Request) -> web.Response:

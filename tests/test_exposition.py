@@ -1,24 +1,32 @@
 """Exposition: both formats parse, values equal the state, hostile labels stay contained,
-incremental refresh equals a full render, gzip round-trips, negotiation, promtool."""
+incremental refresh equals a full render, a self-metrics change leaves the fleet part alone,
+gzip round-trips as one member (Prometheus reads it whole), negotiation, promtool."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import random
 import shutil
 import subprocess
+import tracemalloc
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from promstack import PROMETHEUS_BIN, ScrapeTarget, eventually, require_binaries, running_prometheus
 
+from exporter import exposition as exposition_module
 from exporter.exposition import (
+    BLOCK_DEVICES,
     MAX_LABEL_VALUE,
     RENDER_STEP_DEVICES,
     TRUNCATED,
@@ -27,6 +35,8 @@ from exporter.exposition import (
 )
 from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
+from exporter.server import Hooks, make_app
+from exporter.server import metrics as serve_metrics
 from exporter.state import FleetState
 
 START = 1_760_000_000.0
@@ -394,7 +404,7 @@ def test_a_stepwise_refresh_pauses_and_changes_made_meanwhile_show_next_time(
         except StopIteration as done:
             assert done.value is True
             break
-    assert pauses == 3  # after 200 and 400 of the 599 devices still watched, between bodies
+    assert pauses == 2  # after 200 and 400 of the 599 devices still watched
     samples(exposition.body(openmetrics=True), openmetrics=True)  # whole and parseable
     assert exposition.refresh() is True  # what changed while paused is not lost
     full = make(state, metrics, registry=registry)
@@ -435,6 +445,331 @@ def test_gzip_from_threads_while_refreshing(
             bodies = {exposition.body(openmetrics=om) for om in (False, True)}
             for future in futures:
                 assert gzip.decompress(future.result()) in bodies
+
+
+# --- the self part apart from the fleet ------------------------------------------------------
+
+FLEET_SIZE = BLOCK_DEVICES * 2 + 17  # three blocks per per-device family
+
+
+def fleet_of(state: FleetState, count: int = FLEET_SIZE) -> list[str]:
+    """``count`` more watched devices, each with a named batch of four actions, polled."""
+    devices = [f"65f0c0ffee65f0c0ff{i:06d}" for i in range(count)]
+    for i, device in enumerate(devices):
+        state.watch(device, name=f"pc-{i:04d}", labels={"site": f"site-{i % 5}"})
+        state.apply_actions(
+            device,
+            Batch(id=BATCH_1, name="Baseline", created_at=START + 10),
+            [
+                Action(str(a), STATUSES[(i + a) % 4], sent_at=START + 20, received_at=START + 40)
+                for a in range(4)
+            ],
+        )
+        state.poll_succeeded(device)
+    return devices
+
+
+def single_member(packed: bytes) -> bytes:
+    """The body of a gzip stream that must be exactly one member (curl stops reading after
+    the first one)."""
+    decompressor = zlib.decompressobj(wbits=31)
+    plain = decompressor.decompress(packed) + decompressor.flush()
+    assert decompressor.eof and decompressor.unused_data == b""
+    return plain
+
+
+def changed_samples(before: Samples, after: Samples) -> set[str]:
+    """Names of the samples whose value moved, appeared or went."""
+    return {k[0] for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def test_a_self_metrics_change_neither_copies_nor_compresses_the_fleet(
+    state: FleetState, clock: Clock, metrics: SelfMetrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the public surface the exporter always had (refresh, body, gzip_body): before
+    # the fleet part was kept apart, every API request cost a copy of the whole body per
+    # format and a gzip of each.
+    fleet_of(state)
+    scenario(state, clock, metrics)
+    exposition = make(state, metrics)
+    for openmetrics in (False, True):
+        exposition.gzip_body(openmetrics=openmetrics)
+    size = len(exposition.body(openmetrics=False))
+    assert size > 300_000
+    rendered: list[str] = []
+    real_render = exposition_module._render_device
+    monkeypatch.setattr(
+        exposition_module,
+        "_render_device",
+        lambda organization, state, device, *a, **kw: rendered.append(device)
+        or real_render(organization, state, device, *a, **kw),
+    )
+    compressed: list[int] = []
+    real_compress, real_compressobj = zlib.compress, zlib.compressobj
+
+    def compress(data: bytes, *args: Any, **kwargs: Any) -> bytes:
+        compressed.append(len(data))
+        return real_compress(data, *args, **kwargs)
+
+    class CountingCompressobj:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._inner = real_compressobj(*args, **kwargs)
+
+        def compress(self, data: bytes) -> bytes:
+            compressed.append(len(data))
+            return self._inner.compress(data)
+
+        def flush(self, *args: Any) -> bytes:
+            return self._inner.flush(*args)
+
+    monkeypatch.setattr(zlib, "compress", compress)
+    monkeypatch.setattr(zlib, "compressobj", CountingCompressobj)
+    before = {om: samples(exposition.body(openmetrics=om), openmetrics=om) for om in (0, 1)}
+    metrics.observe_request("actions", "200", 0.3)
+    tracemalloc.start()
+    try:
+        assert exposition.refresh() is True
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rendered == []
+    assert allocated < size / 8, (allocated, size)  # the self parts: ~15 kB, ~33 kB allocated
+    for openmetrics in (False, True):
+        plain = exposition.body(openmetrics=openmetrics)
+        assert gzip.decompress(exposition.gzip_body(openmetrics=openmetrics)) == plain
+        after = samples(plain, openmetrics=openmetrics)
+        assert changed_samples(before[openmetrics], after) == {
+            "applivery_exporter_api_requests_total",
+            "applivery_exporter_api_request_duration_seconds_bucket",
+            "applivery_exporter_api_request_duration_seconds_sum",
+            "applivery_exporter_api_request_duration_seconds_count",
+        }
+        ok = key("applivery_exporter_api_requests_total", api_endpoint="actions", code="200")
+        assert after[ok] == before[openmetrics][ok] + 1
+    assert 0 < sum(compressed) < size / 20, (sum(compressed), size)
+
+
+def test_a_self_metrics_change_keeps_every_fleet_section_and_piece(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    fleet_of(state)
+    scenario(state, clock, metrics)
+    exposition = make(state, metrics)
+    parts = {om: exposition.parts(openmetrics=om) for om in (False, True)}
+    packed = {om: exposition.gzip_parts(openmetrics=om) for om in (False, True)}
+    metrics.parse_problem("schema")
+    metrics.touch()
+    assert exposition.refresh() is True
+    for openmetrics in (False, True):
+        fleet, own = parts[openmetrics][:-1], parts[openmetrics][-1]
+        now = exposition.parts(openmetrics=openmetrics)
+        assert len(now) == len(parts[openmetrics]) > 3 * 7  # blocks of 7 per-device families
+        assert all(new is old for new, old in zip(now[:-1], fleet, strict=True))
+        assert now[-1] is not own and b"parse_problems" in now[-1]
+        assert now[-1].endswith(b"# EOF\n") == bool(openmetrics)
+        # gzip: header, one piece per section, the trailer; only the last two are new.
+        pieces = exposition.gzip_parts(openmetrics=openmetrics)
+        assert len(pieces) == len(now) + 2
+        old_pieces = packed[openmetrics]
+        assert all(new is old for new, old in zip(pieces[:-2], old_pieces[:-2], strict=True))
+        assert single_member(b"".join(pieces)) == exposition.body(openmetrics=openmetrics)
+        samples(exposition.body(openmetrics=openmetrics), openmetrics=openmetrics)
+    # The text and OpenMetrics bodies share every section of samples: one deflate each.
+    shared = set(map(id, exposition.parts(openmetrics=False))) & set(
+        map(id, exposition.parts(openmetrics=True))
+    )
+    assert len(shared) >= 3 * 7
+
+
+def test_a_device_read_changes_only_its_blocks(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    devices = fleet_of(state)
+    exposition = make(state, metrics)
+    before = exposition.parts(openmetrics=False)
+    clock.now += 60
+    state.poll_succeeded(devices[-1])  # in the last block: its last_success line moves
+    metrics.observe_request("commands", "200", 0.1)
+    assert exposition.refresh() is True
+    after = exposition.parts(openmetrics=False)
+    assert len(after) == len(before)
+    moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a is not b]
+    assert len(moved) == 2  # that block of last-success lines, and the self part
+    assert moved[-1] == len(after) - 1
+    line = f'{{organization="acme",device="{devices[-1]}"}} {clock.now!r}\n'.encode()
+    assert after[moved[0]].startswith(b"applivery_exporter_last_success_timestamp_seconds")
+    assert line not in before[moved[0]] and line in after[moved[0]]
+    assert single_member(exposition.gzip_body(openmetrics=False)) == exposition.body(
+        openmetrics=False
+    )
+
+
+def test_gzip_parts_are_one_member_equal_to_the_body_through_every_change(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    devices = fleet_of(state, BLOCK_DEVICES + 5)
+    rng = random.Random(11)
+    exposition = make(state, metrics)
+    for step in range(150):
+        random_step(rng, state, clock, metrics)
+        if step % 3 == 0:
+            state.poll_succeeded(rng.choice(devices))
+        if step % 7 == 0:
+            state.apply_actions(
+                rng.choice(devices), Batch(id=BATCH_2), [Action("9", rng.choice(STATUSES))]
+            )
+        if step % 11 == 0:
+            state.unwatch(rng.choice(devices))  # blocks shift
+        exposition.refresh()
+        for openmetrics in (False, True):
+            plain = exposition.body(openmetrics=openmetrics)
+            assert single_member(exposition.gzip_body(openmetrics=openmetrics)) == plain
+    full = make(state, metrics)
+    for openmetrics in (False, True):
+        assert exposition.body(openmetrics=openmetrics) == full.body(openmetrics=openmetrics)
+        samples(full.body(openmetrics=openmetrics), openmetrics=openmetrics)
+
+
+ACCEPTS = {False: "text/plain", True: "application/openmetrics-text; version=1.0.0"}
+
+
+async def test_scrapes_during_a_round_return_bodies_that_were_published_whole(
+    state: FleetState, clock: Clock, metrics: SelfMetrics, aiohttp_client: Any
+) -> None:
+    devices = fleet_of(state)
+    exposition = make(state, metrics)
+    published: dict[bool, set[bytes]] = {
+        om: {exposition.body(openmetrics=om)} for om in (False, True)
+    }
+    hooks = Hooks(
+        exposition=exposition,
+        state=state,
+        ready=lambda: True,
+        reload=lambda: None,  # type: ignore[arg-type,return-value]
+        version="test",
+        organization=lambda: "acme",
+    )
+    client = await aiohttp_client(make_app(hooks), auto_decompress=False)
+    rng = random.Random(5)
+    done = asyncio.Event()
+
+    async def round_() -> None:
+        """Requests and device reads as a round makes them, rendered as the render loop
+        does: in steps, the event loop serving scrapes in between."""
+        for step in range(60):
+            for _ in range(3):
+                metrics.observe_request("actions", rng.choice(["200", "429"]), rng.random())
+            if step % 2:
+                clock.now += 1
+                state.poll_succeeded(rng.choice(devices))
+            if step % 5 == 0:
+                state.apply_actions(
+                    rng.choice(devices), Batch(id=BATCH_2), [Action("1", rng.choice(STATUSES))]
+                )
+            for _ in exposition.refresh_steps():
+                await asyncio.sleep(0)
+            for om in (False, True):
+                published[om].add(exposition.body(openmetrics=om))
+            await asyncio.sleep(0.005)
+        done.set()
+
+    scraped: list[tuple[bool, bytes]] = []
+
+    async def scraper(openmetrics: bool, compressed: bool) -> None:
+        headers = {
+            "Accept": ACCEPTS[openmetrics],
+            "Accept-Encoding": "gzip" if compressed else "identity",
+        }
+        while not done.is_set():
+            response = await client.get("/metrics", headers=headers)
+            assert response.status == 200
+            raw = await response.read()
+            assert int(response.headers["Content-Length"]) == len(raw)
+            assert (response.headers.get("Content-Encoding") == "gzip") == compressed
+            scraped.append((openmetrics, single_member(raw) if compressed else raw))
+
+    await asyncio.gather(
+        round_(), *(scraper(om, gz) for om in (False, True) for gz in (False, True))
+    )
+    assert len(scraped) >= 8
+    for openmetrics, body in scraped:
+        assert body in published[openmetrics]
+    for openmetrics in (False, True):
+        body = scraped[[om for om, _ in scraped].index(openmetrics)][1]
+        samples(body, openmetrics=openmetrics)
+    response = await client.head("/metrics", headers={"Accept-Encoding": "identity"})
+    assert response.status == 200 and await response.read() == b""
+    assert int(response.headers["Content-Length"]) == len(exposition.body(openmetrics=False))
+
+
+@pytest.mark.integration
+async def test_prometheus_reads_the_whole_gzip_stream_in_both_formats(
+    state: FleetState, clock: Clock, metrics: SelfMetrics, aiohttp_server: Any
+) -> None:
+    require_binaries(PROMETHEUS_BIN)
+    fleet_of(state)
+    scenario(state, clock, metrics)
+    exposition = make(state, metrics)
+    hooks = Hooks(
+        exposition=exposition,
+        state=state,
+        ready=lambda: True,
+        reload=lambda: None,  # type: ignore[arg-type,return-value]
+        version="test",
+        organization=lambda: "acme",
+    )
+    app = make_app(hooks)
+    encodings: list[tuple[str, str]] = []
+
+    async def text(request: web.Request) -> web.StreamResponse:
+        # Prometheus asks for OpenMetrics first; this path serves the text format.
+        return await handle(request.clone(headers={**request.headers, "Accept": "text/plain"}))
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        encodings.append((request.path, request.headers.get("Accept-Encoding", "")))
+        return await serve_metrics(request)
+
+    app.router.add_get("/text", text)
+    app.router.add_get("/om", handle)
+    server = await aiohttp_server(app)
+    address = f"127.0.0.1:{server.port}"
+    lines = {
+        om: sum(
+            1 for line in exposition.body(openmetrics=om).splitlines()
+            if line and not line.startswith(b"#")
+        )
+        for om in (False, True)
+    }
+    async with running_prometheus(
+        [ScrapeTarget(address, job="om", metrics_path="/om"),
+         ScrapeTarget(address, job="text", metrics_path="/text")]
+    ) as prometheus:
+
+        async def scraped_all(job: str, openmetrics: bool) -> bool:
+            found = await prometheus.query(f'scrape_samples_scraped{{job="{job}"}}')
+            return bool(found) and float(found[0]["value"][1]) == lines[openmetrics]
+
+        await eventually(lambda: scraped_all("om", True), what="whole OpenMetrics body")
+        await eventually(lambda: scraped_all("text", False), what="whole text body")
+        # A self-metrics change: a new last piece after the fleet's, compressed earlier.
+        for _ in range(5):
+            metrics.observe_request("devices", "200", 0.05)
+        assert exposition.refresh()
+
+        async def latest(job: str) -> bool:
+            found = await prometheus.query(
+                f'applivery_exporter_api_requests_total{{job="{job}",api_endpoint="devices"}}'
+            )
+            return bool(found) and found[0]["value"][1] == "5"
+
+        await eventually(lambda: latest("om"), what="self part after a change (OpenMetrics)")
+        await eventually(lambda: latest("text"), what="self part after a change (text)")
+        # The first section's family, from the first piece on: every series arrived.
+        actions = await prometheus.query('count(applivery_windows_command_actions{job="om"})')
+        body = exposition.body(openmetrics=True)
+        assert int(actions[0]["value"][1]) == body.count(b"\napplivery_windows_command_actions{")
+    assert {path for path, _ in encodings} == {"/om", "/text"}
+    assert all("gzip" in accepted for _, accepted in encodings)
 
 
 # --- negotiation ---------------------------------------------------------------------------
