@@ -286,6 +286,7 @@ async def serve(
         reload=reload_now,
         version=__version__,
         organization=lambda: exporter.config.organization,
+        metrics=exporter.metrics,
     )
     runner = web.AppRunner(make_app(hooks, security, lifecycle=lifecycle), access_log=None)
     await runner.setup()

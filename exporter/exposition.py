@@ -35,7 +35,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter.histogram import Histogram
 from exporter.rollouts import STATES, Part, Rollout, RolloutTotals, device_parts
-from exporter.selfmetrics import SelfMetrics
+from exporter.selfmetrics import CHECKIN_SOURCES, SelfMetrics
 from exporter.state import CLASSES, DEVICE_STATES, DeviceGenerations, DeviceView, FleetState
 
 log = structlog.get_logger("exporter.exposition")
@@ -264,6 +264,18 @@ RELOAD_OK = Family(
     "1 when the last configuration reload succeeded.",
 )
 BUILD_INFO = Family("applivery_exporter_build_info", "gauge", "Exporter version.")
+CHECKIN_SOURCE = Family(
+    "applivery_exporter_checkin_source",
+    "gauge",
+    "1 for where the budget strategy learns check-ins: the device list sorted by check-in, "
+    "or the whole list where upstream does not honour that sort.",
+)
+QUERY_VERDICT = Family(
+    "applivery_exporter_api_query_verdict",
+    "gauge",
+    "What upstream does with a query parameter the exporter relies on (sort, tags): "
+    "honoured, ignored, rejected or unchecked.",
+)
 SERIES_DROPPED = Family(
     "applivery_exporter_series_dropped",
     "gauge",
@@ -563,6 +575,22 @@ def _self_section(metrics: SelfMetrics, version: str, *, openmetrics: bool) -> b
         ),
     )
     family(RELOAD_OK, [f"{RELOAD_OK.name} {1 if metrics.config_reload_successful else 0}\n"])
+    family(
+        CHECKIN_SOURCE,
+        (
+            f'{CHECKIN_SOURCE.name}{{source="{source}"}} {int(source == metrics.checkin_source)}\n'
+            for source in CHECKIN_SOURCES
+        ),
+    )
+    family(
+        QUERY_VERDICT,
+        (
+            f'{QUERY_VERDICT.name}{{api_endpoint="{escape_label_value(endpoint)}",'
+            f'parameter="{escape_label_value(parameter)}",'
+            f'verdict="{escape_label_value(verdict)}"}} 1\n'
+            for (endpoint, parameter), verdict in sorted(metrics.query_verdicts.items())
+        ),
+    )
     family(BUILD_INFO, [f'{BUILD_INFO.name}{{version="{escape_label_value(version)}"}} 1\n'])
     return b"".join(out)
 

@@ -22,6 +22,7 @@ from exporter.exposition import (
     wants_openmetrics,
 )
 from exporter.rollouts import STATES, Rollout
+from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 from exporter.webconfig import WebSecurity, install
 
@@ -38,6 +39,7 @@ class Hooks:
     reload: ReloadFn
     version: str
     organization: Callable[[], str]
+    metrics: SelfMetrics | None = None  # for the landing page's upstream notes
 
 
 HOOKS = web.AppKey("hooks", Hooks)
@@ -141,6 +143,24 @@ def _device_rows(state: FleetState) -> str:
     return "\n".join(rows)
 
 
+def _upstream_notes(metrics: SelfMetrics | None) -> str:
+    """Where check-ins come from and what upstream does with the query parameters the
+    exporter relies on (docs/upstream-api.md: neither is documented)."""
+    if metrics is None:
+        return ""
+    verdicts = ", ".join(
+        f"{endpoint} {parameter}: {verdict}"
+        for (endpoint, parameter), verdict in sorted(metrics.query_verdicts.items())
+    )
+    source = (
+        "the device list sorted by check-in"
+        if metrics.checkin_source == "sorted_list"
+        else "the whole device list (upstream does not honour the sort)"
+    )
+    return (f"<p>Check-ins from {html.escape(source)}. Query parameters: "
+            f"{html.escape(verdicts or 'none checked yet')}.</p>")
+
+
 def _rollout_rows(rollouts: Sequence[Rollout]) -> str:
     # Most failed devices first: the rollouts that need a look.
     ordered = sorted(rollouts, key=lambda r: (-r.devices[0], -sum(r.devices), r.name))
@@ -167,6 +187,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
 <ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
 <li><a href="/-/ready">Readiness</a></li></ul>
 <p>{html.escape(hooks.exposition.guard_summary)}</p>
+{_upstream_notes(hooks.metrics)}
 <div class="views"><section id="devices"><h2>Watched devices</h2>
 <table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
 <th>last check-in</th><th>state</th></tr></thead><tbody>

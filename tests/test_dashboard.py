@@ -55,6 +55,9 @@ EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_windows_setting_results": "counter",
     "applivery_windows_device_last_check_in_timestamp_seconds": "gauge",
     "applivery_windows_devices": "gauge",
+    # What upstream does with the query parameters relied on.
+    "applivery_exporter_checkin_source": "gauge",
+    "applivery_exporter_api_query_verdict": "gauge",
 }
 PROMETHEUS_METRICS = frozenset({"up"})
 

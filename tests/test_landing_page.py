@@ -95,6 +95,9 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     finally:
         stop.set()
         await server
+    # Where check-ins come from and what upstream did with the parameters relied on.
+    assert "Check-ins from the device list sorted by check-in." in dom
+    assert "commands sort: honoured" in dom
     tables = _Tables()
     tables.feed(dom)
     devices, rollouts = tables.tables
