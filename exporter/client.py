@@ -480,7 +480,7 @@ class ApiClient:
         self._rng = random.Random(seed)
         self.budget = TokenBucket(requests_per_hour, monotonic=monotonic, sleep=sleep)
         self._memo = _Memo(memo_records)
-        self._verdicts = Verdicts(monotonic)
+        self._verdicts = Verdicts(monotonic, published=self._publish_verdict)
         self._tags_checked: dict[frozenset[str], float] = {}  # tag set -> last unfiltered check
         self._headers: dict[str, str] = {}
         self._headers_token = ""
@@ -504,6 +504,11 @@ class ApiClient:
         self._session = None
 
     # --- endpoints ----------------------------------------------------------------------------
+
+    def _publish_verdict(self, query: tuple[str, str], verdict: str) -> None:
+        """Each verdict, as it changes, where the exposition reads it."""
+        self._metrics.query_verdicts[query] = verdict
+        self._metrics.touch()
 
     @property
     def query_verdicts(self) -> dict[tuple[str, str], str]:
@@ -579,6 +584,12 @@ class ApiClient:
                 self._verdicts.note(DEVICE_TAGS, REJECTED, tags=list(wanted),
                                     reason="matched nothing", tagged=len(tagged))
         return tagged
+
+    def worth_sorting_devices(self) -> bool:
+        """Whether a sorted device list is worth asking for now: not while upstream is known
+        to ignore that sort, but once per re-probe interval all the same (a refused sort
+        is held back by ``list_devices`` itself)."""
+        return self._verdicts.ask(DEVICE_SORT, avoid=(IGNORED,))
 
     async def list_batches(
         self, device: str, *, max_items: int, since: float | None = None
@@ -700,9 +711,7 @@ class ApiClient:
         sort: str | None,
         stop: Callable[[Device], bool] | None,
     ) -> Read[Device]:
-        params = [("tags", tag) for tag in tags]
-        if segment is not None:
-            params.append(("segmentId", str(segment)))
+        params = _device_params(tags, segment)
         when = None
         if sort is not None:
             params.append(("sort", sort))
@@ -714,9 +723,7 @@ class ApiClient:
     async def _devices_answer(self, tags: Sequence[str], segment: int | None) -> bool:
         """Whether the device list answers without ``sort`` (one small page): after a 400 on
         a sorted read, True puts it on the sort."""
-        params = [("tags", tag) for tag in tags]
-        if segment is not None:
-            params.append(("segmentId", str(segment)))
+        params = _device_params(tags, segment)
         try:
             await self._pager("devices", "/devices", _decode_devices, params)(1, 1)
         except UpstreamError as exc:
@@ -948,6 +955,14 @@ def _upstream_code(body: bytes) -> int | None:
 
 def _reason(status: int, upstream_code: int | None) -> str:
     return f"HTTP {status}" + (f" (code {upstream_code})" if upstream_code is not None else "")
+
+
+def _device_params(tags: Sequence[str], segment: int | None) -> list[tuple[str, str]]:
+    """The device list's filters as query parameters (tags as repeated parameters)."""
+    params = [("tags", tag) for tag in tags]
+    if segment is not None:
+        params.append(("segmentId", str(segment)))
+    return params
 
 
 def _segment(value: str) -> str:

@@ -36,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 from exporter.histogram import Histogram
 from exporter.rollouts import STATES, Part, Rollout, RolloutTotals, device_parts
 from exporter.selfmetrics import CHECKIN_SOURCES, SelfMetrics
-from exporter.state import CLASSES, DEVICE_STATES, DeviceGenerations, DeviceView, FleetState
+from exporter.state import CLASSES, DeviceGenerations, DeviceView, FleetState
 
 log = structlog.get_logger("exporter.exposition")
 
@@ -321,7 +321,6 @@ class _Chunks:
     up: bytes
     last_success: bytes
     check_in: bytes
-    state: str
     # From the batches.
     actions: bytes
     oldest: bytes
@@ -334,8 +333,8 @@ class _Chunks:
 
     def lines(self) -> tuple[bytes | str, ...]:
         return (
-            self.info, self.up, self.last_success, self.check_in, self.state, self.actions,
-            self.oldest, self.command_info, self.by_status, self.by_class,
+            self.info, self.up, self.last_success, self.check_in, self.actions, self.oldest,
+            self.command_info, self.by_status, self.by_class,
         )
 
     def series(self) -> tuple[int, int, int, int, int, int]:
@@ -461,12 +460,12 @@ def _render_device(
     if previous is not None and not commands_moved:
         return replace(
             previous, generations=generations, info=info, up=up, last_success=last_success,
-            check_in=check_in, state=view.state,
+            check_in=check_in,
         )
     actions, oldest, command_info = _command_lines(organization, view)
     chunks = _Chunks(
-        generations, info, up, last_success, check_in, view.state, actions, oldest,
-        command_info, device_parts(view.batches),
+        generations, info, up, last_success, check_in, actions, oldest, command_info,
+        device_parts(view.batches),
     )
     if not coarse:
         return chunks
@@ -525,10 +524,8 @@ def _rollout_lines(organization: str, rollouts: Sequence[Rollout]) -> tuple[byte
     return "".join(devices).encode(errors="replace"), "".join(actions).encode(errors="replace")
 
 
-def _device_state_lines(organization: str, chunks: Iterable[_Chunks]) -> bytes:
+def _device_state_lines(organization: str, states: Mapping[str, int]) -> bytes:
     org = f'organization="{escape_label_value(organization)}"'
-    states = Counter(dict.fromkeys(DEVICE_STATES, 0))
-    states.update(chunk.state for chunk in chunks)
     return "".join(
         f'{DEVICES.name}{{{org},state="{escape_label_value(state)}"}} {count}\n'
         for state, count in sorted(states.items())
@@ -883,7 +880,7 @@ class Exposition:
                 changed = True
                 self._rollout_sections = _keep_equal(self._rollout_sections, rollouts)
             self._rollouts_generation = self._rollouts.generation
-        device_states = _device_state_lines(organization, self._chunks.values())
+        device_states = _device_state_lines(organization, state.device_states())
         if device_states != self._device_states:
             changed = True
             self._device_states = device_states

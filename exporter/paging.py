@@ -268,13 +268,18 @@ class Verdicts:
     that mends is noticed.
     """
 
-    __slots__ = ("_entries", "_monotonic", "_reprobe")
+    __slots__ = ("_entries", "_monotonic", "_published", "_reprobe")
 
     def __init__(
-        self, monotonic: Callable[[], float], reprobe_seconds: float = REPROBE_SECONDS
+        self,
+        monotonic: Callable[[], float],
+        reprobe_seconds: float = REPROBE_SECONDS,
+        published: Callable[[Query, str], None] | None = None,
     ) -> None:
+        """``published`` hears each verdict as it is first given or changes."""
         self._monotonic = monotonic
         self._reprobe = reprobe_seconds
+        self._published = published
         # verdict, when last evidenced, when last probed
         self._entries: dict[Query, tuple[str, float, float]] = {}
 
@@ -286,7 +291,10 @@ class Verdicts:
         """Whether to send the parameter now: not while its verdict is one of ``avoid``,
         but once per re-probe interval all the same (this caller probes, others wait)."""
         now = self._monotonic()
-        verdict, evidenced, probed = self._entries.setdefault(query, (UNCHECKED, now, now))
+        if query not in self._entries:
+            self._entries[query] = (UNCHECKED, now, now)
+            self._publish(query, UNCHECKED)
+        verdict, evidenced, probed = self._entries[query]
         if verdict not in avoid:
             return True
         if now - max(evidenced, probed) < self._reprobe:
@@ -301,13 +309,20 @@ class Verdicts:
         if (verdict == HONOURED and previous in (IGNORED, REJECTED)
                 and now - evidenced < self._reprobe):
             return  # looks right, but the contrary was seen too recently
+        fresh = query not in self._entries
         self._entries[query] = (verdict, now, probed)
+        if fresh or verdict != previous:
+            self._publish(query, verdict)
         if verdict == previous:
             return
         endpoint, parameter = query
         level = log.warning if verdict in (IGNORED, REJECTED) else log.info
         level("api_query_verdict", endpoint=endpoint, parameter=parameter, verdict=verdict,
               previous=previous, **detail)
+
+    def _publish(self, query: Query, verdict: str) -> None:
+        if self._published is not None:
+            self._published(query, verdict)
 
     def snapshot(self) -> dict[Query, str]:
         return {query: entry[0] for query, entry in self._entries.items()}

@@ -55,10 +55,9 @@ BUDGET, ROUND_ROBIN = "budget", "round_robin"
 SIGNAL_OVERLAP_SECONDS = 120.0
 CHECKIN_SORT = "lastStatusReportTime:desc"
 # Where upstream does not honour that sort, the whole device list brings the check-ins, read
-# as often as this share of the budget allows (every round on a small fleet); the sorted
-# look is tried again once per SORT_PROBE_SECONDS.
+# as often as this share of the budget allows (every round on a small fleet); the client
+# lets the sorted look try again hourly.
 FULL_LIST_SHARE = 0.2
-SORT_PROBE_SECONDS = 3600.0
 # A configured batch that answered 404 is asked again after this many poll intervals.
 DROPPED_RETRY_ROUNDS = 10
 
@@ -156,8 +155,6 @@ class Scheduler:
         self._credit = 0.0
         self._credit_at: float | None = None
         self._credit_floor = 2.0
-        self._sorted_since_full = False  # a look sorted by check-in since the last full list
-        self._sorted_tried_at: float | None = None  # budget clock of the last sorted look
         self._full_look_at: float | None = None  # budget clock of the last full look
         self._pushes = PushCheck()
         self._wake = asyncio.Event()
@@ -264,17 +261,15 @@ class Scheduler:
         now = self._clock()
         if self._discovered_at is not None and now - self._discovered_at < spec.refresh_seconds:
             return False
-        try:
-            devices = await self._client.list_devices(tags=spec.tags, segment=spec.segment)
-        except ApiError as exc:
-            log.error("discovery_failed", endpoint="devices", reason=str(exc))
+        devices = await self._device_list(
+            "discovery_failed", tags=spec.tags, segment=spec.segment, level=log.error
+        )
+        if devices is None:
             return False
-        devices = self._until_now(devices)
         self._discovered = {d.id: Target.discovered(d) for d in devices}
         self._discovered_at = now
         self._apply_targets()
-        self._note_checkins(devices, full=True)
-        shown = self._shown_by_discovery = self._note_listed(devices)
+        shown = self._shown_by_discovery = self._note_devices(devices)
         if not (spec.tags or spec.segment is not None):
             # The whole list: a watched device it lacks is not listed at all.
             self._note_unlisted(shown)
@@ -292,13 +287,12 @@ class Scheduler:
         now = self._clock()
         if not unlisted or (self._listed_at is not None and now - self._listed_at < refresh):
             return
-        try:
-            devices = await self._client.list_devices()
-        except ApiError as exc:
-            log.warning("device_list_failed", endpoint="devices", reason=str(exc))
+        devices = await self._device_list("device_list_failed")
+        if devices is None:
             return
         self._listed_at = now
-        shown = self._note_listed(self._until_now(devices), only=unlisted)
+        # Their check-ins, a refresh old, are not fresh enough for the plan.
+        shown = self._note_devices(devices, only=unlisted, plan=False)
         self._note_unlisted(shown, only=unlisted)
 
     def _configured_only(self) -> set[str]:
@@ -309,26 +303,29 @@ class Scheduler:
     async def _read_checkins(self) -> None:
         """Devices that checked in since the last look: one page of the list sorted by
         check-in while upstream honours that sort, else the whole list at the pace
-        ``FULL_LIST_SHARE`` of the budget allows (the sorted look tried again hourly)."""
+        ``FULL_LIST_SHARE`` of the budget allows (the client has the sorted look tried again
+        hourly)."""
         spec = self.config.discovery.devices
         if spec is None or self._signal_mark is None:
             return
-        now = self._client.budget.now()
-        sorted_look = self._metrics.checkin_source == "sorted_list" or (
-            self._sorted_tried_at is None or now - self._sorted_tried_at >= SORT_PROBE_SECONDS
-        )
+        sorted_look = self._client.worth_sorting_devices()
         if sorted_look and await self._sorted_look(spec.tags, spec.segment):
             return
+        if not sorted_look:
+            self._checkins_from("full_list")
+        now = self._client.budget.now()
         if self._full_look_at is None or now - self._full_look_at >= self._full_look_every():
             self._full_look_at = now
-            await self._full_look(spec.tags, spec.segment)
+            devices = await self._device_list("checkins_unavailable", tags=spec.tags,
+                                              segment=spec.segment)
+            if devices is not None:
+                self._note_devices(devices)
 
     async def _sorted_look(self, tags: Sequence[str], segment: int | None) -> bool:
         """The devices that checked in since the mark, newest first; False when upstream
         does not honour the sort (the whole list must tell instead)."""
         assert self._signal_mark is not None
         horizon = self._signal_mark - SIGNAL_OVERLAP_SECONDS
-        self._sorted_tried_at = self._client.budget.now()
 
         def older(device: Device) -> bool:
             return device.last_status_report is None or device.last_status_report < horizon
@@ -346,21 +343,26 @@ class Scheduler:
         # Out of order, the list was cut at an arbitrary place: what it showed is true, but
         # not all there is.
         honoured = devices.sort_verdict != "ignored"
-        shown = self._until_now(devices)
-        self._note_checkins(shown, full=False)
-        self._note_listed(shown)
+        self._note_devices(self._until_now(devices))
         self._checkins_from("sorted_list" if honoured else "full_list")
         return honoured
 
-    async def _full_look(self, tags: Sequence[str], segment: int | None) -> None:
+    async def _device_list(
+        self,
+        failure: str,
+        *,
+        tags: Sequence[str] = (),
+        segment: int | None = None,
+        level: Callable[..., object] = log.warning,
+    ) -> list[Device] | None:
+        """The whole device list (filtered), its timestamps from the future dropped; None
+        (and ``failure`` logged) when it could not be read."""
         try:
             devices = await self._client.list_devices(tags=tags, segment=segment)
         except ApiError as exc:
-            log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
-            return
-        devices = self._until_now(devices)
-        self._note_checkins(devices, full=True)
-        self._note_listed(devices)
+            level(failure, endpoint="devices", reason=str(exc))
+            return None
+        return self._until_now(devices)
 
     def _full_look_every(self) -> float:
         """Seconds between two full looks: ⌈N / page_size⌉ requests each, within
@@ -383,43 +385,28 @@ class Scheduler:
         limit = self._state.future_limit()
         return [until(device, limit) for device in devices]
 
-    def _note_checkins(self, devices: Sequence[Device], *, full: bool) -> None:
-        missed = 0
-        mark = self._signal_mark if full and self._sorted_since_full else None
-        self._sorted_since_full = not full
-        for device in devices:
-            key = self._key_of(device)
-            tracking = self._tracking.get(key) if key is not None else None
-            if key is not None and tracking is not None:
-                self._state.device_problems(key, device.problems)
-            moment = device.last_status_report
-            if moment is None:
-                continue
-            if self._signal_mark is None or moment > self._signal_mark:
-                self._signal_mark = moment
-            if tracking is None:
-                continue
-            if tracking.checkin is None or moment > tracking.checkin:
-                if tracking.checkin is not None and mark is not None and moment <= mark:
-                    missed += 1  # a look sorted by check-in should have shown it already
-                tracking.checkin = moment
-        if missed:
-            # Upstream may ignore the sort: then the full list, read on its own cadence,
-            # still brings every check-in, only later. Worth knowing when freshness lags.
-            log.warning("checkins_missed_by_sorted_list", devices=missed)
-
-    def _note_listed(self, devices: Sequence[Device], only: set[str] | None = None) -> set[str]:
-        """Give the state each watched device's state and check-in as listed; returns the
-        watched devices shown (of ``only``, when given)."""
+    def _note_devices(
+        self, devices: Sequence[Device], *, only: set[str] | None = None, plan: bool = True
+    ) -> set[str]:
+        """What a device list shows of the watched devices (of ``only``, when given): their
+        state, check-in and document problems to the state, with ``plan`` their check-ins to
+        the plan too. Returns the watched devices it showed."""
         shown: set[str] = set()
         for device in devices:
+            moment = device.last_status_report
+            if plan and moment is not None and (
+                self._signal_mark is None or moment > self._signal_mark
+            ):
+                self._signal_mark = moment
             key = self._key_of(device)
             if key is None or (only is not None and key not in only):
                 continue
             shown.add(key)
-            self._state.device_listed(
-                key, state=device.state or "UNKNOWN", check_in=device.last_status_report
-            )
+            self._state.device_problems(key, device.problems)
+            self._state.device_listed(key, state=device.state or "UNKNOWN", check_in=moment)
+            tracking = self._tracking.get(key)
+            if plan and tracking is not None and moment is not None:
+                tracking.checkin = max(moment, tracking.checkin or moment)
         return shown
 
     def _note_unlisted(self, shown: set[str], only: set[str] | None = None) -> None:
@@ -477,7 +464,6 @@ class Scheduler:
         self.rounds += 1
         self._metrics.poll_round_seconds = time.monotonic() - started
         self._metrics.requests_planned = result.planned
-        self._metrics.query_verdicts = self._client.query_verdicts
         self._metrics.touch()
         log.info(
             "poll_round",

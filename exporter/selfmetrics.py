@@ -40,7 +40,7 @@ class SelfMetrics:
     config_reload_successful: bool = True
     checkin_source: str = CHECKIN_SOURCES[0]
     # (api_endpoint, parameter) -> what upstream does with a query parameter the exporter
-    # relies on: honoured, ignored, rejected or unchecked (ApiClient.query_verdicts).
+    # relies on: honoured, ignored, rejected or unchecked (kept by the client as they change).
     query_verdicts: dict[tuple[str, str], str] = field(default_factory=dict)
     generation: int = 0
 

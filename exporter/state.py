@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -221,6 +222,8 @@ class FleetState:
         # Moves when the fleet-wide counters (transitions, latency) change.
         self.counters_generation = 0
         self._devices: dict[str, _Device] = {}
+        # Watched devices per upstream state, kept as devices are watched and listed.
+        self._device_states: Counter[str] = Counter(dict.fromkeys(DEVICE_STATES, 0))
         # device -> batch -> entry; survives unwatch, drop_batch and retain_batches.
         self._ledger: dict[str, dict[str, _Entry]] = {}
         # device -> (newest createdAt among its pruned entries, a day past their last
@@ -309,6 +312,7 @@ class FleetState:
                 status_gen=generation,
                 commands_gen=generation,
             )
+            self._device_states[NOT_LISTED] += 1
         elif (known.name, dict(known.labels), dict(known.info)) != (name, dict(labels), dict(info)):
             known.name, known.labels, known.info = name, labels, info
             known.info_gen = self._bump()
@@ -328,16 +332,25 @@ class FleetState:
         listed = NOT_LISTED if state is None else state
         newest = dev.check_in if check_in is None else max(check_in, dev.check_in or check_in)
         if (listed, newest) != (dev.state, dev.check_in):
+            self._device_states[dev.state] -= 1
+            self._device_states[listed] += 1
             dev.state, dev.check_in = listed, newest
             dev.status_gen = self._bump()
 
     def unwatch(self, device: str) -> None:
         """Stop exporting the device; its ledger stays until pruned by age."""
-        if self._devices.pop(device, None) is not None:
+        dev = self._devices.pop(device, None)
+        if dev is not None:
+            self._device_states[dev.state] -= 1
             self._bump()
 
     def watched(self) -> list[str]:
         return list(self._devices)
+
+    def device_states(self) -> dict[str, int]:
+        """Watched devices per upstream state: the documented ones (zeros too), then any
+        other state sent, and ``NOT_LISTED``."""
+        return {s: n for s, n in self._device_states.items() if n or s in DEVICE_STATES}
 
     # --- applying a poll -------------------------------------------------------------------
 

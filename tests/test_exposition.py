@@ -633,6 +633,18 @@ def test_gzip_parts_are_one_member_equal_to_the_body_through_every_change(
 ACCEPTS = {False: "text/plain", True: "application/openmetrics-text; version=1.0.0"}
 
 
+def serving(exposition: Exposition, state: FleetState) -> Hooks:
+    """What the routes need, for an exposition served on its own."""
+    return Hooks(
+        exposition=exposition,
+        state=state,
+        ready=lambda: True,
+        reload=lambda: None,  # type: ignore[arg-type,return-value]
+        version="test",
+        organization=lambda: "acme",
+    )
+
+
 async def test_scrapes_during_a_round_return_bodies_that_were_published_whole(
     state: FleetState, clock: Clock, metrics: SelfMetrics, aiohttp_client: Any
 ) -> None:
@@ -641,14 +653,7 @@ async def test_scrapes_during_a_round_return_bodies_that_were_published_whole(
     published: dict[bool, set[bytes]] = {
         om: {exposition.body(openmetrics=om)} for om in (False, True)
     }
-    hooks = Hooks(
-        exposition=exposition,
-        state=state,
-        ready=lambda: True,
-        reload=lambda: None,  # type: ignore[arg-type,return-value]
-        version="test",
-        organization=lambda: "acme",
-    )
+    hooks = serving(exposition, state)
     client = await aiohttp_client(make_app(hooks), auto_decompress=False)
     rng = random.Random(5)
     done = asyncio.Event()
@@ -710,14 +715,7 @@ async def test_prometheus_reads_the_whole_gzip_stream_in_both_formats(
     fleet_of(state)
     scenario(state, clock, metrics)
     exposition = make(state, metrics)
-    hooks = Hooks(
-        exposition=exposition,
-        state=state,
-        ready=lambda: True,
-        reload=lambda: None,  # type: ignore[arg-type,return-value]
-        version="test",
-        organization=lambda: "acme",
-    )
+    hooks = serving(exposition, state)
     app = make_app(hooks)
     encodings: list[tuple[str, str]] = []
 
