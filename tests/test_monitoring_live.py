@@ -193,6 +193,10 @@ async def start_simulator(make_simulator_server: SimulatorFactory) -> tuple[Simu
         speed=SPEED,
         start=None,
         new_batches_per_device_hour=NEW_BATCHES_PER_DEVICE_HOUR,
+        # New batches one device at a time, at the same rate: a rollout lands on half the
+        # fleet at once or not at all within a run, and the clean run's volume of finished
+        # actions swung by it below the spike's guard. The history still holds rollouts.
+        rollout_share=0.0,
     )
 
 
