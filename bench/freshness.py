@@ -59,7 +59,7 @@ START = 1_770_717_600.0  # 2026-02-10T10:00:00Z
 HOUR = 3600.0
 RESULTS = Path(__file__).resolve().parent / "results" / "freshness.json"
 STRATEGIES = ("budget", "round_robin")
-KINDS = ("all", "checkin", "new_batch", "admin_cancel")
+KINDS = ("all", "checkin", "new_batch", "admin_cancel", "final_counts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +227,37 @@ def visibility(sim: Simulator, state: ObservedState) -> list[tuple[float, str, f
     return out
 
 
+def final_counts(sim: Simulator, state: ObservedState) -> list[tuple[float, float | None]]:
+    """(moment a batch's last action became final, moment the state first held every action
+    in its final status, or None) for each batch created after its device's watermark.
+
+    This is the delay a user feels: from a device's answer to the batch's final counts."""
+    watched = set(state.watched())
+    watermarks = {d: state.device_view(d, with_batches=False).watermark for d in watched}
+    last: dict[str, dict[str, tuple[float, str, str]]] = defaultdict(dict)
+    created: set[str] = set()
+    for event in sim.fleet.events_since(START):
+        if event.device_id not in watched or event.time <= watermarks[event.device_id]:
+            continue
+        if event.status == "Pending":
+            created.add(event.batch_id)
+        last[event.batch_id][event.cmd_id] = (event.time, event.status, event.status_class)
+    out = []
+    for batch_id in created:
+        actions = last[batch_id]
+        if any(status_class == "pending" for _, _, status_class in actions.values()):
+            continue
+        final = max(moment for moment, _, _ in actions.values())
+        shown: list[float] = []
+        for cmd_id, (_, status, _) in actions.items():
+            held = [m for m, s in state.seen.get((batch_id, cmd_id), ()) if s == status]
+            if not held:
+                break
+            shown.append(held[0])
+        out.append((final, max(shown) if len(shown) == len(actions) else None))
+    return out
+
+
 def max_in_window(times: Sequence[float], window: float) -> int:
     ordered = sorted(times)
     best = 0
@@ -251,6 +282,13 @@ def analyse(scenario: Scenario, run: Run, sim: Simulator, state: ObservedState) 
             continue
         delays[kind].append(seen - moment)
         delays["all"].append(seen - moment)
+    for moment, seen in final_counts(sim, state):
+        if not lo < moment <= hi:
+            continue
+        if seen is None:
+            missed["final_counts"] += 1
+        else:
+            delays["final_counts"].append(seen - moment)
     seen_by_status = Counter(s for _, s, v in changes if v is not None)
     exported = Counter({s: n for s, _, n in state.transitions() if n})
     mismatch = sum(((exported - seen_by_status) + (seen_by_status - exported)).values())

@@ -8,21 +8,22 @@ reason:
 - ``pending``: it checked in since its last read and had actions pending, which its session
   certainly moved; due at that check-in;
 - ``answers``: the last read came while its session was still answering and left actions
-  pending; due once those answers have had time to arrive (:func:`answer_wait`: as long as
-  nine answers in ten took, at most ``ANSWER_SECONDS``);
+  pending; due again soon, each look half as long again after the check-in as the one
+  before, until as long as nine answers in ten took (:func:`answer_wait`, at most
+  ``ANSWER_SECONDS``);
 - ``checkin``: it checked in since its last read with nothing known pending; due at that
-  check-in. Creating a batch pushes its device into a session, so such a session most likely
-  ran a new batch. Where pushes do not reach the devices (:class:`PushCheck` tells), such a
-  session is no better a hint than time, and the device waits in the sweep instead;
+  check-in. A session is the only moment a device answers, so a batch the exporter has not
+  seen yet shows its answers only in a read after one; and creating a batch pushes its
+  device into a session, so such a session most likely ran a new batch;
 - ``sweep``: nothing announced a change. Only the sweep finds what no check-in announces: a
-  batch whose push did not reach its device, an administrator's cancel. A device silent for
-  ``SILENCE_HORIZON`` is due since its last read; one that checked in more recently counts
-  its time unread only in the proportion it has been silent (while pushes reach, its next
-  session would show a new batch anyway).
+  batch whose push did not reach its device (pending until the device's next session), an
+  administrator's cancel. A device silent for ``SILENCE_HORIZON`` is due since its last
+  read; one that checked in more recently counts its time unread only in the proportion it
+  has been silent (its next session, read as a check-in, would show a new batch anyway).
 
 A round takes devices in that order, oldest due first, while its credit lasts, keeping at
-least ``SWEEP_SHARE`` of it for the sweep while sweep devices wait. Everything here but
-:class:`PushCheck` is a function of its arguments.
+least ``SWEEP_SHARE`` of it for the sweep while sweep devices wait. Everything here is a
+function of its arguments.
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ from exporter.histogram import Histogram
 
 # The constants, and what each trades:
 # Reading a device soon after its check-in may find its answers still on their way (a session
-# goes on after lastStatusReportTime moves): one more read once they are due, as long after
+# goes on after lastStatusReportTime moves): it is looked at again ANSWER_FIRST after the
+# check-in, then each time ANSWER_GROWTH times as long after it, the last look as long after
 # the check-in as nine answers in ten took (ANSWER_QUANTILE of receivedAt - sentAt, once
-# ANSWERS_KNOWN were seen), at most ANSWER_SECONDS. Longer spends fewer reads on early
-# looks; shorter shows those answers sooner.
+# ANSWERS_KNOWN were seen), at most ANSWER_SECONDS. Answers take seconds but spread far: one
+# wait long enough for most of them would hold back the quick ones, while growing looks show
+# each answer within half its own delay, for about ten looks at most per session. A larger
+# growth spends fewer looks; a smaller one shows answers sooner.
+ANSWER_FIRST = 2.0
+ANSWER_GROWTH = 1.5
 ANSWER_SECONDS = 150.0
 ANSWER_QUANTILE = 0.9
 ANSWERS_KNOWN = 50
@@ -97,7 +103,6 @@ def due(
     tracking: Tracking,
     now: float,
     *,
-    pushes_reach: bool = True,
     answer_seconds: float = ANSWER_SECONDS,
 ) -> Due:
     """When the device should next be read, and why (see the module's docstring)."""
@@ -105,25 +110,25 @@ def due(
         return Due(-math.inf, Reason.NEW)
     if tracking.checked_in:
         assert tracking.checkin is not None
-        if tracking.pending:
-            return Due(tracking.checkin, Reason.PENDING)
-        if pushes_reach:
-            return Due(tracking.checkin, Reason.CHECKIN)
-    elif answers_due(tracking, now, answer_seconds):
-        assert tracking.checkin is not None
-        return Due(tracking.checkin + answer_seconds, Reason.ANSWERS)
-    if not pushes_reach or tracking.checkin is None:
+        return Due(tracking.checkin, Reason.PENDING if tracking.pending else Reason.CHECKIN)
+    if (look := answers_look(tracking, answer_seconds)) is not None and look <= now:
+        return Due(look, Reason.ANSWERS)
+    if tracking.checkin is None:
         return Due(tracking.read_at, Reason.SWEEP)
     silent = min(1.0, max(0.0, now - tracking.checkin) / SILENCE_HORIZON)
     return Due(now - (now - tracking.read_at) * silent, Reason.SWEEP)
 
 
-def answers_due(tracking: Tracking, now: float, answer_seconds: float = ANSWER_SECONDS) -> bool:
-    """The last read came during the device's session and left actions pending, and their
-    answers have had time to arrive since."""
+def answers_look(tracking: Tracking, answer_seconds: float = ANSWER_SECONDS) -> float | None:
+    """When to look again for the answers of the device's last session: twice as long after
+    the check-in as the last read came (ANSWER_FIRST at least), ``answer_seconds`` at most;
+    None once a read came that late, or when no action was left pending."""
     if not tracking.pending or tracking.checkin is None or tracking.read_at is None:
-        return False
-    return tracking.read_at < tracking.checkin + answer_seconds <= now
+        return None
+    since = tracking.read_at - tracking.checkin
+    if since >= answer_seconds:
+        return None
+    return tracking.checkin + min(answer_seconds, max(ANSWER_FIRST, ANSWER_GROWTH * since))
 
 
 def answer_wait(latencies: Iterable[Histogram]) -> float:
@@ -197,37 +202,3 @@ def _take(queue: list[Candidate], taken: list[Candidate], limit: float, credit: 
     head_fitted = moved > 0 or not queue
     del queue[:moved]
     return head_fitted
-
-
-# Reads of each kind a PushCheck averages over: enough to judge a share of a few per cent.
-PUSH_READS = 200
-# Prior shares of reads that showed a change, expecting pushes to work.
-PUSH_PRIORS = (0.2, 0.05)  # (reads after a check-in with nothing pending, sweep reads)
-# The shares must differ by this factor before the verdict changes, so two shares that are
-# about equal (pushes or not, a session then shows as much as time) do not flip it back and
-# forth.
-PUSH_HYSTERESIS = 1.5
-
-
-class PushCheck:
-    """Do pushes reach the devices? Reads after a check-in with nothing known pending should
-    then show a change more often than sweep reads (the session ran a new batch)."""
-
-    def __init__(self) -> None:
-        self.checkin_share, self.sweep_share = PUSH_PRIORS
-        self.pushes_reach = True
-
-    def record(self, reason: Reason, changed: bool) -> bool:
-        """Note what a read of that reason showed; True when the verdict changed."""
-        if reason == Reason.CHECKIN:
-            self.checkin_share += (changed - self.checkin_share) / PUSH_READS
-        elif reason == Reason.SWEEP:
-            self.sweep_share += (changed - self.sweep_share) / PUSH_READS
-        else:
-            return False
-        if self.pushes_reach:
-            verdict = self.checkin_share * PUSH_HYSTERESIS >= self.sweep_share
-        else:
-            verdict = self.checkin_share >= self.sweep_share * PUSH_HYSTERESIS
-        changed_verdict, self.pushes_reach = verdict != self.pushes_reach, verdict
-        return changed_verdict

@@ -36,7 +36,6 @@ from exporter.config import Config, DeviceConfig, DeviceDiscovery
 from exporter.planner import (
     CREDIT_ROUNDS,
     Candidate,
-    PushCheck,
     Tracking,
     answer_wait,
     cost,
@@ -156,7 +155,6 @@ class Scheduler:
         self._credit_at: float | None = None
         self._credit_floor = 2.0
         self._full_look_at: float | None = None  # budget clock of the last full look
-        self._pushes = PushCheck()
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -489,12 +487,11 @@ class Scheduler:
         looked = self._client.budget.spent - spent
         credit -= looked
         now = self._clock()
-        pushes_reach = self._pushes.pushes_reach
         wait = answer_wait(self._state.latency().values())
         candidates = [
             Candidate(
                 device,
-                due(self._tracking[device], now, pushes_reach=pushes_reach, answer_seconds=wait),
+                due(self._tracking[device], now, answer_seconds=wait),
                 cost(self._tracking[device], target.commands),
             )
             for device, target in self._targets.items()
@@ -525,13 +522,10 @@ class Scheduler:
         device = target.device
         tracking = self._tracking.setdefault(device, Tracking())
         read_at, checkin = self._clock(), tracking.checkin
-        # What the read tells about pushes (devices without check-in times tell nothing).
-        kind = due(tracking, read_at).reason if tracking.checkin is not None else None
-        moved = False
         try:
             batches = await self._device_batches(target, tracking)
             for batch in sorted(batches, key=_pending_first):
-                moved |= await self._poll_batch(device, batch, tracking, result)
+                await self._poll_batch(device, batch, tracking, result)
         except Exception as exc:
             result.failed += 1
             self._state.poll_failed(device, self._failure_reason(device, exc))
@@ -541,11 +535,6 @@ class Scheduler:
             self._state.poll_succeeded(device)
             self._completed.add(device)
             tracking.read_at, tracking.checkin_read = read_at, checkin
-            if kind is not None and self._pushes.record(kind, moved):
-                # Worth knowing when freshness changes: pushes stopped (or started) reaching.
-                log.info("pushes_reach" if self._pushes.pushes_reach else "pushes_do_not_reach",
-                         checkin_reads_changed=round(self._pushes.checkin_share, 3),
-                         sweep_reads_changed=round(self._pushes.sweep_share, 3))
             tracking.pending = sum(1 for b in batches if not b.finished)
             current = {b.id for b in batches}
             for gone in tracking.summaries.keys() - current:
@@ -624,20 +613,19 @@ class Scheduler:
 
     async def _poll_batch(
         self, device: str, batch: Batch, tracking: Tracking, result: RoundResult
-    ) -> bool:
-        """Apply one batch; True when its actions showed a change."""
+    ) -> None:
+        """Apply one batch: its summary, or its actions when they may have moved."""
         if not self._state.needs_actions(device, batch) or self._unchanged(device, tracking, batch):
             self._state.apply_summary(device, batch)
             result.batches_skipped += 1
-            return False
+            return
         try:
             actions = await self._client.list_actions(device, batch.id)
         except NotFoundError:
             self._state.drop_batch(device, batch.id)
             tracking.summaries.pop(batch.id, None)
             log.warning("batch_not_found", device=device, command=batch.id, action="dropped")
-            return False
-        events = self._state.events
+            return
         limit = self._state.future_limit()
         self._state.apply_actions(device, batch, [until(a, limit) for a in actions])
         result.batches_fetched += 1
@@ -645,7 +633,6 @@ class Scheduler:
             tracking.summaries.pop(batch.id, None)
         else:
             tracking.summaries[batch.id] = batch.summary
-        return self._state.events != events
 
     # --- the loop -------------------------------------------------------------------------
 

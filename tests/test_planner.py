@@ -1,5 +1,5 @@
-"""The plan, rule by rule: when each device is due and why, what a read costs, which devices
-a round takes, and whether pushes reach the devices."""
+"""The plan, rule by rule: when each device is due and why, when a session's answers are
+looked for, what a read costs, and which devices a round takes."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import pytest
 
 from exporter.histogram import Histogram
 from exporter.planner import (
+    ANSWER_FIRST,
+    ANSWER_GROWTH,
     ANSWER_SECONDS,
     ANSWERS_KNOWN,
-    PUSH_READS,
     SWEEP_SHARE,
     Candidate,
     Due,
-    PushCheck,
     Reason,
     Tracking,
     answer_wait,
+    answers_look,
     cost,
     due,
     plan,
@@ -28,44 +29,72 @@ NOW = 10_000.0
 
 
 @pytest.mark.parametrize(
-    ("tracking", "pushes_reach", "expected"),
+    ("tracking", "expected"),
     [
         # Never read: due at once.
-        (Tracking(), True, Due(-math.inf, Reason.NEW)),
+        (Tracking(), Due(-math.inf, Reason.NEW)),
         # Checked in since the last read with actions pending: due at that check-in.
-        (Tracking(read_at=9_500, checkin=9_900, checkin_read=9_000, pending=2), True,
+        (Tracking(read_at=9_500, checkin=9_900, checkin_read=9_000, pending=2),
          Due(9_900, Reason.PENDING)),
-        (Tracking(read_at=9_500, checkin=9_900, checkin_read=9_000, pending=2), False,
-         Due(9_900, Reason.PENDING)),
-        # Checked in with nothing known pending: a hint of a new batch where pushes reach,
-        # else it waits in the sweep since its last read.
-        (Tracking(read_at=9_500, checkin=9_800, checkin_read=9_000), True,
-         Due(9_800, Reason.CHECKIN)),
-        (Tracking(read_at=9_500, checkin=9_800, checkin_read=9_000), False,
-         Due(9_500, Reason.SWEEP)),
+        # Checked in with nothing known pending: due at that check-in too (its session may
+        # have answered a batch not seen yet, or been pushed by a new one).
+        (Tracking(read_at=9_500, checkin=9_800, checkin_read=9_000), Due(9_800, Reason.CHECKIN)),
         # A check-in never seen before the last read counts as after it.
-        (Tracking(read_at=9_500, checkin=9_800), True, Due(9_800, Reason.CHECKIN)),
-        # Read 10 s into its session with actions pending: again once the answers are due.
-        (Tracking(read_at=9_010, checkin=9_000, checkin_read=9_000, pending=1), True,
-         Due(9_000 + ANSWER_SECONDS, Reason.ANSWERS)),
-        # ... not before they are due, and not after a read that came late enough.
-        (Tracking(read_at=NOW - 10, checkin=NOW - 20, checkin_read=NOW - 20, pending=1), False,
-         Due(NOW - 10, Reason.SWEEP)),
+        (Tracking(read_at=9_500, checkin=9_800), Due(9_800, Reason.CHECKIN)),
+        # Read 10 s into its session with actions pending: looked at again at 15 s.
+        (Tracking(read_at=9_010, checkin=9_000, checkin_read=9_000, pending=1),
+         Due(9_000 + 10 * ANSWER_GROWTH, Reason.ANSWERS)),
+        # ... not before that look is due, and not after a read that came late enough.
+        # (The sweep then counts its time unread in the proportion it has been silent.)
+        (Tracking(read_at=NOW - 2, checkin=NOW - 10, checkin_read=NOW - 10, pending=1),
+         Due(NOW - 2 * 10 / 3600, Reason.SWEEP)),
         (Tracking(read_at=9_000 + ANSWER_SECONDS + 1, checkin=9_000, checkin_read=9_000,
-                  pending=1), False, Due(9_000 + ANSWER_SECONDS + 1, Reason.SWEEP)),
-        # The sweep: silent for an hour or more (or without check-in times, or where pushes
-        # do not reach), due since the last read...
-        (Tracking(read_at=2_000, checkin=900, checkin_read=900), True, Due(2_000, Reason.SWEEP)),
-        (Tracking(read_at=9_600), True, Due(9_600, Reason.SWEEP)),
-        (Tracking(read_at=2_000, checkin=9_100, checkin_read=9_100), False,
-         Due(2_000, Reason.SWEEP)),
+                  pending=1), Due(NOW - (NOW - 9_151) * 1_000 / 3600, Reason.SWEEP)),
+        # The sweep: silent for an hour or more (or without check-in times), due since the
+        # last read...
+        (Tracking(read_at=2_000, checkin=900, checkin_read=900), Due(2_000, Reason.SWEEP)),
+        (Tracking(read_at=9_600), Due(9_600, Reason.SWEEP)),
         # ... a device that checked in 15 minutes ago counts a quarter of its time unread.
-        (Tracking(read_at=2_000, checkin=NOW - 900, checkin_read=NOW - 900), True,
+        (Tracking(read_at=2_000, checkin=NOW - 900, checkin_read=NOW - 900),
          Due(NOW - (NOW - 2_000) / 4, Reason.SWEEP)),
     ],
 )
-def test_due(tracking: Tracking, pushes_reach: bool, expected: Due) -> None:
-    assert due(tracking, NOW, pushes_reach=pushes_reach) == expected
+def test_due(tracking: Tracking, expected: Due) -> None:
+    assert due(tracking, NOW) == expected
+
+
+def session(read_after: float, *, pending: int = 1) -> Tracking:
+    """A device read ``read_after`` seconds after its check-in at 9,000."""
+    return Tracking(read_at=9_000 + read_after, checkin=9_000, checkin_read=9_000,
+                    pending=pending)
+
+
+@pytest.mark.parametrize(
+    ("tracking", "wait", "expected"),
+    [
+        # Read at once: the first look ANSWER_FIRST after the check-in.
+        (session(0.5), 60.0, 9_000 + ANSWER_FIRST),
+        # Each look ANSWER_GROWTH times as long after the check-in as the read before it...
+        (session(8.0), 60.0, 9_000 + 8 * ANSWER_GROWTH),
+        # ... the last as long after it as the wait given, and none after that.
+        (session(50.0), 60.0, 9_060.0),
+        (session(60.0), 60.0, None),
+        # Nothing left pending, nothing to look for.
+        (session(0.5, pending=0), 60.0, None),
+        (Tracking(read_at=9_000, pending=1), 60.0, None),  # no check-in known
+    ],
+)
+def test_answers_are_looked_for_at_growing_intervals(
+    tracking: Tracking, wait: float, expected: float | None
+) -> None:
+    assert answers_look(tracking, wait) == expected
+
+
+def test_looks_for_answers_are_few_even_when_an_answer_never_comes() -> None:
+    looks, tracking = 0, session(0.5)
+    while (look := answers_look(tracking, ANSWER_SECONDS)) is not None:
+        tracking, looks = session(look - 9_000), looks + 1
+    assert looks <= 12
 
 
 @pytest.mark.parametrize(
@@ -131,31 +160,6 @@ def test_a_device_that_does_not_fit_keeps_the_credit_for_itself() -> None:
     assert plan(pool, 8) == (["pending", "sweep-00"], 8)
 
 
-def test_push_check_needs_a_clear_difference_to_change_its_mind() -> None:
-    check = PushCheck()
-    assert check.pushes_reach
-    # Sessions with nothing pending show changes as rarely as sweep reads: no news in them.
-    flips = 0
-    for i in range(20 * PUSH_READS):
-        flips += check.record(Reason.CHECKIN, i % 10 == 0)
-        flips += check.record(Reason.SWEEP, i % 10 == 0)
-    assert check.pushes_reach and flips == 0  # about equal shares never flip it
-    for _ in range(5 * PUSH_READS):  # pushes stop reaching: sessions show nothing
-        flips += check.record(Reason.CHECKIN, False) + check.record(Reason.SWEEP, True)
-    assert not check.pushes_reach and flips == 1
-    for _ in range(5 * PUSH_READS):  # and come back
-        flips += check.record(Reason.CHECKIN, True) + check.record(Reason.SWEEP, False)
-    assert check.pushes_reach and flips == 2
-
-
-def test_push_check_ignores_reads_that_test_nothing() -> None:
-    check = PushCheck()
-    shares = (check.checkin_share, check.sweep_share)
-    for reason in (Reason.NEW, Reason.PENDING, Reason.ANSWERS):
-        assert not check.record(reason, True)
-    assert (check.checkin_share, check.sweep_share) == shares
-
-
 def histogram(*latencies: float) -> Histogram:
     observed = Histogram((1.0, 5.0, 15.0, 60.0, 300.0))
     for seconds in latencies:
@@ -177,7 +181,8 @@ def test_answer_wait(histograms: list[Histogram], expected: float) -> None:
     assert answer_wait(histograms) == expected
 
 
-def test_answers_are_due_after_the_wait_given() -> None:
-    read_early = Tracking(read_at=9_002, checkin=9_000, checkin_read=9_000, pending=1)
-    assert due(read_early, 9_004, answer_seconds=5.0).reason == Reason.SWEEP
-    assert due(read_early, 9_005, answer_seconds=5.0) == Due(9_005, Reason.ANSWERS)
+def test_answers_are_due_at_their_look_and_no_later_than_the_wait_given() -> None:
+    read = session(4.0)  # the next look would be at 6 s; the wait given ends it at 5 s
+    assert due(read, 9_004.9, answer_seconds=5.0).reason == Reason.SWEEP
+    assert due(read, 9_005, answer_seconds=5.0) == Due(9_005, Reason.ANSWERS)
+    assert due(session(5.0), 9_100, answer_seconds=5.0).reason == Reason.SWEEP
