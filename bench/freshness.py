@@ -13,7 +13,9 @@ time):
 - delay from each change to the moment the exporter's state holds the action in that status
   or a later one (p50, p95, max), overall and per kind: ``new_batch`` (``Pending``: a batch
   an administrator created), ``checkin`` (``Awaiting`` and answers: only a device's session
-  makes them), ``admin_cancel`` (``Cancel``);
+  makes them), ``admin_cancel`` (``Cancel``); and ``final_counts``, per batch created in
+  the run: from its last answer to the moment the state holds every action's final status
+  (the delay a user feels between a device answering and the batch's final counts);
 - transitions missed: changes in the measured window still not visible a horizon later, and
   the exported transition counters against the changes the exporter saw (must match);
 - requests counted at the simulator: the largest number in any sliding hour against the

@@ -22,7 +22,7 @@ from samples import Samples
 from samples import scrape as fetch_samples
 
 from exporter.cli import Exporter, build_exporter
-from exporter.client import TokenSource
+from exporter.client import TokenBucket, TokenSource
 from exporter.config import parse_config
 from exporter.scheduler import Scheduler, Shard
 from exporter.server import Hooks, make_app
@@ -81,6 +81,7 @@ class Upstream:
     missing_once: Counter[str] = field(default_factory=Counter)  # batch -> 404s to answer
     missing: set[str] = field(default_factory=set)  # batches answering 404 until removed
     requests: Counter[str] = field(default_factory=Counter)
+    history_reads: Counter[str] = field(default_factory=Counter)  # device -> its reads
 
     def add(self, device: str, batch: str, docs: list[Any], created: float = START + 30) -> None:
         self.batches.setdefault(device, []).insert(0, batch)
@@ -115,6 +116,7 @@ class Upstream:
     async def _history(self, request: web.Request) -> web.Response:
         device = request.match_info["device"]
         self.requests["commands"] += 1
+        self.history_reads[device] += 1
         limit = int(request.query.get("limit", "100"))
         listed = [b for b in self.batches.get(device, []) if b not in self.missing][:limit]
         items = [self.document(device, b) for b in listed]
@@ -192,13 +194,23 @@ async def rig_factory(
     """Makes Rigs on the test's aiohttp server and client; closes their exporters."""
     exporters: list[Exporter] = []
 
-    async def make(upstream: Upstream, *, shard: Shard | None = None, **config: Any) -> Rig:
+    async def make(upstream: Upstream, *, shard: Shard | None = None,
+                   budget_on_clock: bool = False, **config: Any) -> Rig:
+        """``budget_on_clock``: the request budget earns by the test's clock too (else by
+        the machine's, which a test's rounds barely move)."""
         server = await aiohttp_server(upstream.app())
         clock = [START]
         parsed = parse_config(config_text(str(server.make_url("/v1")), **config))
         exporter = build_exporter(parsed, TokenSource(value=TOKEN), config_path=None,
                                   clock=lambda: clock[0], shard=shard)
         exporter.client.max_attempts = 1  # each read is exactly what the upstream answered
+        if budget_on_clock:
+            async def wait(seconds: float) -> None:
+                clock[0] += max(0.0, seconds)
+                await asyncio.sleep(0)
+
+            exporter.client.budget = TokenBucket(parsed.api.requests_per_hour,
+                                                 monotonic=lambda: clock[0], sleep=wait)
         exporters.append(exporter)
         hooks = Hooks(exposition=exporter.exposition, state=exporter.state,
                       ready=lambda: exporter.scheduler.ready, reload=_no_reload,

@@ -4,8 +4,10 @@ looked for, what a read costs, and which devices a round takes."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
+from scripted import START, Upstream, actions, batch_id, device_id, iso
 
 from exporter.histogram import Histogram
 from exporter.planner import (
@@ -186,3 +188,50 @@ def test_answers_are_due_at_their_look_and_no_later_than_the_wait_given() -> Non
     assert due(read, 9_004.9, answer_seconds=5.0).reason == Reason.SWEEP
     assert due(read, 9_005, answer_seconds=5.0) == Due(9_005, Reason.ANSWERS)
     assert due(session(5.0), 9_100, answer_seconds=5.0).reason == Reason.SWEEP
+
+
+# --- the plan over HTTP: a session's answers, looked for as they come --------------------
+
+
+async def test_late_answers_show_within_half_their_delay_without_reading_every_round(
+    make_rig: Any,
+) -> None:
+    # 60 quiet devices and credit for about four requests a round (one of them the check-in
+    # look): the sweep alone comes back to a device about every 25 rounds.
+    upstream = Upstream()
+    quiet = START - 3600
+    upstream.devices = [{"id": device_id(n), "lastStatusReportTime": iso(quiet)}
+                        for n in range(60)]
+    rig = await make_rig(upstream, devices=[], discovery={"devices": {}}, budget_on_clock=True,
+                         api={"requests_per_hour": 4 * 3600}, poll={"interval_seconds": 1})
+    for _ in range(60):
+        await rig.poll(advance=1.0)
+    assert rig.exporter.scheduler.ready
+    # One device checks in with a new batch of three actions, which it answers 1.5 s, 6 s
+    # and 20 s after its check-in (the list shows the check-in at once, newest first).
+    device, batch, session = device_id(0), batch_id(1), rig.clock[0]
+    answers = {"a-0": 1.5, "a-1": 6.0, "a-2": 20.0}
+    upstream.add(device, batch, actions(3, "Awaiting", at=session), created=session - 5)
+    upstream.devices[0]["lastStatusReportTime"] = iso(session)
+    shown: dict[str, float] = {}
+    reads = upstream.history_reads[device]
+    while len(shown) < 3 and rig.clock[0] < session + 60:
+        now = rig.clock[0]
+        upstream.actions[batch] = [
+            {"cmdId": cmd, "status": "Success" if now >= session + delay else "Awaiting",
+             "sentAt": iso(session), **({"receivedAt": iso(session + delay)}
+                                        if now >= session + delay else {})}
+            for cmd, delay in answers.items()
+        ]
+        await rig.poll(advance=1.0)
+        views = rig.exporter.state.device_view(device).batches
+        succeeded = sum(n for view in views if view.id == batch
+                        for status, _, n in view.counts if status == "Success")
+        for cmd in list(answers)[:succeeded]:  # answers come in the order of their delays
+            shown.setdefault(cmd, rig.clock[0] - session - answers[cmd])
+    # Each answer shows within half its delay (ANSWER_FIRST at least) and one round.
+    assert shown.keys() == answers.keys()
+    for cmd, late in shown.items():
+        assert late <= max(ANSWER_FIRST, answers[cmd] * (ANSWER_GROWTH - 1)) + 1.0, (cmd, late)
+    # ... for a few reads of the device, not one every round.
+    assert upstream.history_reads[device] - reads <= 8 < rig.clock[0] - session
