@@ -42,8 +42,9 @@ from exporter.histogram import Histogram
 # the check-in as nine answers in ten took (ANSWER_QUANTILE of receivedAt - sentAt, once
 # ANSWERS_KNOWN were seen), at most ANSWER_SECONDS. Answers take seconds but spread far: one
 # wait long enough for most of them would hold back the quick ones, while growing looks show
-# each answer within half its own delay, for about ten looks at most per session. A larger
-# growth spends fewer looks; a smaller one shows answers sooner.
+# each answer within half its own delay, for at most a dozen looks per session (six when nine
+# answers in ten come within 15 s). A larger growth spends fewer looks; a smaller one shows
+# answers sooner.
 ANSWER_FIRST = 2.0
 ANSWER_GROWTH = 1.5
 ANSWER_SECONDS = 150.0
@@ -120,9 +121,10 @@ def due(
 
 
 def answers_look(tracking: Tracking, answer_seconds: float = ANSWER_SECONDS) -> float | None:
-    """When to look again for the answers of the device's last session: twice as long after
-    the check-in as the last read came (ANSWER_FIRST at least), ``answer_seconds`` at most;
-    None once a read came that late, or when no action was left pending."""
+    """When to look again for the answers of the device's last session: ANSWER_GROWTH times
+    as long after the check-in as the last read came (ANSWER_FIRST at least),
+    ``answer_seconds`` at most; None once a read came that late, or when no action was left
+    pending."""
     if not tracking.pending or tracking.checkin is None or tracking.read_at is None:
         return None
     since = tracking.read_at - tracking.checkin

@@ -438,11 +438,6 @@ class FleetState:
             known.created_at = batch.created_at
         return known, before
 
-    @property
-    def events(self) -> int:
-        """Transitions and latencies recorded so far: moves when a read showed a change."""
-        return self._events
-
     def apply_summary(self, device: str, batch: Batch) -> None:
         dev = self._devices.get(device)
         if dev is None:
