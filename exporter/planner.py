@@ -6,13 +6,14 @@ reason:
 
 - ``new``: never read; due at once (nothing of it is known);
 - ``pending``: it checked in since its last read and had actions pending, which its session
-  certainly moved; due at that check-in;
+  certainly moved; due from the first check-in after that read (checking in again while it
+  waits does not send it to the back of the queue);
 - ``answers``: the last read came while its session was still answering and left actions
   pending; due again soon, each look half as long again after the check-in as the one
   before, until as long as nine answers in ten took (:func:`answer_wait`, at most
   ``ANSWER_SECONDS``);
-- ``checkin``: it checked in since its last read with nothing known pending; due at that
-  check-in. A session is the only moment a device answers, so a batch the exporter has not
+- ``checkin``: it checked in since its last read with nothing known pending; due from that
+  check-in, likewise. A session is the only moment a device answers, so a batch the exporter has not
   seen yet shows its answers only in a read after one; and creating a batch pushes its
   device into a session, so such a session most likely ran a new batch;
 - ``sweep``: nothing announced a change. Only the sweep finds what no check-in announces: a
@@ -79,6 +80,7 @@ class Tracking:
     read_at: float | None = None  # scheduler clock at the start of the last complete read
     checkin: float | None = None  # newest lastStatusReportTime seen (upstream's clock)
     checkin_read: float | None = None  # ``checkin`` as known when the last read started
+    first_unread: float | None = None  # the first check-in seen after the last read
     pending: int = 0  # batches with pending actions at the last read
     # Pending batches whose actions were read: their summary then. Finished ones need no
     # entry (the state knows they cannot change), so this stays small.
@@ -92,6 +94,26 @@ class Tracking:
         if self.checkin is None or self.read_at is None:
             return False
         return self.checkin_read is None or self.checkin > self.checkin_read
+
+    @property
+    def waiting_since(self) -> float | None:
+        """The check-in the device has been due from since its last read: the first one
+        seen after it, so that a device which checks in again while it waits keeps its place
+        in the queue instead of going to its back."""
+        if not self.checked_in:
+            return None
+        first = self.first_unread
+        if first is None or (self.checkin_read is not None and first <= self.checkin_read):
+            return self.checkin
+        return first
+
+    def saw_checkin(self, moment: float) -> None:
+        """A check-in time the device list showed."""
+        if self.checkin is not None and moment <= self.checkin:
+            return
+        if not self.checked_in:
+            self.first_unread = moment
+        self.checkin = moment
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +131,8 @@ def due(
     """When the device should next be read, and why (see the module's docstring)."""
     if tracking.read_at is None:
         return Due(-math.inf, Reason.NEW)
-    if tracking.checked_in:
-        assert tracking.checkin is not None
-        return Due(tracking.checkin, Reason.PENDING if tracking.pending else Reason.CHECKIN)
+    if (since := tracking.waiting_since) is not None:
+        return Due(since, Reason.PENDING if tracking.pending else Reason.CHECKIN)
     if (look := answers_look(tracking, answer_seconds)) is not None and look <= now:
         return Due(look, Reason.ANSWERS)
     if tracking.checkin is None:

@@ -404,7 +404,7 @@ class Scheduler:
             self._state.device_listed(key, state=device.state or "UNKNOWN", check_in=moment)
             tracking = self._tracking.get(key)
             if plan and tracking is not None and moment is not None:
-                tracking.checkin = max(moment, tracking.checkin or moment)
+                tracking.saw_checkin(moment)
         return shown
 
     def _note_unlisted(self, shown: set[str], only: set[str] | None = None) -> None:

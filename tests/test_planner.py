@@ -65,6 +65,20 @@ def test_due(tracking: Tracking, expected: Due) -> None:
     assert due(tracking, NOW) == expected
 
 
+def test_a_device_that_checks_in_again_while_it_waits_keeps_its_place() -> None:
+    tracking = Tracking(read_at=9_000, checkin=8_990, checkin_read=8_990)
+    assert tracking.waiting_since is None  # read since its last check-in
+    tracking.saw_checkin(9_100)
+    tracking.saw_checkin(9_400)  # again, before it was read
+    tracking.saw_checkin(9_300)  # an older time from a stale page changes nothing
+    assert tracking.checkin == 9_400
+    assert due(tracking, NOW) == Due(9_100, Reason.CHECKIN)
+    # Once read, the next check-in is the first again.
+    tracking.read_at, tracking.checkin_read = 9_500, tracking.checkin
+    tracking.saw_checkin(9_700)
+    assert due(tracking, NOW) == Due(9_700, Reason.CHECKIN)
+
+
 def session(read_after: float, *, pending: int = 1) -> Tracking:
     """A device read ``read_after`` seconds after its check-in at 9,000."""
     return Tracking(read_at=9_000 + read_after, checkin=9_000, checkin_read=9_000,
