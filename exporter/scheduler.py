@@ -260,7 +260,7 @@ class Scheduler:
         if self._discovered_at is not None and now - self._discovered_at < spec.refresh_seconds:
             return False
         devices = await self._device_list(
-            "discovery_failed", tags=spec.tags, segment=spec.segment, level=log.error
+            "discovery_failed", tags=spec.tags, segment=spec.segment, level="error"
         )
         if devices is None:
             return False
@@ -351,14 +351,16 @@ class Scheduler:
         *,
         tags: Sequence[str] = (),
         segment: int | None = None,
-        level: Callable[..., object] = log.warning,
+        level: str = "warning",
     ) -> list[Device] | None:
         """The whole device list (filtered), its timestamps from the future dropped; None
-        (and ``failure`` logged) when it could not be read."""
+        (and ``failure`` logged at ``level``) when it could not be read."""
         try:
             devices = await self._client.list_devices(tags=tags, segment=segment)
         except ApiError as exc:
-            level(failure, endpoint="devices", reason=str(exc))
+            # Looked up now: a logger method bound at import would keep structlog's
+            # defaults and miss the configured format and level.
+            getattr(log, level)(failure, endpoint="devices", reason=str(exc))
             return None
         return self._until_now(devices)
 

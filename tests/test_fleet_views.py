@@ -6,11 +6,14 @@ scrapes it; expectations come from the story, never from the exporter.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import structlog
 from samples import Samples
 from scripted import DEVICE, START, Rig, Upstream, actions, batch_id, device_id, iso
 
+from exporter import logs
 from exporter.exposition import GUARD_LEVELS
 from exporter.state import MAX_SETTINGS
 
@@ -253,6 +256,22 @@ async def test_configured_devices_get_their_check_in_time_and_state(make_rig) ->
     assert upstream.requests["devices"] == reads + 1
     times, _ = await check_ins(rig)
     assert times[by_id] == START + 700
+
+
+async def test_a_device_list_that_fails_is_said_in_the_configured_log_format(
+    make_rig, capsys
+) -> None:
+    upstream = Upstream()
+    upstream.devices = None  # type: ignore[assignment]  # the handler fails: HTTP 500
+    rig = await make_rig(upstream, devices=configured(device_id(1)))
+    logs.configure("info", "json")
+    try:
+        await rig.poll()
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    failed = [line for line in lines if line["event"] == "device_list_failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "warning"
 
 
 async def test_configured_devices_outside_the_discovered_tags_are_looked_up_too(
