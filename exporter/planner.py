@@ -13,9 +13,9 @@ reason:
   before, until as long as nine answers in ten took (:func:`answer_wait`, at most
   ``ANSWER_SECONDS``);
 - ``checkin``: it checked in since its last read with nothing known pending; due from that
-  check-in, likewise. A session is the only moment a device answers, so a batch the exporter has not
-  seen yet shows its answers only in a read after one; and creating a batch pushes its
-  device into a session, so such a session most likely ran a new batch;
+  check-in, likewise. A session is the only moment a device answers, so a batch the
+  exporter has not seen yet shows its answers only in a read after one; and creating a
+  batch pushes its device into a session, so such a session most likely ran a new batch;
 - ``sweep``: nothing announced a change. Only the sweep finds what no check-in announces: a
   batch whose push did not reach its device (pending until the device's next session), an
   administrator's cancel. A device silent for ``SILENCE_HORIZON`` is due since its last
