@@ -539,7 +539,8 @@ class ApiClient:
         :class:`SortRejected`, without a request until it is due for a re-probe.
         """
         wanted = tuple(tags)
-        send_tags = bool(wanted) and self._verdicts.ask(DEVICE_TAGS)
+        # A read cut by ``stop`` proves nothing of the filter (see below): it does not probe.
+        send_tags = bool(wanted) and self._verdicts.ask(DEVICE_TAGS, probe=stop is None)
         if segment is not None:
             self._verdicts.ask(DEVICE_SEGMENT)  # sent; device documents do not say it back
         if sort is not None and not self._verdicts.ask(DEVICE_SORT):
@@ -569,9 +570,10 @@ class ApiClient:
         if len(tagged) < len(devices):
             self._verdicts.note(DEVICE_TAGS, IGNORED, tags=list(wanted),
                                 outside=len(devices) - len(tagged), listed=len(devices))
-        elif stop is not None:
-            pass  # part of the list: neither its being short nor its matching proves much
-        elif tagged:
+            return tagged
+        if stop is not None:
+            return tagged  # part of the list: neither its being short nor matching proves much
+        if tagged:
             self._verdicts.note(DEVICE_TAGS, HONOURED, tags=list(wanted))
         elif self._tags_worth_checking(wanted):
             # Nothing at all: upstream may read the array in another spelling and match

@@ -97,6 +97,11 @@ class DeviceDiscovery:
     segment: int | None = None
     refresh_seconds: float = 900.0
 
+    @property
+    def whole_list(self) -> bool:
+        """No filter: discovery reads the organization's whole device list."""
+        return not self.tags and self.segment is None
+
 
 @dataclass(frozen=True, slots=True)
 class BatchDiscovery:

@@ -941,7 +941,10 @@ class Exposition:
         count = -(-len(order) // BLOCK_DEVICES)
         blocks = self._blocks
         if tuple(blocks) != fields:
-            blocks = self._blocks = {field: [] for field in fields}
+            # Every block of a new field is joined; a field kept keeps its joined bytes (and
+            # so the identity of sections that do not change).
+            blocks = self._blocks = {field: blocks.get(field, []) for field in fields}
+            self._dirty = None
         for joined in blocks.values():
             del joined[count:]
             joined.extend([(None, b"")] * (count - len(joined)))

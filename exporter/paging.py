@@ -247,7 +247,6 @@ class Order:
 # --- verdicts on query parameters ---------------------------------------------------------------
 
 HONOURED, IGNORED, REJECTED, UNCHECKED = "honoured", "ignored", "rejected", "unchecked"
-VERDICTS = (HONOURED, IGNORED, REJECTED, UNCHECKED)
 REPROBE_SECONDS = 3600.0  # a parameter given up on is tried again this often
 
 Query = tuple[str, str]  # (api_endpoint, parameter)
@@ -268,17 +267,15 @@ class Verdicts:
     that mends is noticed.
     """
 
-    __slots__ = ("_entries", "_monotonic", "_published", "_reprobe")
+    __slots__ = ("_entries", "_monotonic", "_published")
 
     def __init__(
         self,
         monotonic: Callable[[], float],
-        reprobe_seconds: float = REPROBE_SECONDS,
         published: Callable[[Query, str], None] | None = None,
     ) -> None:
         """``published`` hears each verdict as it is first given or changes."""
         self._monotonic = monotonic
-        self._reprobe = reprobe_seconds
         self._published = published
         # verdict, when last evidenced, when last probed
         self._entries: dict[Query, tuple[str, float, float]] = {}
@@ -287,9 +284,11 @@ class Verdicts:
         entry = self._entries.get(query)
         return UNCHECKED if entry is None else entry[0]
 
-    def ask(self, query: Query, avoid: Iterable[str] = (REJECTED,)) -> bool:
+    def ask(self, query: Query, avoid: Iterable[str] = (REJECTED,), *, probe: bool = True) -> bool:
         """Whether to send the parameter now: not while its verdict is one of ``avoid``,
-        but once per re-probe interval all the same (this caller probes, others wait)."""
+        but once per re-probe interval all the same (this caller probes, others wait). A
+        caller whose read cannot tell the verdict passes ``probe=False``: it must not use up
+        the re-probe that another read would decide."""
         now = self._monotonic()
         if query not in self._entries:
             self._entries[query] = (UNCHECKED, now, now)
@@ -297,7 +296,7 @@ class Verdicts:
         verdict, evidenced, probed = self._entries[query]
         if verdict not in avoid:
             return True
-        if now - max(evidenced, probed) < self._reprobe:
+        if not probe or now - max(evidenced, probed) < REPROBE_SECONDS:
             return False
         self._entries[query] = (verdict, evidenced, now)
         return True
@@ -307,7 +306,7 @@ class Verdicts:
         now = self._monotonic()
         previous, evidenced, probed = self._entries.get(query, (UNCHECKED, now, now))
         if (verdict == HONOURED and previous in (IGNORED, REJECTED)
-                and now - evidenced < self._reprobe):
+                and now - evidenced < REPROBE_SECONDS):
             return  # looks right, but the contrary was seen too recently
         fresh = query not in self._entries
         self._entries[query] = (verdict, now, probed)

@@ -33,6 +33,7 @@ import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, NotFoundError, SortRejected
 from exporter.config import Config, DeviceConfig, DeviceDiscovery
+from exporter.paging import IGNORED
 from exporter.planner import (
     CREDIT_ROUNDS,
     Candidate,
@@ -43,7 +44,7 @@ from exporter.planner import (
     plan,
 )
 from exporter.records import Batch, Device, until
-from exporter.selfmetrics import SelfMetrics
+from exporter.selfmetrics import FULL_LIST, SORTED_LIST, SelfMetrics
 from exporter.state import FleetState
 
 log = structlog.get_logger("exporter.scheduler")
@@ -268,8 +269,7 @@ class Scheduler:
         self._discovered_at = now
         self._apply_targets()
         shown = self._shown_by_discovery = self._note_devices(devices)
-        if not (spec.tags or spec.segment is not None):
-            # The whole list: a watched device it lacks is not listed at all.
+        if spec.whole_list:  # a watched device it lacks is not listed at all
             self._note_unlisted(shown)
         log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
         return True
@@ -278,8 +278,8 @@ class Scheduler:
         """Check-ins and states of configured devices that discovery does not list, from the
         whole device list (⌈N / page_size⌉ requests), at discovery's refresh cadence."""
         spec = self.config.discovery.devices
-        if spec is not None and not (spec.tags or spec.segment is not None):
-            return  # discovery already reads the whole list
+        if spec is not None and spec.whole_list:
+            return  # discovery already reads it
         unlisted = self._configured_only()
         refresh = (spec or DeviceDiscovery()).refresh_seconds
         now = self._clock()
@@ -306,11 +306,11 @@ class Scheduler:
         spec = self.config.discovery.devices
         if spec is None or self._signal_mark is None:
             return
-        sorted_look = self._client.worth_sorting_devices()
-        if sorted_look and await self._sorted_look(spec.tags, spec.segment):
+        if self._client.worth_sorting_devices() and await self._sorted_look(
+            spec.tags, spec.segment
+        ):
             return
-        if not sorted_look:
-            self._checkins_from("full_list")
+        self._checkins_from(FULL_LIST)
         now = self._client.budget.now()
         if self._full_look_at is None or now - self._full_look_at >= self._full_look_every():
             self._full_look_at = now
@@ -333,17 +333,17 @@ class Scheduler:
                 tags=tags, segment=segment, sort=CHECKIN_SORT, stop=older
             )
         except SortRejected:
-            self._checkins_from("full_list")
             return False
         except ApiError as exc:
             log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
             return True
         # Out of order, the list was cut at an arbitrary place: what it showed is true, but
         # not all there is.
-        honoured = devices.sort_verdict != "ignored"
         self._note_devices(self._until_now(devices))
-        self._checkins_from("sorted_list" if honoured else "full_list")
-        return honoured
+        if devices.sort_verdict == IGNORED:
+            return False
+        self._checkins_from(SORTED_LIST)
+        return True
 
     async def _device_list(
         self,
@@ -374,9 +374,9 @@ class Scheduler:
     def _checkins_from(self, source: str) -> None:
         """Switch the source of check-ins, saying so once per change."""
         if source != self._metrics.checkin_source:
-            (log.info if source == "sorted_list" else log.warning)(
+            (log.info if source == SORTED_LIST else log.warning)(
                 "checkin_source", source=source,
-                every_seconds=None if source == "sorted_list" else round(self._full_look_every()),
+                every_seconds=None if source == SORTED_LIST else round(self._full_look_every()),
             )
             self._metrics.checkin_source = source
             self._metrics.touch()

@@ -17,7 +17,8 @@ ENDPOINTS = ("devices", "commands", "command", "actions")
 POLL_FAILURE_KINDS = ("round", "device")
 # Where the budget strategy learns check-ins: the device list sorted by lastStatusReportTime
 # (one page a look) while upstream honours that sort, else the whole list.
-CHECKIN_SOURCES = ("sorted_list", "full_list")
+SORTED_LIST, FULL_LIST = "sorted_list", "full_list"
+CHECKIN_SOURCES = (SORTED_LIST, FULL_LIST)
 
 
 @dataclass(slots=True)

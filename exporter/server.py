@@ -22,7 +22,7 @@ from exporter.exposition import (
     wants_openmetrics,
 )
 from exporter.rollouts import STATES, Rollout
-from exporter.selfmetrics import SelfMetrics
+from exporter.selfmetrics import SORTED_LIST, SelfMetrics
 from exporter.state import FleetState
 from exporter.webconfig import WebSecurity, install
 
@@ -154,7 +154,7 @@ def _upstream_notes(metrics: SelfMetrics | None) -> str:
     )
     source = (
         "the device list sorted by check-in"
-        if metrics.checkin_source == "sorted_list"
+        if metrics.checkin_source == SORTED_LIST
         else "the whole device list (upstream does not honour the sort)"
     )
     return (f"<p>Check-ins from {html.escape(source)}. Query parameters: "

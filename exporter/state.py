@@ -247,7 +247,7 @@ class FleetState:
         self._setting_names: set[str] = set()
         # (config.path, config.action) as sent -> its counts in _settings.
         self._counts_of: dict[tuple[str | None, str | None], list[int]] = {}
-        self._events = 0  # transitions and latencies recorded, to tell when counters moved
+        self._events = 0  # counter moves: transitions, latencies, new setting pairs
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -463,7 +463,7 @@ class FleetState:
             return
         entry = self._entry(device, batch)
         known, before = self._view(dev, batch)
-        events_before, settings_before = self._events, len(self._settings)
+        events_before = self._events
         threshold = self._threshold(device, dev, known.created_at)
         known.counts, known.oldest_pending = self._record(
             entry.actions, threshold, known.created_at, actions
@@ -473,7 +473,7 @@ class FleetState:
         known.agrees = batch.summary is not None and known.counts == self._summary_counts(
             batch.summary
         )
-        if self._events != events_before or len(self._settings) != settings_before:
+        if self._events != events_before:
             self.counters_generation = self._bump()
         if known.exported() != before:
             dev.commands_gen = self._bump()
@@ -603,6 +603,7 @@ class FleetState:
             counts = self._settings.get(key)
             if counts is None:
                 counts = self._settings[key] = [0] * len(FINAL_CLASSES)
+                self._events += 1  # a new pair's series, at 0, move the counters too
             if len(self._counts_of) >= _SETTING_CACHE_SIZE:
                 self._counts_of.clear()
             self._counts_of[raw] = counts

@@ -89,6 +89,17 @@ def truth_gauges(sim: Simulator) -> dict[tuple[str, str], dict[str, int]]:
     return out
 
 
+def assert_exports_the_fleet(exporter: Exporter, sim: Simulator, watermark: float) -> Samples:
+    """Every change since ``watermark`` counted once, and every gauge as upstream has it;
+    returns the samples."""
+    found = samples(exporter)
+    events = sim.fleet.events_since(watermark)
+    assert events, "the simulated fleet should have changed"
+    assert exported_transitions(found) == Counter(e.status for e in events)
+    assert command_gauges(found) == truth_gauges(sim)
+    return found
+
+
 def exported_transitions(found: Samples) -> Counter[str]:
     counts: Counter[str] = Counter()
     for key, value in select(found, "applivery_windows_command_action_transitions_total").items():
@@ -161,12 +172,8 @@ async def test_transitions_and_latency_count_each_change_once(simulator):
                 sim.faults.clear()
             await poll(exporter, rounds=2 if step % 3 == 0 else 1)  # re-polls change nothing
         await poll(exporter)
-        found = samples(exporter)
-        events = sim.fleet.events_since(watermark)
-        assert events, "the simulated fleet should have changed"
-        assert exported_transitions(found) == Counter(e.status for e in events)
+        found = assert_exports_the_fleet(exporter, sim, watermark)
         assert exported_latency_count(found) == len(sim.fleet.acks_since(watermark))
-        assert command_gauges(found) == truth_gauges(sim)
     finally:
         await exporter.client.close()
 

@@ -604,6 +604,29 @@ def test_a_device_read_changes_only_its_blocks(
     )
 
 
+def test_a_guard_level_change_re_joins_every_block(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    devices = fleet_of(state)
+    exposition = make(state, metrics, max_series=10**9)
+    ceiling = exposition.series_total + 5
+    exposition.max_series = ceiling  # level 0, just under the ceiling
+    exposition.refresh()
+    assert exposition.guard_level == 0
+    # One device, in one block of three, gains enough series to raise the level.
+    state.apply_actions(
+        devices[0],
+        Batch(id="65f0c0ffee65f0c0ffee9999", name="Big", created_at=START + 50),
+        [Action(f"big-{a}", STATUSES[a % 4], sent_at=START + 60) for a in range(100)],
+    )
+    exposition.refresh()
+    assert exposition.guard_level > 0
+    full = make(state, metrics, max_series=ceiling)
+    assert full.guard_level == exposition.guard_level
+    for openmetrics in (False, True):
+        assert exposition.body(openmetrics=openmetrics) == full.body(openmetrics=openmetrics)
+
+
 def test_gzip_parts_are_one_member_equal_to_the_body_through_every_change(
     state: FleetState, clock: Clock, metrics: SelfMetrics
 ) -> None:

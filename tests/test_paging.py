@@ -327,6 +327,16 @@ def test_a_refused_parameter_is_probed_again_by_one_caller_per_interval() -> Non
     assert verdicts.ask(QUERY)  # the probe told nothing: another, an interval later
 
 
+def test_a_read_that_cannot_tell_leaves_the_probe_to_one_that_can() -> None:
+    clock = Clock()
+    verdicts = Verdicts(clock)
+    verdicts.note(QUERY, REJECTED)
+    clock.now = REPROBE_SECONDS
+    for _ in range(3):  # e.g. each round's check-in look, cut short by ``stop``
+        assert not verdicts.ask(QUERY, probe=False)
+    assert verdicts.ask(QUERY)  # the whole read that follows still probes
+
+
 def test_a_fresh_contrary_verdict_is_not_overturned_by_a_read_that_looks_right() -> None:
     clock = Clock()
     verdicts = Verdicts(clock)

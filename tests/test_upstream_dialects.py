@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 from test_exporter_e2e import (
+    assert_exports_the_fleet,
     command_gauges,
-    exported_transitions,
     make_exporter,
     poll,
     samples,
     select,
-    truth_gauges,
 )
 
 from exporter.simulator import Simulator
@@ -87,11 +86,7 @@ async def test_a_history_served_in_another_order_each_round_counts_each_change_o
             sim.advance(900)
             await poll(exporter, rounds=2 if step % 4 == 0 else 1)  # re-polls change nothing
         await poll(exporter)
-        found = samples(exporter)
-        events = sim.fleet.events_since(watermark)
-        assert events, "the simulated fleet should have changed"
-        assert exported_transitions(found) == Counter(e.status for e in events)
-        assert command_gauges(found) == truth_gauges(sim)
+        assert_exports_the_fleet(exporter, sim, watermark)
         assert sim.stats.dialect[("commands", "sort_ignored")]
         assert exporter.client.query_verdicts[("commands", "sort")] == "ignored"
     finally:

@@ -88,11 +88,7 @@ class Dialect:
         unknown = sorted(set(changes) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]!r} (known: {', '.join(SETTINGS)})")
-        current: dict[str, Any] = {
-            "sort_mode": dict(self.sort_mode), "sort_fields": self.sort_fields,
-            "tags_format": self.tags_format, "unknown_filter": self.unknown_filter,
-        }
-        return Dialect.of(**{**current, **changes})
+        return Dialect.of(**{**self.settings(), **changes})
 
     def settings(self) -> dict[str, Any]:
         """The settings as JSON values (what the control endpoint answers)."""
