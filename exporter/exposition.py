@@ -418,18 +418,32 @@ def _coarse_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
     return status_lines.encode(errors="replace"), class_lines.encode(errors="replace")
 
 
-def _fleet_class_lines(organization: str, chunks: Iterable[_Chunks]) -> bytes:
+def _fleet_class_lines(organization: str, totals: Mapping[str, int]) -> bytes:
     """The action gauges summed over device too: one series per status_class."""
-    totals: Counter[str] = Counter()
-    for chunk in chunks:
-        for status_class, count in chunk.class_counts:
-            totals[status_class] += count
     org = f'organization="{escape_label_value(organization)}"'
     return "".join(
         f'{ACTIONS.name}{{{org},status_class="{status_class}"}} {totals[status_class]}\n'
         for status_class in CLASSES
-        if totals[status_class]
+        if totals.get(status_class)
     ).encode(errors="replace")
+
+
+class _SeriesTotals:
+    """Every device's sample lines by kind (:meth:`_Chunks.series`) and its actions per
+    status class, summed: moved by the devices re-rendered, so that the guard weighs the
+    fleet without walking it on every refresh."""
+
+    def __init__(self) -> None:
+        self.lines = [0] * 6
+        self.classes: Counter[str] = Counter()
+
+    def replace(self, old: _Chunks | None, new: _Chunks | None) -> None:
+        for chunk, sign in ((old, -1), (new, 1)):
+            if chunk is not None:
+                for i, count in enumerate(chunk.series()):
+                    self.lines[i] += sign * count
+                for status_class, count in chunk.class_counts:
+                    self.classes[status_class] += sign * count
 
 
 def _sample_lines(body: bytes) -> int:
@@ -687,6 +701,8 @@ class Exposition:
         self._rollouts = RolloutTotals()
         self._rollouts_generation = -1
         self._rollout_sections: tuple[bytes, ...] = (b"", b"")
+        self._series = _SeriesTotals()
+        self._class_section = b""  # level 5's fleet-wide action lines, kept while equal
         self._device_states = b""
         self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
         self._extras: Mapping[bool, bytes] = {False: b"", True: b""}
@@ -727,6 +743,7 @@ class Exposition:
             self._dirty = None
             self._rollouts = RolloutTotals()
             self._rollouts_generation = -1
+            self._series = _SeriesTotals()
             self._state_generation = -1
 
     @property
@@ -749,13 +766,9 @@ class Exposition:
 
     def _level_totals(self, fixed: int) -> list[int]:
         """Series served at each guard level, given the series no level touches."""
-        kept = actions = by_status = by_class = command_info = info = 0
-        for chunk in self._chunks.values():
-            k, a, s, c, ci, i = chunk.series()
-            kept, actions, by_status, by_class = kept + k, actions + a, by_status + s, by_class + c
-            command_info, info = command_info + ci, info + i
+        kept, actions, by_status, by_class, command_info, info = self._series.lines
         base = fixed + kept + 2  # + the two guard gauges
-        fleet_classes = _sample_lines(_fleet_class_lines("", self._chunks.values()))
+        fleet_classes = sum(1 for count in self._series.classes.values() if count)
         return [
             base + actions + command_info + info,
             base + by_status + command_info + info,
@@ -904,7 +917,9 @@ class Exposition:
             changed = True
             self._set_order(sorted(watched))
             for gone in self._chunks.keys() - set(watched):
-                self._rollouts.replace(self._chunks.pop(gone).rollouts, ())
+                old = self._chunks.pop(gone)
+                self._rollouts.replace(old.rollouts, ())
+                self._series.replace(old, None)
         organization = state.organization
         chunks = self._chunks
         rendered = 0
@@ -924,6 +939,7 @@ class Exposition:
                 if self._dirty is not None:
                     self._dirty.add(device)
                 self._rollouts.replace(previous.rollouts if previous else (), fresh.rollouts)
+                self._series.replace(previous, fresh)
                 rendered += 1
                 if rendered % RENDER_STEP_DEVICES == 0:
                     yield
@@ -983,8 +999,10 @@ class Exposition:
         out: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
         actions = _ACTION_FIELDS[level]
         if actions is None:
-            chunks = [self._chunks[device] for device in self._order]
-            out.append(_fleet_class_lines(self._state.organization, chunks))
+            section = _fleet_class_lines(self._state.organization, self._series.classes)
+            if section != self._class_section:  # else the old object: its CRC is known
+                self._class_section = section
+            out.append(self._class_section)
         else:
             out += joined(actions)
         out.append(OLDEST_PENDING.header(openmetrics=openmetrics))

@@ -379,6 +379,23 @@ def test_incremental_refresh_equals_a_full_render(
     samples(incremental.body(openmetrics=True), openmetrics=True)
 
 
+@pytest.mark.parametrize("max_series", [10**9, 1])  # guard on at level 0; at its last level
+def test_the_guard_weighs_an_incrementally_refreshed_fleet_as_a_full_render(
+    state: FleetState, clock: Clock, metrics: SelfMetrics, max_series: int
+) -> None:
+    rng = random.Random(11)
+    registry = CollectorRegistry()
+    incremental = make(state, metrics, registry=registry, max_series=max_series)
+    for _ in range(300):
+        random_step(rng, state, clock, metrics)
+        incremental.refresh()
+        full = make(state, metrics, registry=registry, max_series=max_series)
+        assert (incremental.series_total, incremental.guard_level) == (
+            full.series_total, full.guard_level
+        )
+        assert incremental.body(openmetrics=False) == full.body(openmetrics=False)
+
+
 def test_a_stepwise_refresh_pauses_and_changes_made_meanwhile_show_next_time(
     state: FleetState, clock: Clock, metrics: SelfMetrics
 ) -> None:
