@@ -331,7 +331,7 @@ class _Chunks:
     by_class: bytes = b""
     class_counts: tuple[tuple[str, int], ...] = ()
 
-    def lines(self) -> tuple[bytes | str, ...]:
+    def lines(self) -> tuple[bytes, ...]:
         return (
             self.info, self.up, self.last_success, self.check_in, self.actions, self.oldest,
             self.command_info, self.by_status, self.by_class,
@@ -420,7 +420,7 @@ def _coarse_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
 
 def _fleet_class_lines(organization: str, totals: Mapping[str, int]) -> bytes:
     """The action gauges summed over device too: one series per status_class."""
-    org = f'organization="{escape_label_value(organization)}"'
+    org = _labels((("organization", organization),))
     return "".join(
         f'{ACTIONS.name}{{{org},status_class="{status_class}"}} {totals[status_class]}\n'
         for status_class in CLASSES
@@ -494,7 +494,7 @@ def _render_device(
 def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes, bytes]:
     """Sample lines of the transition counter, the latency histogram and the setting
     results: the counters that move with the ledger."""
-    org = f'organization="{escape_label_value(organization)}"'
+    org = _labels((("organization", organization),))
     transitions = [
         f'{TRANSITIONS.name}_total{{{org},status="{escape_label_value(status)}",'
         f'status_class="{status_class}"}} {count}\n'
@@ -511,7 +511,7 @@ def _fleet_sections(organization: str, state: FleetState) -> tuple[bytes, bytes,
 
 
 def _setting_lines(organization: str, state: FleetState) -> bytes:
-    org = f'organization="{escape_label_value(organization)}"'
+    org = _labels((("organization", organization),))
     return "".join(
         f'{SETTING_RESULTS.name}_total{{{org},setting="{escape_label_value(setting)}",'
         f'operation="{escape_label_value(operation)}",status_class="{status_class}"}} {count}\n'
@@ -522,7 +522,7 @@ def _setting_lines(organization: str, state: FleetState) -> bytes:
 def _rollout_lines(organization: str, rollouts: Sequence[Rollout]) -> tuple[bytes, bytes]:
     """Lines of the rollout gauges: every state and every class of each rollout, zeros too
     (a share of failed devices needs its denominator)."""
-    org = f'organization="{escape_label_value(organization)}"'
+    org = _labels((("organization", organization),))
     devices: list[str] = []
     actions: list[str] = []
     for rollout in rollouts:
@@ -539,7 +539,7 @@ def _rollout_lines(organization: str, rollouts: Sequence[Rollout]) -> tuple[byte
 
 
 def _device_state_lines(organization: str, states: Mapping[str, int]) -> bytes:
-    org = f'organization="{escape_label_value(organization)}"'
+    org = _labels((("organization", organization),))
     return "".join(
         f'{DEVICES.name}{{{org},state="{escape_label_value(state)}"}} {count}\n'
         for state, count in sorted(states.items())
@@ -862,9 +862,10 @@ class Exposition:
         if self._max_series is not None or self.guard_level:
             own_series = _sample_lines(self._self_sections[False]) + _sample_lines(extras[False])
             own_changed |= self._choose_level(own_series, fleet_moved=state_moved)
-        if state_moved or self.guard_level != level or self._fleet_parts is None:
+        relayout = self.guard_level != level or self._fleet_parts is None
+        if state_moved or relayout:
             fleet_changed |= yield from self._join_blocks()
-            if fleet_changed or self.guard_level != level or self._fleet_parts is None:
+            if fleet_changed or relayout:
                 fleet_changed = True
                 self._fleet_parts = {om: self._fleet_layout(openmetrics=om) for om in (False, True)}
         if own_changed:
