@@ -22,9 +22,10 @@ reason:
   read; one that checked in more recently counts its time unread only in the proportion it
   has been silent (its next session, read as a check-in, would show a new batch anyway).
 
-A round takes devices in that order, oldest due first, while its credit lasts, keeping at
-least ``SWEEP_SHARE`` of it for the sweep while sweep devices wait. Everything here is a
-function of its arguments.
+A round takes, while its credit lasts, the new devices, then the pending ones, then answers
+and check-ins together, oldest due first (a look for answers ``ANSWER_LEAD_ROUNDS`` ahead),
+keeping at least ``SWEEP_SHARE`` of the credit for the sweep while sweep devices wait.
+Everything here is a function of its arguments.
 """
 
 from __future__ import annotations
@@ -58,13 +59,18 @@ SWEEP_SHARE = 0.25
 # more recently counts it in proportion. Longer favours silent devices (where unannounced
 # batches wait) more; shorter sweeps every device alike.
 SILENCE_HORIZON = 3600.0
+# A look for answers ranks as though due this many rounds before a check-in: the look
+# finishes a batch already known, while most check-ins show nothing new. More holds the
+# check-ins back where sessions come faster than the budget reads them (and a batch no read
+# had shown waits longest); less delays the answers of known batches during a rollout.
+ANSWER_LEAD_ROUNDS = 2.0
 # Unspent credit carries over up to this many rounds' worth. More absorbs bursts of check-ins;
 # less keeps the request rate flat (the budget is per hour, bursts count too).
 CREDIT_ROUNDS = 2.0
 
 
 class Reason(IntEnum):
-    """Why a device is due, in the order a round takes them."""
+    """Why a device is due (a round takes answers and check-ins by due time alone)."""
 
     NEW = 0
     PENDING = 1
@@ -190,16 +196,19 @@ class Candidate:
     cost: int
 
 
-def plan(candidates: Iterable[Candidate], credit: float) -> tuple[list[str], int]:
+def plan(
+    candidates: Iterable[Candidate], credit: float, round_seconds: float
+) -> tuple[list[str], int]:
     """The devices a round reads, in order, and the requests they are expected to cost.
 
-    Devices never read go first; then announced changes, by reason and oldest due first,
-    leaving ``SWEEP_SHARE`` of the credit to the sweep while sweep devices wait; then the
-    sweep; then announced changes again with what the sweep left. When the head of a queue
-    does not fit in the credit, the round ends there: the credit saved is that device's next
-    round (cheaper devices behind it must not keep it waiting for ever).
+    Devices never read go first; then announced changes (:func:`queue_order`), leaving
+    ``SWEEP_SHARE`` of the credit to the sweep while sweep devices wait; then the sweep; then
+    announced changes again with what the sweep left. When the head of a queue does not fit
+    in the credit, the round ends there: the credit saved is that device's next round
+    (cheaper devices behind it must not keep it waiting for ever).
     """
-    ordered = sorted(candidates, key=lambda c: (c.due.reason, c.due.at, c.device))
+    lead = ANSWER_LEAD_ROUNDS * round_seconds
+    ordered = sorted(candidates, key=lambda c: queue_order(c, lead))
     new = [c for c in ordered if c.due.reason == Reason.NEW]
     announced = [c for c in ordered if Reason.NEW < c.due.reason < Reason.SWEEP]
     sweep = [c for c in ordered if c.due.reason == Reason.SWEEP]
@@ -209,6 +218,17 @@ def plan(candidates: Iterable[Candidate], credit: float) -> tuple[list[str], int
     all(_take(queue, taken, limit, credit) for queue, limit in (
         (new, credit), (announced, share), (sweep, credit), (announced, credit)))
     return [c.device for c in taken], sum(c.cost for c in taken)
+
+
+def queue_order(candidate: Candidate, lead: float) -> tuple[bool, float, Reason, str]:
+    """The order of a queue: pending devices that checked in first (their session certainly
+    moved an action); then looks for answers and check-ins by due time, a look ranking
+    ``lead`` seconds earlier than it is due. Looks do not simply go first: where sessions
+    come faster than the budget reads them, that kept every check-in behind an endless
+    stream of looks, and the batches no read had shown yet waited longest."""
+    due = candidate.due
+    at = due.at - lead if due.reason == Reason.ANSWERS else due.at
+    return (due.reason != Reason.PENDING, at, due.reason, candidate.device)
 
 
 def _take(queue: list[Candidate], taken: list[Candidate], limit: float, credit: float) -> bool:

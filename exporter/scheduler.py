@@ -501,7 +501,9 @@ class Scheduler:
         # Credit piles up to the dearest device after this round's look at the device list,
         # so that one is not deferred for ever.
         self._credit_floor = looked + max((c.cost for c in candidates), default=1)
-        chosen, planned = plan(candidates, math.floor(credit))
+        chosen, planned = plan(
+            candidates, math.floor(credit), self.config.poll.interval_seconds
+        )
         result.planned = planned + looked
         result.deferred = len(self._targets) - len(chosen)
         await self._poll_all([self._targets[d] for d in chosen], result)

@@ -13,6 +13,7 @@ from exporter.histogram import Histogram
 from exporter.planner import (
     ANSWER_FIRST,
     ANSWER_GROWTH,
+    ANSWER_LEAD_ROUNDS,
     ANSWER_SECONDS,
     ANSWERS_KNOWN,
     SWEEP_SHARE,
@@ -25,9 +26,11 @@ from exporter.planner import (
     cost,
     due,
     plan,
+    queue_order,
 )
 
 NOW = 10_000.0
+ROUND = 2.0  # poll.interval_seconds
 
 
 @pytest.mark.parametrize(
@@ -142,7 +145,7 @@ def candidates(reason: Reason, count: int, *, each: int = 1) -> list[Candidate]:
         ({Reason.PENDING: 20}, 8, {Reason.PENDING: 8}),
         # What the sweep does not use goes back to them.
         ({Reason.PENDING: 20, Reason.SWEEP: 1}, 8, {Reason.PENDING: 7, Reason.SWEEP: 1}),
-        # Never read first, then by reason: pending, answers, check-ins.
+        # Never read first, then pending; answers and check-ins due at once by reason.
         ({Reason.NEW: 2, Reason.PENDING: 2, Reason.ANSWERS: 2, Reason.CHECKIN: 2}, 5,
          {Reason.NEW: 2, Reason.PENDING: 2, Reason.ANSWERS: 1}),
         ({Reason.SWEEP: 3}, 0, {}),
@@ -152,7 +155,7 @@ def test_plan_shares_the_credit(
     queues: dict[Reason, int], credit: float, expected: dict[Reason, int]
 ) -> None:
     pool = [c for reason, count in queues.items() for c in candidates(reason, count)]
-    chosen, planned = plan(pool, credit)
+    chosen, planned = plan(pool, credit, ROUND)
     taken = {reason: sum(d.startswith(reason.name.lower()) for d in chosen) for reason in Reason}
     assert {r: n for r, n in taken.items() if n} == expected
     assert planned == len(chosen) <= credit
@@ -160,8 +163,47 @@ def test_plan_shares_the_credit(
 
 def test_plan_takes_each_queue_oldest_due_first() -> None:
     pool = candidates(Reason.CHECKIN, 5)[::-1] + candidates(Reason.SWEEP, 5)[::-1]
-    chosen, _ = plan(pool, 4)
+    chosen, _ = plan(pool, 4, ROUND)
     assert chosen == ["checkin-00", "checkin-01", "checkin-02", "sweep-00"]
+
+
+@pytest.mark.parametrize(
+    ("pool", "lead", "expected"),
+    [
+        # A pending device that checked in goes first, however recent its check-in...
+        ([(Reason.CHECKIN, 1.0), (Reason.PENDING, 9.0)], 4.0, ["pending", "checkin"]),
+        # ... while looks for answers and check-ins go by due time, a look ``lead`` ahead.
+        ([(Reason.ANSWERS, 5.0), (Reason.CHECKIN, 3.0)], 0.0, ["checkin", "answers"]),
+        ([(Reason.ANSWERS, 5.0), (Reason.CHECKIN, 3.0)], 4.0, ["answers", "checkin"]),
+        ([(Reason.ANSWERS, 8.0), (Reason.CHECKIN, 3.0)], 4.0, ["checkin", "answers"]),
+        # Ranking at the same moment: by reason.
+        ([(Reason.CHECKIN, 4.0), (Reason.ANSWERS, 4.0)], 0.0, ["answers", "checkin"]),
+    ],
+)
+def test_queue_order(pool: list[tuple[Reason, float]], lead: float, expected: list[str]) -> None:
+    queue = [Candidate(reason.name.lower(), Due(at, reason), 1) for reason, at in pool]
+    assert [c.device for c in sorted(queue, key=lambda c: queue_order(c, lead))] == expected
+
+
+def test_looks_for_answers_never_starve_an_older_check_in() -> None:
+    # Sessions come faster than the credit reads them: every round brings 12 looks for
+    # answers and pays for 8. A check-in due at 10 s is read as soon as the looks ranking
+    # before it (due ANSWER_LEAD_ROUNDS later at most) are paid for, however many come after.
+    credit, per_round, waiting_since = 8, 12, 10.0
+    pool = [Candidate("checkin", Due(waiting_since, Reason.CHECKIN), 1)]
+    read_in = None
+    for number in range(30):
+        now = ROUND * number
+        pool += [Candidate(f"look-{now}-{i}", Due(now, Reason.ANSWERS), 1)
+                 for i in range(per_round)]
+        chosen, _ = plan(pool, credit, ROUND)
+        if "checkin" in chosen:
+            read_in = number
+            break
+        pool = [c for c in pool if c.device not in chosen]
+    ranking_before = waiting_since + ANSWER_LEAD_ROUNDS * ROUND
+    looks_before = per_round * (int(ranking_before / ROUND) + 1)
+    assert read_in == math.ceil((looks_before + 1) / credit) - 1
 
 
 def test_a_device_that_does_not_fit_keeps_the_credit_for_itself() -> None:
@@ -169,11 +211,11 @@ def test_a_device_that_does_not_fit_keeps_the_credit_for_itself() -> None:
     # rather than spend it on the cheap one behind it and keep the new one waiting.
     pool = [Candidate("new", Due(-math.inf, Reason.NEW), 2),
             Candidate("old", Due(1.0, Reason.SWEEP), 1)]
-    assert plan(pool, 1) == ([], 0)
-    assert plan(pool, 3) == (["new", "old"], 3)
+    assert plan(pool, 1, ROUND) == ([], 0)
+    assert plan(pool, 3, ROUND) == (["new", "old"], 3)
     # The head of a queue may go past the announced share, never past the credit.
     pool = [Candidate("pending", Due(1.0, Reason.PENDING), 7), *candidates(Reason.SWEEP, 3)]
-    assert plan(pool, 8) == (["pending", "sweep-00"], 8)
+    assert plan(pool, 8, ROUND) == (["pending", "sweep-00"], 8)
 
 
 def histogram(*latencies: float) -> Histogram:
