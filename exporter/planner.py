@@ -70,7 +70,7 @@ CREDIT_ROUNDS = 2.0
 
 
 class Reason(IntEnum):
-    """Why a device is due (a round takes answers and check-ins by due time alone)."""
+    """Why a device is due (:func:`queue_order` says in which order a round takes them)."""
 
     NEW = 0
     PENDING = 1
