@@ -689,9 +689,8 @@ class Exposition:
         self._registry = registry if registry is not None else default_registry()
         self._chunks: dict[str, _Chunks] = {}
         self._order: list[str] = []
-        self._position: dict[str, int] = {}  # device -> index in _order
-        # Devices re-rendered since their blocks were last joined; None: every block.
-        self._dirty: set[str] | None = None
+        # Blocks holding a device re-rendered since they were last joined; None: every block.
+        self._dirty: set[int] | None = None
         # Per _Chunks field: per block, the lines it was joined from and the joined bytes.
         self._blocks: dict[str, list[tuple[list[bytes] | None, bytes]]] = {}
         self._state_generation = -1
@@ -701,7 +700,8 @@ class Exposition:
         self._rollouts = RolloutTotals()
         self._rollouts_generation = -1
         self._rollout_sections: tuple[bytes, ...] = (b"", b"")
-        self._series = _SeriesTotals()
+        self._series = _SeriesTotals()  # kept while the guard is on
+        self._render_again = False  # the ceiling changed: every device at the next refresh
         self._class_section = b""  # level 5's fleet-wide action lines, kept while equal
         self._device_states = b""
         self._self_sections: Mapping[bool, bytes] = {False: b"", True: b""}
@@ -734,17 +734,24 @@ class Exposition:
 
     @max_series.setter
     def max_series(self, value: int | None) -> None:
-        """A new ceiling (a reload): every device is rendered again at the next refresh."""
+        """A new ceiling (a reload): every device is rendered again at the next refresh.
+
+        Only noted here: a reload may come while a refresh is paused between its steps, and
+        that refresh goes on with the devices it holds."""
         if value != self._max_series:
             self._max_series = value
-            self._chunks = {}
-            self._order = []
-            self._position = {}
-            self._dirty = None
-            self._rollouts = RolloutTotals()
-            self._rollouts_generation = -1
-            self._series = _SeriesTotals()
-            self._state_generation = -1
+            self._render_again = True
+
+    def _forget_devices(self) -> None:
+        """Drop every rendered device and what was summed from them."""
+        self._render_again = False
+        self._chunks = {}
+        self._order = []
+        self._dirty = None
+        self._rollouts = RolloutTotals()
+        self._rollouts_generation = -1
+        self._series = _SeriesTotals()
+        self._state_generation = -1
 
     @property
     def guard_summary(self) -> str:
@@ -837,6 +844,8 @@ class Exposition:
 
         The fleet part is touched only when FleetState moved (or the guard level changed);
         a self-metrics change re-renders the self part alone."""
+        if self._render_again:
+            self._forget_devices()
         state, metrics = self._state, self._metrics
         state_generation = state.generation
         state_moved = state_generation != self._state_generation
@@ -898,6 +907,11 @@ class Exposition:
         if device_states != self._device_states:
             changed = True
             self._device_states = device_states
+        if self._max_series is not None:  # what level 5 keeps of the actions
+            classes = _fleet_class_lines(organization, self._series.classes)
+            if classes != self._class_section:
+                changed = True
+                self._class_section = classes
         return changed
 
     def rollouts(self) -> list[Rollout]:
@@ -906,7 +920,6 @@ class Exposition:
 
     def _set_order(self, order: list[str]) -> None:
         self._order = order
-        self._position = {device: i for i, device in enumerate(order)}
         self._dirty = None  # blocks hold other devices now
 
     def _refresh_devices(self) -> Generator[None, None, bool]:
@@ -920,11 +933,12 @@ class Exposition:
             for gone in self._chunks.keys() - set(watched):
                 old = self._chunks.pop(gone)
                 self._rollouts.replace(old.rollouts, ())
-                self._series.replace(old, None)
+                if self._max_series is not None:
+                    self._series.replace(old, None)
         organization = state.organization
         chunks = self._chunks
         rendered = 0
-        for device in self._order:
+        for index, device in enumerate(self._order):
             try:
                 generations = state.device_generations(device)
             except KeyError:
@@ -938,9 +952,10 @@ class Exposition:
                 changed = changed or previous is None or fresh.lines() != previous.lines()
                 chunks[device] = fresh
                 if self._dirty is not None:
-                    self._dirty.add(device)
+                    self._dirty.add(index // BLOCK_DEVICES)
                 self._rollouts.replace(previous.rollouts if previous else (), fresh.rollouts)
-                self._series.replace(previous, fresh)
+                if self._max_series is not None:  # only the guard weighs the fleet
+                    self._series.replace(previous, fresh)
                 rendered += 1
                 if rendered % RENDER_STEP_DEVICES == 0:
                     yield
@@ -965,12 +980,8 @@ class Exposition:
         for joined in blocks.values():
             del joined[count:]
             joined.extend([(None, b"")] * (count - len(joined)))
-        todo: Iterable[int]
-        if self._dirty is None:  # every block is looked at; those whose lines stay are kept
-            todo = range(count)
-        else:
-            position = self._position
-            todo = sorted({position[d] // BLOCK_DEVICES for d in self._dirty if d in position})
+        # Without a note of blocks, every one is looked at; those whose lines stay are kept.
+        todo = range(count) if self._dirty is None else sorted(self._dirty)
         self._dirty = set()
         changed = False
         for joined_blocks, index in enumerate(todo, 1):
@@ -1000,9 +1011,6 @@ class Exposition:
         out: list[bytes] = [ACTIONS.header(openmetrics=openmetrics)]
         actions = _ACTION_FIELDS[level]
         if actions is None:
-            section = _fleet_class_lines(self._state.organization, self._series.classes)
-            if section != self._class_section:  # else the old object: its CRC is known
-                self._class_section = section
             out.append(self._class_section)
         else:
             out += joined(actions)

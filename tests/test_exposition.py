@@ -429,6 +429,37 @@ def test_a_stepwise_refresh_pauses_and_changes_made_meanwhile_show_next_time(
         assert exposition.body(openmetrics=openmetrics) == full.body(openmetrics=openmetrics)
 
 
+def test_a_new_ceiling_while_a_refresh_is_paused_renders_every_device_next_time(
+    state: FleetState, clock: Clock, metrics: SelfMetrics
+) -> None:
+    # A reload lands on the event loop between two steps of a refresh: the paused refresh
+    # finishes with the devices it holds, and the next one renders the fleet under the new
+    # ceiling, weighed as a full render weighs it.
+    devices = fleet_of(state, RENDER_STEP_DEVICES * 3)
+    registry = CollectorRegistry()
+    exposition = make(state, metrics, registry=registry, max_series=10**9)
+    clock.now += 60
+    for device in devices:  # a round: every device read, each found a new batch
+        state.apply_actions(device, Batch(id=BATCH_2, name="New", created_at=START + 50),
+                            [Action("x", "Pending"), Action("y", "Acknowledged")])
+        state.poll_succeeded(device)
+    steps = exposition.refresh_steps()
+    next(steps)
+    exposition.max_series = 10**8
+    for _ in steps:
+        pass
+    assert exposition.refresh() is True
+    full = make(state, metrics, registry=registry, max_series=10**8)
+    assert exposition.body(openmetrics=False) == full.body(openmetrics=False)
+    clock.now += 1
+    state.poll_succeeded(devices[0])  # the next device read moves the totals from there on
+    exposition.refresh()
+    full = make(state, metrics, registry=registry, max_series=10**8)
+    assert exposition.series_total == full.series_total
+    assert exposition.rollouts() == full.rollouts()
+    assert exposition.body(openmetrics=False) == full.body(openmetrics=False)
+
+
 # --- gzip ---------------------------------------------------------------------------------------
 
 
