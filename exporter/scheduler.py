@@ -155,7 +155,10 @@ class Scheduler:
         self._credit = 0.0
         self._credit_at: float | None = None
         self._credit_floor = 2.0
-        self._full_look_at: float | None = None  # budget clock of the last full look
+        # The last read of the watched device list (discovery's, or a full look for
+        # check-ins): when, on the budget's clock, and what it cost.
+        self._full_look_at: float | None = None
+        self._full_look_cost: int | None = None
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -260,19 +263,26 @@ class Scheduler:
         now = self._clock()
         if self._discovered_at is not None and now - self._discovered_at < spec.refresh_seconds:
             return False
-        devices = await self._device_list(
-            "discovery_failed", tags=spec.tags, segment=spec.segment, level="error"
-        )
+        devices = await self._watched_list("discovery_failed", level="error")
         if devices is None:
             return False
-        self._discovered = {d.id: Target.discovered(d) for d in devices}
-        self._discovered_at = now
+        self._discovery(devices, now)
+        log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
+        return True
+
+    def _discovery(self, devices: Sequence[Device], now: float) -> bool:
+        """Membership, states and check-ins from the watched device list, whichever read it
+        (discovery, or a full look for check-ins); True when the devices discovered moved."""
+        spec = self.config.discovery.devices
+        assert spec is not None
+        discovered = {d.id: Target.discovered(d) for d in devices}
+        moved = discovered != self._discovered
+        self._discovered, self._discovered_at = discovered, now
         self._apply_targets()
         shown = self._shown_by_discovery = self._note_devices(devices)
         if spec.whole_list:  # a watched device it lacks is not listed at all
             self._note_unlisted(shown)
-        log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
-        return True
+        return moved
 
     async def _list_configured(self) -> None:
         """Check-ins and states of configured devices that discovery does not list, from the
@@ -311,13 +321,14 @@ class Scheduler:
         ):
             return
         self._checkins_from(FULL_LIST)
-        now = self._client.budget.now()
-        if self._full_look_at is None or now - self._full_look_at >= self._full_look_every():
-            self._full_look_at = now
-            devices = await self._device_list("checkins_unavailable", tags=spec.tags,
-                                              segment=spec.segment)
-            if devices is not None:
-                self._note_devices(devices)
+        last = self._full_look_at
+        if last is None or self._client.budget.now() - last >= self._full_look_every():
+            now = self._clock()
+            devices = await self._watched_list("checkins_unavailable")
+            # The list discovery reads: its refresh too (it is not read twice in a row).
+            if devices is not None and self._discovery(devices, now):
+                log.info("devices_discovered", count=len(self._discovered),
+                         watched=len(self._targets))
 
     async def _sorted_look(self, tags: Sequence[str], segment: int | None) -> bool:
         """The devices that checked in since the mark, newest first; False when upstream
@@ -345,6 +356,20 @@ class Scheduler:
         self._checkins_from(SORTED_LIST)
         return True
 
+    async def _watched_list(self, failure: str, level: str = "warning") -> list[Device] | None:
+        """The device list discovery filters, read by discovery and for check-ins alike:
+        either read is a full look, and paces the next one by what it cost (the whole
+        organization's list where upstream ignores the filter)."""
+        spec = self.config.discovery.devices
+        assert spec is not None
+        budget = self._client.budget
+        spent, self._full_look_at = budget.spent, budget.now()
+        devices = await self._device_list(
+            failure, tags=spec.tags, segment=spec.segment, level=level
+        )
+        self._full_look_cost = max(1, budget.spent - spent)
+        return devices
+
     async def _device_list(
         self,
         failure: str,
@@ -365,9 +390,12 @@ class Scheduler:
         return self._until_now(devices)
 
     def _full_look_every(self) -> float:
-        """Seconds between two full looks: ⌈N / page_size⌉ requests each, within
-        FULL_LIST_SHARE of the budget, and never more often than every round."""
-        pages = max(1, math.ceil(len(self._discovered) / self.config.api.page_size))
+        """Seconds between two full looks: what the last one cost (⌈N / page_size⌉ requests
+        before any), within FULL_LIST_SHARE of the budget, never more often than every
+        round."""
+        pages = self._full_look_cost or max(
+            1, math.ceil(len(self._discovered) / self.config.api.page_size)
+        )
         rate = max(1e-9, self._client.budget.effective_rate_per_hour)
         return max(self.config.poll.interval_seconds, pages * 3600 / (FULL_LIST_SHARE * rate))
 

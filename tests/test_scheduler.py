@@ -22,7 +22,7 @@ from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
 from exporter.exposition import Exposition
 from exporter.planner import SWEEP_SHARE, Reason, answer_wait, cost, due
-from exporter.scheduler import RoundResult, Scheduler
+from exporter.scheduler import FULL_LIST_SHARE, RoundResult, Scheduler
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
 from exporter.state import FleetState
@@ -399,6 +399,31 @@ async def test_round_robin_under_a_tight_budget_takes_longer_than_its_interval(
     # Two rounds of 30+ requests each at 0.1 request per second.
     assert rig.sim.clock.now() - start > 2 * 30 / 0.1 * 0.9
     assert rig.scheduler.ready
+
+
+@pytest.mark.parametrize("tags_format", ["any", "ignore"])
+async def test_the_whole_device_list_keeps_to_its_share_of_the_budget(
+    make_rig: MakeRig, tags_format: str
+) -> None:
+    # Upstream ignores the sort by check-in, so the device list is read whole for them; with
+    # the tags filter ignored too, it is the whole organization's (200 devices, 10 pages)
+    # for the 10 watched. Read for check-ins and by discovery (every minute) alike, it keeps
+    # to FULL_LIST_SHARE of the budget, and a discovery read counts as a full look.
+    rig = await make_rig({"devices": 200, "sort_mode": {"devices": "ignore"},
+                          "tags_format": tags_format},
+                         api={"requests_per_hour": 3_600, "page_size": 20},
+                         poll={"interval_seconds": 2},
+                         discovery={"devices": {"tags": ["watched"], "refresh_seconds": 60}})
+    for device in rig.sim.fleet.device_ids()[:10]:
+        retag(rig.sim, device, ("watched",))
+    await rig.round()
+    listed = rig.requests("devices")
+    await rounds_until(rig, 600, interval=2)
+    assert rig.metrics.checkin_source == "full_list"
+    pages = 10 if tags_format == "ignore" else 1
+    share = (rig.requests("devices") - listed) / 600 * HOUR / 3_600
+    assert share <= FULL_LIST_SHARE + pages / 600, share
+    assert rig.scheduler.targets.keys() == set(rig.sim.fleet.device_ids()[:10])
 
 
 async def test_requests_planned_are_exported_next_to_the_budget(make_rig: MakeRig) -> None:
