@@ -548,8 +548,12 @@ class ApiClient:
         sent = wanted if send_tags else ()
         try:
             read = await self._device_read(sent, segment, sort, stop)
-        except UpstreamError as exc:
-            if exc.status != 400:
+        except ApiError as exc:
+            if not (isinstance(exc, UpstreamError) and exc.status == 400):
+                self._verdicts.told_nothing(
+                    *((DEVICE_SORT,) if sort is not None else ()),
+                    *((DEVICE_TAGS,) if send_tags else ()),
+                )
                 raise
             if sort is not None and await self._devices_answer(sent, segment):
                 self._verdicts.note(DEVICE_SORT, REJECTED, sort=sort, reason=exc.reason)
@@ -616,8 +620,9 @@ class ApiClient:
             return _newest(await read(()), max_items, since)
         try:
             found = await read((("sort", HISTORY_ORDER),))
-        except UpstreamError as exc:
-            if exc.status != 400:
+        except ApiError as exc:
+            if not (isinstance(exc, UpstreamError) and exc.status == 400):
+                self._verdicts.told_nothing(HISTORY_SORT)
                 raise
             found = await read(())  # refused again without it: not the sort's doing
             self._verdicts.note(HISTORY_SORT, REJECTED, sort=HISTORY_ORDER, reason=exc.reason)
@@ -738,8 +743,9 @@ class ApiClient:
         """Note what a read with ``sort`` showed. Returns what holds for this read: its own
         evidence, else what the client knows of the sort."""
         descending = _sort_field(sort)[1]
-        if order is None:
-            return UNCHECKED  # a field whose values the documents do not carry
+        if order is None:  # a field whose values the documents do not carry
+            self._verdicts.told_nothing(query)
+            return UNCHECKED
         if order.confirms(descending):
             self._verdicts.note(query, HONOURED, sort=sort)
             return HONOURED
@@ -748,6 +754,8 @@ class ApiClient:
             return IGNORED
         if self._verdicts[query] == REJECTED:  # accepted again, order not known yet
             self._verdicts.note(query, UNCHECKED, sort=sort)
+        else:  # too short to show an order
+            self._verdicts.told_nothing(query)
         return self._verdicts[query]
 
     def _tags_worth_checking(self, tags: Sequence[str]) -> bool:

@@ -286,9 +286,10 @@ class Verdicts:
 
     def ask(self, query: Query, avoid: Iterable[str] = (REJECTED,), *, probe: bool = True) -> bool:
         """Whether to send the parameter now: not while its verdict is one of ``avoid``,
-        but once per re-probe interval all the same (this caller probes, others wait). A
-        caller whose read cannot tell the verdict passes ``probe=False``: it must not use up
-        the re-probe that another read would decide."""
+        but once per re-probe interval all the same (this caller probes, others wait until
+        it notes evidence, or says it has none: :meth:`told_nothing`). A read that cannot
+        tell by its nature (cut short on purpose) passes ``probe=False``: sending a refused
+        parameter would cost it its result for nothing."""
         now = self._monotonic()
         if query not in self._entries:
             self._entries[query] = (UNCHECKED, now, now)
@@ -300,6 +301,15 @@ class Verdicts:
             return False
         self._entries[query] = (verdict, evidenced, now)
         return True
+
+    def told_nothing(self, *queries: Query) -> None:
+        """A read that sent these parameters showed no evidence either way (it failed, was
+        cut short, or too short to show an order): a probe it took goes to the next read
+        instead of waiting another interval."""
+        for query in queries:
+            if (entry := self._entries.get(query)) is not None:
+                verdict, evidenced, _ = entry
+                self._entries[query] = (verdict, evidenced, evidenced)
 
     def note(self, query: Query, verdict: str, **detail: Any) -> None:
         """Evidence for ``verdict`` now; logged when it changes the verdict."""

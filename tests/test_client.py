@@ -1208,6 +1208,25 @@ async def test_the_sort_verdict_is_logged_once_and_probed_again_hourly(sim: Simu
     assert verdicts == [("ignored", "warning"), ("honoured", "info")]
 
 
+async def test_a_probe_whose_read_tells_nothing_goes_to_the_next_read(sim: Simulated) -> None:
+    # The sort is ignored, then upstream mends. The hourly probe falls on a read that fails:
+    # it tells nothing of the sort, so the next read probes, not one an hour later.
+    device = sim.sim.fleet.device_ids()[0]
+    sim.sim.set_dialect(sort_mode="ignore")
+    async with sim.client(page_size=2, max_attempts=1) as client:
+        await client.list_batches(device, max_items=3)
+        assert client.query_verdicts[HISTORY] == "ignored"
+        sim.sim.set_dialect(sort_mode="honour")
+        sim.clock.now += 3600
+        sim.sim.faults.set("error500")
+        with pytest.raises(UpstreamError):
+            await client.list_batches(device, max_items=3)
+        sim.sim.faults.clear()
+        assert [b.id for b in await client.list_batches(device, max_items=3)] == newest(
+            sim, device, 3)
+        assert client.query_verdicts[HISTORY] == "honoured"
+
+
 async def test_a_rejected_sort_is_probed_again_hourly(sim: Simulated) -> None:
     device = sim.sim.fleet.device_ids()[0]
     sim.sim.set_dialect(sort_mode={"commands": "reject"})
