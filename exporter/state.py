@@ -332,7 +332,7 @@ class FleetState:
         listed = NOT_LISTED if state is None else state
         newest = dev.check_in if check_in is None else max(check_in, dev.check_in or check_in)
         if (listed, newest) != (dev.state, dev.check_in):
-            self._device_states[dev.state] -= 1
+            self._left_state(dev.state)
             self._device_states[listed] += 1
             dev.state, dev.check_in = listed, newest
             dev.status_gen = self._bump()
@@ -341,16 +341,23 @@ class FleetState:
         """Stop exporting the device; its ledger stays until pruned by age."""
         dev = self._devices.pop(device, None)
         if dev is not None:
-            self._device_states[dev.state] -= 1
+            self._left_state(dev.state)
             self._bump()
 
     def watched(self) -> list[str]:
         return list(self._devices)
 
+    def _left_state(self, state: str) -> None:
+        """A watched device is no longer in ``state``: an undocumented one that no device
+        holds any more is forgotten (upstream may send any number of them over time)."""
+        self._device_states[state] -= 1
+        if not self._device_states[state] and state not in DEVICE_STATES:
+            del self._device_states[state]
+
     def device_states(self) -> dict[str, int]:
-        """Watched devices per upstream state: the documented ones (zeros too), then any
-        other state sent, and ``NOT_LISTED``."""
-        return {s: n for s, n in self._device_states.items() if n or s in DEVICE_STATES}
+        """Watched devices per upstream state: the documented ones (zeros too), and any
+        other state a watched device is in (``NOT_LISTED`` among them)."""
+        return dict(self._device_states)
 
     # --- applying a poll -------------------------------------------------------------------
 

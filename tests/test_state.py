@@ -8,7 +8,9 @@ the state under test.
 from __future__ import annotations
 
 import gc
+import random
 import tracemalloc
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 
 from exporter.records import Action, Batch, decode_action, decode_batch
 from exporter.selfmetrics import SelfMetrics
-from exporter.state import FleetState
+from exporter.state import DEVICE_STATES, FleetState
 
 DEVICE = "65f0c0ffee65f0c0ffee0001"
 BATCH = "65f0c0ffee65f0c0ffee1001"
@@ -704,3 +706,25 @@ def test_settings_beyond_the_bound_count_as_other_and_operations_are_bounded(sta
     assert len({s for s, _, _ in found}) == MAX_SETTINGS + 1  # "none" took one of the names
     assert found[("other", "Replace", "success")] + found[("other", "other", "success")] == 4
     assert {op for _, op, _ in found} == {"Replace", "other", "none"}
+
+
+def test_device_states_count_the_watched_devices_and_forget_states_nobody_holds(
+    state: FleetState,
+) -> None:
+    # Upstream may send any state string over time; the counts follow the watched devices
+    # through listing, relisting and unwatching, and a state no device holds any more goes.
+    rng = random.Random(5)
+    devices = [f"dev-{i}" for i in range(8)]
+    states = ["ACTIVE", "UNKNOWN", None, *(f"ODD_{i}" for i in range(6))]
+    for _ in range(500):
+        device = rng.choice(devices)
+        move = rng.random()
+        if move < 0.2:
+            state.unwatch(device)
+        elif move < 0.4:
+            state.watch(device, name=device, labels={})
+        else:
+            state.device_listed(device, state=rng.choice(states), check_in=None)
+        held = Counter(state.device_view(d, with_batches=False).state for d in state.watched())
+        expected = {s: 0 for s in DEVICE_STATES} | dict(held)
+        assert state.device_states() == expected
