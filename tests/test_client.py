@@ -24,6 +24,7 @@ import pytest
 import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
+from test_exporter_e2e import NEW_COMMAND
 
 from exporter.client import (
     BACKOFF_BASE,
@@ -1117,8 +1118,6 @@ async def test_repolled_simulator_pages_follow_the_fleet(sim: Simulated) -> None
 
 # --- history whatever upstream does with sort (issue 16) -----------------------------------------
 
-NEW_COMMAND = [{"config": {"path": "./Vendor/MSFT/Policy/Config/A/B", "action": "Get",
-                           "format": "int"}}]
 HISTORY = ("commands", "sort")
 VERDICT_OF_MODE = {"honour": "honoured", "ignore": "ignored", "reject": "rejected"}
 

@@ -259,12 +259,10 @@ async def until_all_have_data(prometheus: Prometheus, queries: list[str], timeou
         await asyncio.sleep(1)
 
 
-async def eventually_positive(prometheus: Prometheus, expr: str, timeout: float) -> float:
-    """The value of expr once it is above 0, or its last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while (value := await scalar(prometheus, expr)) <= 0 and time.monotonic() < deadline:
-        await asyncio.sleep(1)
-    return value
+async def positive(prometheus: Prometheus, expr: str) -> float | None:
+    """The value of expr when it is above 0 (no data, NaN, is not)."""
+    value = await scalar(prometheus, expr)
+    return value if value > 0 else None
 
 
 async def scalar(prometheus: Prometheus, expr: str) -> float:
@@ -335,7 +333,9 @@ async def test_every_dashboard_query_and_recorded_series_has_live_data(
         # may have data before the burst does: the transition series exist from 0, and a
         # recorded rate follows the scrape that counted the burst by a rule evaluation.)
         for expr in ERROR_STAGES:
-            assert await eventually_positive(prometheus, expr, DATA_TIMEOUT) > 0, expr
+            value = await eventually(lambda e=expr: positive(prometheus, e),
+                                     timeout=DATA_TIMEOUT, interval=1, what=f"{expr} > 0")
+            assert value > 0, expr
         classes = {
             series["metric"]["status_class"]
             for series in await prometheus.query(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 from test_exporter_e2e import (
+    NEW_COMMAND,
     assert_exports_the_fleet,
     command_gauges,
     make_exporter,
@@ -25,9 +26,6 @@ from test_exporter_e2e import (
 )
 
 from exporter.simulator import Simulator
-
-NEW_COMMAND = [{"config": {"path": "./Vendor/MSFT/Policy/Config/A/B", "action": "Get",
-                           "format": "int"}}]
 
 
 async def serve(aiohttp_server: Any, **options: Any) -> tuple[Simulator, str]:

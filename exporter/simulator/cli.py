@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="new batches wait for their device's scheduled session")
     # How undocumented list parameters are read (dialect.py); the defaults are the faithful
     # upstream, the others what a client that relies on them must survive.
-    parser.add_argument("--sort-mode", type=_sort_mode, default=dialect.HONOUR, metavar="MODE",
+    parser.add_argument("--sort-mode", type=sort_mode, default=dialect.HONOUR, metavar="MODE",
                         help="honour, ignore (stored order) or reject (400, code 5000) sort, "
                              "on every list or per list: devices=reject,commands=ignore "
                              "(lists: devices, commands, actions)")
@@ -90,7 +90,8 @@ def _speed(text: str) -> float:
     return value
 
 
-def _sort_mode(text: str) -> str:
+def sort_mode(text: str) -> str:
+    """An argparse type: a sort_mode the simulator accepts."""
     try:
         dialect.Dialect.of(sort_mode=text)
     except ValueError as exc:
