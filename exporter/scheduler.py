@@ -7,8 +7,9 @@ Two strategies (``poll.strategy``):
   changed. The client's token bucket spaces the requests out, so with a large fleet a round
   simply takes longer than ``interval_seconds``.
 - ``budget`` (default): every round spends at most the requests the budget earned since the
-  previous one, on the devices due first by the plan of :mod:`exporter.planner` (never read,
-  checked in with pending actions, answers due, checked in, then the sweep). Only a check-in
+  previous one, on the devices due first by the plan of :mod:`exporter.planner` (never read;
+  checked in with pending actions; looks for answers and other check-ins by due time, a
+  look two rounds ahead; then the sweep). Only a check-in
   (an OMA-DM session) changes an action, and the device list shows each device's
   ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
   the last look. A pending batch is not read again while its summary stays the same and its

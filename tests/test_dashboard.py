@@ -21,8 +21,13 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from promstack import ApiError, ScrapeTarget, eventually, running_prometheus
 from scripts import load_script
+
+from exporter.exposition import Exposition
+from exporter.selfmetrics import SelfMetrics
+from exporter.state import FleetState
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "applivery-mdm-exporter.json"
@@ -42,6 +47,8 @@ EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_exporter_api_requests": "counter",
     "applivery_exporter_api_request_duration_seconds": "histogram",
     "applivery_exporter_api_budget_requests_per_hour": "gauge",
+    "applivery_exporter_poll_rounds": "counter",
+    "applivery_exporter_poll_failures": "counter",
     "applivery_exporter_poll_round_duration_seconds": "gauge",
     "applivery_exporter_parse_problems": "counter",
     "applivery_exporter_config_last_reload_successful": "gauge",
@@ -88,6 +95,22 @@ def sample_names() -> frozenset[str]:
         else:
             names.add(name)
     return frozenset(names)
+
+
+def test_the_contract_is_what_the_exporter_exposes_and_what_the_docs_name() -> None:
+    metrics = SelfMetrics()
+    state = FleetState(organization="acme", latency_buckets=(1.0,), metrics=metrics)
+    body = Exposition(state, metrics, version="test", registry=CollectorRegistry())
+    exposed = dict(
+        line.split()[2:4]
+        for line in body.body(openmetrics=True).decode().splitlines()
+        if line.startswith("# TYPE ")
+    )
+    assert exposed == EXPORTER_METRICS
+    design = (ROOT / "docs" / "design.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in EXPORTER_METRICS:
+        assert name in design and name in readme, name
 
 
 def recorded_names(path: Path = RECORDING_RULES) -> frozenset[str]:

@@ -145,7 +145,8 @@ def candidates(reason: Reason, count: int, *, each: int = 1) -> list[Candidate]:
         ({Reason.PENDING: 20}, 8, {Reason.PENDING: 8}),
         # What the sweep does not use goes back to them.
         ({Reason.PENDING: 20, Reason.SWEEP: 1}, 8, {Reason.PENDING: 7, Reason.SWEEP: 1}),
-        # Never read first, then pending; answers and check-ins due at once by reason.
+        # Never read first, then pending; answers and check-ins by due time, a look
+        # ROUND * ANSWER_LEAD_ROUNDS ahead (the reason breaks ties).
         ({Reason.NEW: 2, Reason.PENDING: 2, Reason.ANSWERS: 2, Reason.CHECKIN: 2}, 5,
          {Reason.NEW: 2, Reason.PENDING: 2, Reason.ANSWERS: 1}),
         ({Reason.SWEEP: 3}, 0, {}),
