@@ -33,6 +33,7 @@ log = structlog.get_logger("exporter")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
+DEFAULT_STORAGE_PATH = "data/"  # as Alertmanager's --storage.path
 
 
 class UsageError(Exception):
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log.level", dest="log_level", default="info", choices=logs.LEVELS)
     parser.add_argument("--log.format", dest="log_format", default="console", choices=logs.FORMATS)
     parser.add_argument("--shard", dest="shard", default=None, help="INDEX/TOTAL, e.g. 0/3")
+    parser.add_argument("--storage.path", dest="storage_path", default=None,
+                        help=f"directory of the durable state (default {DEFAULT_STORAGE_PATH}; "
+                        "'' keeps state in memory only; --demo uses a temporary one)")
     parser.add_argument("--demo", action="store_true",
                         help="run the built-in simulator and the exporter against it")
     parser.add_argument("--version", action="version", version=__version__)
