@@ -60,6 +60,7 @@ from exporter.records import (
 )
 from exporter.selfmetrics import SelfMetrics
 from exporter.statuses import is_pending
+from exporter.tokenbucket import TokenBucket
 
 log = structlog.get_logger()
 
@@ -69,9 +70,6 @@ R = TypeVar("R")
 RETRY_AFTER_CAP = 300.0  # an absurd Retry-After must not stall the exporter for hours
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 60.0
-BURST_SECONDS = 5.0  # the bucket holds this many seconds' worth of requests (at least one)
-MIN_RATE_FACTOR = 1 / 16
-RECOVERY_SECONDS = 600.0  # a throttled rate climbs back by the full rate over this long
 CHUNK_BYTES = 64 * 1024
 MEMO_RECORDS = 50_000  # decoded records kept for re-polls that bring the same bytes
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -202,114 +200,7 @@ class TokenSource:
         return token
 
 
-# --- the request budget ----------------------------------------------------------------------
-
-
-class TokenBucket:
-    """Requests per hour with a small burst, plus a client-wide pause.
-
-    Every attempt takes one token. A throttle answer (429, 503 with Retry-After) pauses every
-    caller until a shared moment, empties the bucket and halves the effective rate, which
-    climbs back linearly (by the full rate per ``RECOVERY_SECONDS``) once the pause is over.
-    """
-
-    def __init__(
-        self,
-        rate_per_hour: float,
-        *,
-        burst_seconds: float = BURST_SECONDS,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    ) -> None:
-        if rate_per_hour <= 0:
-            raise ValueError("requests_per_hour must be positive")
-        self.rate_per_hour = float(rate_per_hour)
-        self.capacity = max(1.0, self.rate_per_hour / 3600 * burst_seconds)
-        self.spent = 0
-        self.throttles = 0
-        self._per_second = self.rate_per_hour / 3600
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._tokens = self.capacity
-        self._factor = 1.0
-        self._stamp = monotonic()
-        self._not_before = self._stamp
-        self._last_throttle = float("-inf")
-        self._lock = asyncio.Lock()
-
-    @property
-    def effective_rate_per_hour(self) -> float:
-        self._refill()
-        return self.rate_per_hour * self._factor
-
-    def now(self) -> float:
-        """The bucket's own clock: its rate is requests per hour of this clock."""
-        return self._monotonic()
-
-    @property
-    def recovering(self) -> bool:
-        """True while the effective rate is below the configured one."""
-        return self._factor < 1.0
-
-    def available(self) -> float:
-        """Tokens in the bucket now (fractional)."""
-        self._refill()
-        return self._tokens
-
-    def paused_for(self) -> float:
-        """Seconds left of the client-wide pause."""
-        return max(0.0, self._not_before - self._monotonic())
-
-    def _refill(self) -> None:
-        now = self._monotonic()
-        # A pause freezes the bucket: no tokens pile up and the rate does not recover
-        # until it is over.
-        elapsed = now - max(self._stamp, self._not_before)
-        self._stamp = max(self._stamp, now)
-        if elapsed <= 0:
-            return
-        # The factor of the start of the interval is the lower one: refilling with it errs
-        # on the side of fewer requests.
-        capacity = max(1.0, self.capacity * self._factor)
-        self._tokens = min(capacity, self._tokens + elapsed * self._per_second * self._factor)
-        if self._factor < 1.0:
-            self._factor = min(1.0, self._factor + elapsed / RECOVERY_SECONDS)
-
-    async def acquire(self) -> None:
-        if not self._lock.locked():  # nobody queued: take a token without the lock's cost
-            self._refill()
-            if self._not_before <= self._stamp and self._tokens >= 1.0 - 1e-9:
-                self._tokens -= 1.0
-                self.spent += 1
-                return
-        # The lock queues callers in order; the one at the head sleeps for the rest.
-        async with self._lock:
-            while True:
-                self._refill()
-                pause = self._not_before - self._stamp
-                if pause > 0:
-                    await self._sleep(pause)
-                    continue
-                if self._tokens >= 1.0 - 1e-9:
-                    self._tokens -= 1.0
-                    self.spent += 1
-                    return
-                await self._sleep((1.0 - self._tokens) / (self._per_second * self._factor))
-
-    def throttle(self, pause_seconds: float, *, sent_at: float | None = None) -> None:
-        """Pause everyone for ``pause_seconds`` and halve the rate.
-
-        ``sent_at`` is when the throttled request went out: an answer to a request sent
-        before the last throttle tells of the same overload and changes nothing.
-        """
-        self._refill()
-        self.throttles += 1
-        if sent_at is not None and sent_at <= self._last_throttle:
-            return
-        self._last_throttle = self._stamp
-        self._factor = max(MIN_RATE_FACTOR, self._factor / 2)
-        self._tokens = min(self._tokens, 0.0)
-        self._not_before = max(self._not_before, self._stamp + max(0.0, pause_seconds))
+# --- Retry-After ------------------------------------------------------------------------------
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:

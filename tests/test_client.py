@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
+from fakeclock import FakeClock
 from structlog.testing import capture_logs
 from test_exporter_e2e import NEW_COMMAND
 
@@ -34,7 +35,6 @@ from exporter.client import (
     AuthError,
     NotFoundError,
     SortRejected,
-    TokenBucket,
     TokenSource,
     TokenUnavailable,
     UpstreamError,
@@ -48,25 +48,6 @@ from exporter.statuses import STATUS_CLASS
 
 TOKEN = "test-token-5f1b7d3c9a"
 ORG = "demo"
-
-
-class FakeClock:
-    """Monotonic time that only moves when someone sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-        self.on_sleep: Callable[[], object] | None = None  # runs as each sleep begins
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        if self.on_sleep is not None:
-            self.on_sleep()
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
 
 
 def make_client(
@@ -119,86 +100,6 @@ def test_retry_after_date_in_the_past_means_now() -> None:
 @pytest.mark.parametrize("header", [None, "", "soon", "nan", "inf", "Tue, 99 Foo 2026"])
 def test_unreadable_retry_after_is_none(header: str | None) -> None:
     assert parse_retry_after(header, now=0.0) is None
-
-
-# --- the request budget -----------------------------------------------------------------------
-
-
-async def test_bucket_allows_its_burst_then_the_rate() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(3600, burst_seconds=5, monotonic=clock.monotonic, sleep=clock.sleep)
-    assert bucket.capacity == 5
-    start = clock.now
-    for _ in range(5):
-        await bucket.acquire()
-    assert clock.now == start  # the burst costs no waiting
-    for _ in range(10):
-        await bucket.acquire()
-    assert bucket.spent == 15
-    # 1 request per second after the burst: ten more take ten seconds.
-    assert clock.now - start == pytest.approx(10.0)
-
-
-async def test_tiny_budget_still_allows_one_request() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(36, monotonic=clock.monotonic, sleep=clock.sleep)
-    assert bucket.capacity == 1
-    await bucket.acquire()
-    await bucket.acquire()
-    assert clock.now - 1000.0 == pytest.approx(100.0)  # 36 per hour = one per 100 s
-
-
-async def test_concurrent_callers_share_one_budget() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(7200, burst_seconds=1, monotonic=clock.monotonic, sleep=clock.sleep)
-    await asyncio.gather(*(bucket.acquire() for _ in range(21)))
-    assert bucket.spent == 21
-    # 2 per second after a burst of 2: nineteen more need 9.5 s.
-    assert clock.now - 1000.0 == pytest.approx(9.5)
-
-
-async def test_throttle_pauses_everyone_and_halves_the_rate_then_recovers() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(3600, monotonic=clock.monotonic, sleep=clock.sleep)
-    bucket.throttle(30)
-    assert bucket.paused_for() == 30
-    assert bucket.effective_rate_per_hour == 1800
-    assert bucket.available() == 0
-    await bucket.acquire()
-    # The pause, then a token at half the rate (one per 2 s).
-    assert clock.now - 1000.0 >= 30
-    assert bucket.effective_rate_per_hour > 1800  # recovering already
-    clock.now += 3600
-    assert bucket.effective_rate_per_hour == 3600
-    assert not bucket.recovering
-
-
-async def test_answers_to_requests_sent_before_a_throttle_change_nothing() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(3600, monotonic=clock.monotonic, sleep=clock.sleep)
-    sent = clock.now
-    bucket.throttle(10, sent_at=sent)
-    clock.now += 4
-    bucket.throttle(10, sent_at=sent)  # in flight together with the first
-    assert bucket.effective_rate_per_hour == 1800
-    assert bucket.paused_for() == 6
-    bucket.throttle(10, sent_at=clock.now)  # sent after the first throttle: news
-    assert bucket.effective_rate_per_hour == 900
-    assert bucket.paused_for() == 10
-    assert bucket.throttles == 3
-
-
-async def test_repeated_throttles_keep_a_floor() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(3600, monotonic=clock.monotonic, sleep=clock.sleep)
-    for _ in range(20):
-        bucket.throttle(0)
-    assert 0 < bucket.effective_rate_per_hour < 3600 / 8
-
-
-def test_budget_must_be_positive() -> None:
-    with pytest.raises(ValueError):
-        TokenBucket(0)
 
 
 # --- the token source -------------------------------------------------------------------------
