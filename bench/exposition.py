@@ -222,7 +222,7 @@ def run(devices: int, repeat: int) -> dict:
     state = build_state(devices, clock)
     build_seconds = time.perf_counter() - started
     registry = CollectorRegistry()  # no process metrics: both sides render the same samples
-    exposition = Exposition(state, state._metrics, version="bench", registry=registry)
+    exposition = Exposition(state, state.metrics, version="bench", registry=registry)
     body = exposition.body(openmetrics=False)
     series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     theirs = client_registry(state)
@@ -230,7 +230,7 @@ def run(devices: int, repeat: int) -> dict:
     serve = median_seconds(lambda: exposition.parts(openmetrics=False), repeat, number=1000)
     generate = median_seconds(lambda: generate_latest(theirs), max(3, repeat // 4))
     full = median_seconds(
-        lambda: Exposition(state, state._metrics, version="bench", registry=registry),
+        lambda: Exposition(state, state.metrics, version="bench", registry=registry),
         max(3, repeat // 4),
     )
 
@@ -313,7 +313,7 @@ def rounds(devices: int, ticks: int) -> dict:
     """Per kind of tick: median CPU seconds of the refresh and of the gzip."""
     clock = Clock()
     state = build_state(devices, clock)
-    metrics = state._metrics
+    metrics = state.metrics
     registry = CollectorRegistry()
     started = time.process_time()
     exposition = Exposition(state, metrics, version="bench", registry=registry)

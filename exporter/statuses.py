@@ -6,7 +6,7 @@ outside the set keeps its raw spelling and gets the class ``unknown``.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class StatusClass(StrEnum):
@@ -110,3 +110,57 @@ def is_known(status: str) -> bool:
 def is_pending(status: str) -> bool:
     """True while the device has not answered (its status can still change)."""
     return status in PENDING_STATUSES
+
+
+class Rank(IntEnum):
+    """How far a status is along ``Pending -> Awaiting -> in progress -> final``. A read
+    below the furthest rank an action reached is stale."""
+
+    PENDING = 0
+    AWAITING = 1
+    PROGRESS = 2
+    FINAL = 3
+
+
+def rank(status: str) -> Rank:
+    if status == "Pending":
+        return Rank.PENDING
+    if status == "Awaiting":
+        return Rank.AWAITING
+    return Rank.PROGRESS if classify(status) is StatusClass.PENDING else Rank.FINAL
+
+
+# Distinct unknown status names kept as they are; later ones become OTHER_STATUS, so an
+# upstream that invents names cannot grow the series for ever.
+MAX_UNKNOWN_STATUSES = 100
+OTHER_STATUS = "other"
+
+
+class StatusTable:
+    """Every status this process has met, each with a small index: the 65 known ones first,
+    in upstream order, then up to MAX_UNKNOWN_STATUSES others as upstream spells them."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = list(KNOWN_STATUSES)
+        self.classes: list[str] = [classify(s).value for s in KNOWN_STATUSES]
+        self.ranks: list[Rank] = [rank(s) for s in KNOWN_STATUSES]
+        self._index: dict[str, int] = {s: i for i, s in enumerate(KNOWN_STATUSES)}
+
+    def intern(self, status: str) -> int:
+        """The index of ``status``, added on first sight (or that of OTHER_STATUS when the
+        table is full)."""
+        index = self._index.get(status)
+        if index is not None:
+            return index
+        unknown = len(self.names) - len(KNOWN_STATUSES)
+        if unknown >= MAX_UNKNOWN_STATUSES and status != OTHER_STATUS:
+            return self.intern(OTHER_STATUS)
+        index = len(self.names)
+        self.names.append(status)
+        self.classes.append(classify(status).value)
+        self.ranks.append(rank(status))
+        self._index[status] = index
+        return index
+
+    def is_pending(self, index: int) -> bool:
+        return self.classes[index] == StatusClass.PENDING.value
