@@ -37,17 +37,24 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/*.whl \
     && groupadd --system --gid 10190 exporter \
     && useradd --system --uid 10190 --gid 10190 --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin exporter
+       --home-dir /nonexistent --shell /usr/sbin/nologin exporter \
+    && install -d -o 10190 -g 10190 -m 0700 /var/lib/applivery-mdm-exporter
 
-# Bytecode was compiled at install time; at run time nothing is written outside /tmp, so the
-# root filesystem can be mounted read-only.
+# The durable state (--storage.path, a SQLite store): the one directory written besides /tmp.
+# As a volume it outlives the container and stays writable under --read-only; a new named
+# volume takes the directory's owner from the image, so the non-root user can write to it.
+VOLUME ["/var/lib/applivery-mdm-exporter"]
+
+# Bytecode was compiled at install time; at run time nothing is written outside /tmp and the
+# state volume, so the root filesystem can be mounted read-only.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     HEALTHCHECK_URL=http://127.0.0.1:10190/-/healthy
 
 # Expected mounts: /etc/applivery-mdm-exporter/config.yaml (read-only),
-# /run/secrets/applivery-token (the API token), a tmpfs at /tmp.
+# /run/secrets/applivery-token (the API token), a tmpfs at /tmp, a volume (named, to keep
+# the state across containers) at /var/lib/applivery-mdm-exporter.
 USER 10190:10190
 EXPOSE 10190
 
@@ -57,4 +64,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=4).close()"]
 
 ENTRYPOINT ["applivery-mdm-exporter"]
-CMD ["--config.file=/etc/applivery-mdm-exporter/config.yaml", "--web.listen-address=:10190", "--log.format=json"]
+CMD ["--config.file=/etc/applivery-mdm-exporter/config.yaml", "--web.listen-address=:10190", \
+     "--log.format=json", "--storage.path=/var/lib/applivery-mdm-exporter"]
