@@ -43,6 +43,10 @@ class SelfMetrics:
     # (api_endpoint, parameter) -> what upstream does with a query parameter the exporter
     # relies on: honoured, ignored, rejected or unchecked (kept by the client as they change).
     query_verdicts: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The durable store (--storage.path): failed transactions, and the last one written.
+    storage_write_failures: int = 0
+    storage_last_write: float | None = None  # epoch seconds
+    storage_failing: bool = False
     generation: int = 0
 
     def observe_request(self, endpoint: str, code: str, seconds: float) -> None:
@@ -66,3 +70,18 @@ class SelfMetrics:
     def touch(self) -> None:
         """Mark a change made to a plain attribute."""
         self.generation += 1
+
+    def storage_written(self, now: float) -> bool:
+        """A transaction was committed; True if writes had been failing until now."""
+        recovered = self.storage_failing
+        self.storage_last_write, self.storage_failing = now, False
+        self.generation += 1
+        return recovered
+
+    def storage_failed(self) -> bool:
+        """A write (or opening the store) failed; True if it is the first in a row."""
+        first = not self.storage_failing
+        self.storage_write_failures += 1
+        self.storage_failing = True
+        self.generation += 1
+        return first
