@@ -15,11 +15,16 @@ created or a device checking in between two requests moves items across page bou
   too, the reads together are kept (``Read.union``), read on only while they still lack
   items ``totalDocs`` announces.
 - ``Order`` tells which way a list came back, for lists read with a ``sort``.
+- A walk is one pass of a read over the pages: ``every_page`` (up to a ``stop``), or
+  ``newest_first`` (the newest items whatever order upstream serves them in).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -244,94 +249,96 @@ class Order:
         return with_it >= CONFIRMING_STEPS and not against
 
 
-# --- verdicts on query parameters ---------------------------------------------------------------
-
-HONOURED, IGNORED, REJECTED, UNCHECKED = "honoured", "ignored", "rejected", "unchecked"
-REPROBE_SECONDS = 3600.0  # a parameter given up on is tried again this often
-
-Query = tuple[str, str]  # (api_endpoint, parameter)
+# --- walks: how one read goes through the pages -----------------------------------------------
 
 
-class Verdicts:
-    """How upstream reads the query parameters the client relies on but the docs leave open.
+@dataclass(frozen=True, slots=True)
+class Listed(Generic[T]):
+    """A paged list as one endpoint serves it: a page on demand, how many pages at most, and
+    how the log names the list."""
 
-    Per (api_endpoint, parameter): ``honoured``; ``ignored`` (what came back disregards
-    it); ``rejected`` (refused with a 400, or read so that it matches nothing); ``unchecked``
-    (sent, no evidence either way yet, or not checkable). A parameter appears once it is
-    sent; each change is logged once.
+    fetch: FetchPage[T]
+    max_pages: int
+    where: dict[str, str]
 
-    A verdict that a parameter is not honoured holds for ``REPROBE_SECONDS`` after its last
-    evidence: a read that merely looks right (a short page in order by chance, a fleet where
-    every device carries the tag) does not overturn it before; and where the client stops
-    sending the parameter, ``ask`` lets one read try it again that often, so an upstream
-    that mends is noticed.
-    """
+    def pages(self, read: Read[T], first: int = 1) -> AsyncIterator[Page[T]]:
+        return read.pages(self.fetch, max_pages=self.max_pages, first=first, **self.where)
 
-    __slots__ = ("_entries", "_monotonic", "_published")
 
-    def __init__(
-        self,
-        monotonic: Callable[[], float],
-        published: Callable[[Query, str], None] | None = None,
-    ) -> None:
-        """``published`` hears each verdict as it is first given or changes."""
-        self._monotonic = monotonic
-        self._published = published
-        # verdict, when last evidenced, when last probed
-        self._entries: dict[Query, tuple[str, float, float]] = {}
+Walk = Callable[[Read[T], Listed[T]], Awaitable[None]]  # one pass of a read over a list
 
-    def __getitem__(self, query: Query) -> str:
-        entry = self._entries.get(query)
-        return UNCHECKED if entry is None else entry[0]
 
-    def ask(self, query: Query, avoid: Iterable[str] = (REJECTED,), *, probe: bool = True) -> bool:
-        """Whether to send the parameter now: not while its verdict is one of ``avoid``,
-        but once per re-probe interval all the same (this caller probes, others wait until
-        it notes evidence, or says it has none: :meth:`told_nothing`). A read that cannot
-        tell by its nature (cut short on purpose) passes ``probe=False``: sending a refused
-        parameter would cost it its result for nothing."""
-        now = self._monotonic()
-        if query not in self._entries:
-            self._entries[query] = (UNCHECKED, now, now)
-            self._publish(query, UNCHECKED)
-        verdict, evidenced, probed = self._entries[query]
-        if verdict not in avoid:
-            return True
-        if not probe or now - max(evidenced, probed) < REPROBE_SECONDS:
-            return False
-        self._entries[query] = (verdict, evidenced, now)
-        return True
+def every_page(
+    stop: Callable[[T], bool] | None = None, when: Callable[[T], float | None] | None = None
+) -> Walk[T]:
+    """Every item once, up to the first ``stop`` accepts; ``when`` notes the order items
+    came in (``Read.order``)."""
 
-    def told_nothing(self, *queries: Query) -> None:
-        """A read that sent these parameters showed no evidence either way (it failed, was
-        cut short, or too short to show an order): a probe it took goes to the next read
-        instead of waiting another interval."""
-        for query in queries:
-            if (entry := self._entries.get(query)) is not None:
-                verdict, evidenced, _ = entry
-                self._entries[query] = (verdict, evidenced, evidenced)
+    async def walk(read: Read[T], listed: Listed[T]) -> None:
+        order = read.order = None if when is None else Order(when)
+        pages = listed.pages(read)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                if order is not None:
+                    order.see(read.unseen(page.items))
+                end = cut(page.items, stop)
+                read.take(page, page.items[:end])
+                if end is not None:
+                    return
 
-    def note(self, query: Query, verdict: str, **detail: Any) -> None:
-        """Evidence for ``verdict`` now; logged when it changes the verdict."""
-        now = self._monotonic()
-        previous, evidenced, probed = self._entries.get(query, (UNCHECKED, now, now))
-        if (verdict == HONOURED and previous in (IGNORED, REJECTED)
-                and now - evidenced < REPROBE_SECONDS):
-            return  # looks right, but the contrary was seen too recently
-        fresh = query not in self._entries
-        self._entries[query] = (verdict, now, probed)
-        if fresh or verdict != previous:
-            self._publish(query, verdict)
-        if verdict == previous:
-            return
-        endpoint, parameter = query
-        level = log.warning if verdict in (IGNORED, REJECTED) else log.info
-        level("api_query_verdict", endpoint=endpoint, parameter=parameter, verdict=verdict,
-              previous=previous, **detail)
+    return walk
 
-    def _publish(self, query: Query, verdict: str) -> None:
-        if self._published is not None:
-            self._published(query, verdict)
 
-    def snapshot(self) -> dict[Query, str]:
-        return {query: entry[0] for query, entry in self._entries.items()}
+def newest_first(
+    max_items: int, when: Callable[[T], float | None], older: Callable[[T], bool] | None = None
+) -> Walk[T]:
+    """The ``max_items`` newest by ``when``, whatever order the list comes in: while it comes
+    newest first, up to them (or the first item ``older`` accepts); else every page to the
+    end, from the pages that hold the newest when it comes oldest first. The caller keeps
+    the newest of what was read."""
+
+    async def walk(read: Read[T], listed: Listed[T]) -> None:
+        order = read.order = Order(when)
+        jump = None
+        pages = listed.pages(read)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                order.see(read.unseen(page.items))
+                if order.contradicts(descending=True):
+                    read.take(page)
+                    start = tail_start(read, max_items) if order.seen == ASCENDING else read.next
+                    if start > read.next:
+                        jump = start
+                        break
+                    continue
+                end = cut(page.items, older)
+                read.take(page, page.items[:end])
+                if end is not None or len(read.items) >= max_items:
+                    return
+        if jump is not None:
+            async for page in listed.pages(read, jump):
+                order.see(read.unseen(page.items))
+                read.take(page)
+
+    return walk
+
+
+def cut(items: Sequence[T], stop: Callable[[T], bool] | None) -> int | None:
+    """Index of the first item ``stop`` accepts (None: none does)."""
+    if stop is not None:
+        for index, item in enumerate(items):
+            if stop(item):
+                return index
+    return None
+
+
+# The verdicts on query parameters moved to exporter.dialect; imports of their names from
+# here still work.
+_MOVED_TO_DIALECT = frozenset({"HONOURED", "IGNORED", "REJECTED", "UNCHECKED",
+                               "REPROBE_SECONDS", "Query", "Verdicts"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_DIALECT:
+        return getattr(importlib.import_module("exporter.dialect"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
