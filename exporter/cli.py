@@ -11,10 +11,12 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -25,8 +27,10 @@ from exporter.config import Config, ConfigError, load_config, parse_config, reso
 from exporter.exposition import Exposition
 from exporter.scheduler import Scheduler, Shard
 from exporter.selfmetrics import SelfMetrics
-from exporter.server import Hooks, make_app
+from exporter.server import Hooks, PublishedBody, make_app
+from exporter.snapshot import Persistence
 from exporter.state import FleetState, ledger_retention
+from exporter.store import DirectoryLock, StoreLocked, open_directory
 from exporter.webconfig import WebSecurity
 
 log = structlog.get_logger("exporter")
@@ -101,6 +105,7 @@ class Exporter:
     client: ApiClient
     scheduler: Scheduler
     config_path: str | None
+    persistence: Persistence | None = None
 
 
 def build_exporter(
@@ -110,7 +115,9 @@ def build_exporter(
     config_path: str | None,
     shard: Shard | None = None,
     clock: Callable[[], float] = time.time,
+    storage: DirectoryLock | None = None,
 ) -> Exporter:
+    """``storage``: the --storage.path directory's lock (None: state in memory only)."""
     metrics = SelfMetrics()
     state = FleetState(
         organization=config.organization,
@@ -139,7 +146,33 @@ def build_exporter(
     exposition = Exposition(
         state, metrics, version=__version__, max_series=config.metrics.max_series
     )
-    return Exporter(config, metrics, state, exposition, client, scheduler, config_path)
+    persistence = None
+    if storage is not None:
+        directory, organization = storage.path.parent, config.organization
+        persistence = Persistence(
+            lambda: open_directory(directory, organization, storage),
+            state, metrics, marks=lambda: scheduler.tracking,
+        )
+    return Exporter(
+        config, metrics, state, exposition, client, scheduler, config_path, persistence
+    )
+
+
+def storage_lock(path: str) -> DirectoryLock | None:
+    """The lock of the --storage.path directory, held; None for memory only. Another
+    process holding it is fatal (StoreLocked); a directory that cannot be made or locked
+    now is a storage failure, tried again while the exporter runs."""
+    if not path:
+        return None
+    lock = DirectoryLock(Path(path))
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except StoreLocked:
+        raise
+    except OSError:
+        pass  # a storage failure like any other: counted, and tried again while running
+    return lock
 
 
 def token_source(config: Config) -> TokenSource:
@@ -217,22 +250,43 @@ class Renders:
             self._done.notify_all()
 
 
-async def _refresh_loop(exporter: Exporter, renders: Renders) -> None:
-    """Re-render after each round, and at least every REFRESH_SECONDS for self-metrics."""
+async def _refresh_loop(exporter: Exporter, renders: Renders, body: PublishedBody) -> None:
+    """Re-render after each round, and at least every REFRESH_SECONDS for self-metrics.
+
+    Durable before visible: what a render shows is committed to the store before the body
+    is published, so a process killed at any moment never loses what a scraper saw."""
+    loop = asyncio.get_running_loop()
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(renders.wanted.wait(), timeout=REFRESH_SECONDS)
         renders.wanted.clear()
         renders.started += 1
         rendered = await _in_steps(exporter.exposition.refresh_steps())
-        await renders.finish()
+        # Taken in the step the render ended in: everything it showed, and maybe more.
+        changes = exporter.persistence.collect() if exporter.persistence else None
         if rendered:
             # Compress ahead of the next scrape, off the loop (zlib releases the GIL).
-            loop = asyncio.get_running_loop()
             for openmetrics in (True, False):
                 await loop.run_in_executor(
                     None, partial(exporter.exposition.gzip_parts, openmetrics=openmetrics)
                 )
+        if changes is not None and exporter.persistence is not None:
+            # Failing storage does not stop serving: counted, alerted on, written later.
+            await exporter.persistence.commit(changes)
+        body.publish()
+        await renders.finish()
+
+
+async def _restore(exporter: Exporter) -> int:
+    """The last known fleet from the store, before upstream answers anything."""
+    persistence = exporter.persistence
+    if persistence is None or not persistence.open():
+        return 0
+    devices = persistence.load()
+    if devices:
+        log.info("state_restored", devices=devices,
+                 actions=exporter.state.tracked_actions())
+    return devices
 
 
 async def serve(
@@ -282,11 +336,18 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, handler)
 
+    restored = await _restore(exporter)
     exporter.exposition.refresh()
+    body = PublishedBody(exporter.exposition)
+    if exporter.persistence is not None:
+        await exporter.persistence.commit(exporter.persistence.collect())
+    body.publish()
     hooks = Hooks(
         exposition=exporter.exposition,
+        body=body,
         state=exporter.state,
-        ready=lambda: exporter.scheduler.ready,
+        # A restored fleet is worth scraping at once; otherwise after the first round.
+        ready=lambda: exporter.scheduler.ready or restored > 0,
         reload=reload_now,
         version=__version__,
         organization=lambda: exporter.config.organization,
@@ -306,7 +367,7 @@ async def serve(
         started(f"{scheme}://{_join_host_port(local, port)}")
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: renders.ask())),
-        asyncio.create_task(_refresh_loop(exporter, renders)),
+        asyncio.create_task(_refresh_loop(exporter, renders, body)),
     ]
     stopped = asyncio.create_task(stop.wait())
     try:
@@ -316,6 +377,10 @@ async def serve(
         for task in (*tasks, stopped):
             task.cancel()
         await asyncio.wait(tasks, timeout=5)
+        if exporter.persistence is not None:
+            # What the last render showed is committed already; this takes the rest.
+            await exporter.persistence.commit(exporter.persistence.collect())
+            await exporter.persistence.close()
         await exporter.client.close()
         await runner.cleanup()
         for sig in handlers if signals else ():
@@ -369,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     security = _load_security(args.web_config, problems)
     if args.demo and not problems:
-        return asyncio.run(run_demo(args.listen, security, lifecycle=args.enable_lifecycle))
+        return _run_demo(args, security)
     try:
         if not args.demo:
             config = load_config(args.config_file)
@@ -387,10 +452,37 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.web_config}: web config is valid")
         return EXIT_OK
     shard = Shard.parse(args.shard) if args.shard else None
-    exporter = build_exporter(config, token, config_path=args.config_file, shard=shard)
+    try:
+        storage = storage_lock(_storage_path(args))
+    except StoreLocked as exc:
+        print(f"applivery-mdm-exporter: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    exporter = build_exporter(
+        config, token, config_path=args.config_file, shard=shard, storage=storage
+    )
     return asyncio.run(
         serve(exporter, args.listen, security=security, lifecycle=args.enable_lifecycle)
     )
+
+
+def _storage_path(args: argparse.Namespace) -> str:
+    return DEFAULT_STORAGE_PATH if args.storage_path is None else args.storage_path
+
+
+def _run_demo(args: argparse.Namespace, security: WebSecurity | None) -> int:
+    """--demo keeps its state in a temporary directory of its own, unless told where."""
+    with contextlib.ExitStack() as stack:
+        path = args.storage_path
+        if path is None:
+            path = stack.enter_context(tempfile.TemporaryDirectory(prefix="applivery-demo-"))
+        try:
+            storage = storage_lock(path)
+        except StoreLocked as exc:
+            print(f"applivery-mdm-exporter: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        return asyncio.run(
+            run_demo(args.listen, security, lifecycle=args.enable_lifecycle, storage=storage)
+        )
 
 
 DEMO_CONFIG = """
@@ -412,7 +504,11 @@ discovery:
 
 
 async def run_demo(
-    listen: str, security: WebSecurity | None = None, *, lifecycle: bool = False
+    listen: str,
+    security: WebSecurity | None = None,
+    *,
+    lifecycle: bool = False,
+    storage: DirectoryLock | None = None,
 ) -> int:
     """The simulator in accelerated time and the exporter against it, in one process."""
     from exporter.simulator import Simulator  # only the demo needs it
@@ -433,7 +529,8 @@ async def run_demo(
     )
     # The exporter reads watermarks on the simulator's time line (it runs 30x faster).
     exporter = build_exporter(
-        config, TokenSource(value=sim.token), config_path=None, clock=sim.clock.now
+        config, TokenSource(value=sim.token), config_path=None, clock=sim.clock.now,
+        storage=storage,
     )
 
     def started(url: str) -> None:

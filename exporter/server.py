@@ -29,6 +29,36 @@ from exporter.webconfig import WebSecurity, install
 ReloadFn = Callable[[], Awaitable[str | None]]  # None on success, else the reason
 
 
+class PublishedBody:
+    """The /metrics body as of the last ``publish()``, in both formats, plain and gzip.
+
+    The render loop publishes a render only once the store holds what it shows (durable
+    before visible); until then scrapes get the body before it."""
+
+    def __init__(self, exposition: Exposition) -> None:
+        self._exposition = exposition
+        self._bodies: dict[tuple[bool, bool], tuple[bytes, ...]] = {}
+
+    def publish(self) -> None:
+        """Take the exposition's current body (its gzip is usually compressed already)."""
+        exposition = self._exposition
+        self._bodies = {
+            (openmetrics, gzipped): (
+                exposition.gzip_parts(openmetrics=openmetrics)
+                if gzipped
+                else exposition.parts(openmetrics=openmetrics)
+            )
+            for openmetrics in (True, False)
+            for gzipped in (True, False)
+        }
+
+    def parts(self, *, openmetrics: bool) -> tuple[bytes, ...]:
+        return self._bodies[(openmetrics, False)]
+
+    def gzip_parts(self, *, openmetrics: bool) -> tuple[bytes, ...]:
+        return self._bodies[(openmetrics, True)]
+
+
 @dataclass(frozen=True, slots=True)
 class Hooks:
     """What the routes need from the rest of the process."""
@@ -40,6 +70,8 @@ class Hooks:
     version: str
     organization: Callable[[], str]
     metrics: SelfMetrics | None = None  # for the landing page's upstream notes
+    # What /metrics serves; without it, the exposition's latest render.
+    body: PublishedBody | None = None
 
 
 HOOKS = web.AppKey("hooks", Hooks)
@@ -68,7 +100,8 @@ def _writes(parts: Sequence[bytes]) -> Iterator[bytes]:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    exposition = request.app[HOOKS].exposition
+    hooks = request.app[HOOKS]
+    exposition = hooks.body or hooks.exposition
     openmetrics = wants_openmetrics(request.headers.get("Accept"))
     content_type = CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}

@@ -40,12 +40,12 @@ _TABLES = (
 )
 
 
-class StoreLocked(Exception):
-    """Another process holds the directory."""
-
-
 class StoreUnusable(Exception):
-    """The store cannot be opened or read (moved aside, or the directory is unusable)."""
+    """The store cannot be opened (the directory cannot be made, locked or written)."""
+
+
+class StoreLocked(StoreUnusable):
+    """Another process holds the directory."""
 
 
 @dataclass(slots=True)
@@ -78,7 +78,13 @@ class DirectoryLock:
         self.path = directory / LOCK
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def acquire(self) -> None:
+        if self._fd is not None:
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,6 +172,18 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+
+
+def open_directory(directory: Path, organization: str, lock: DirectoryLock) -> Store:
+    """Make the directory if needed, hold its lock, and open the store in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except StoreLocked:
+        raise
+    except OSError as exc:
+        raise StoreUnusable(f"{directory}: {exc.strerror or exc}") from exc
+    return Store.open(directory, organization)
 
 
 def _put(

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +21,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def with_own_store(args: tuple[str, ...], directory: str) -> list[str]:
+    """The exporter's arguments with a store directory of its own unless one is given: each
+    process needs one (a second one on a directory exits 1), and none may write the repo."""
+    exporter = args[:2] == ("-m", "exporter")
+    given = any(a.startswith("--storage.path") for a in args)
+    return [*args, f"--storage.path={directory}"] if exporter and not given else list(args)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="exporter-store-") as store:
+        return _run([sys.executable, *with_own_store(("-m", "exporter", *args), store)], env)
+
+
+def _run(argv: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
+        argv,
         capture_output=True,
         text=True,
         timeout=60,
@@ -56,6 +70,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 @contextmanager
 def process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    with tempfile.TemporaryDirectory(prefix="exporter-store-") as store:
+        yield from _process(with_own_store(args, store), env)
+
+
+def _process(args: list[str], env: dict[str, str] | None) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
