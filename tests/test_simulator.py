@@ -29,8 +29,8 @@ from exporter.simulator import Simulator, catalog
 from exporter.simulator.cli import build_parser, simulator
 from exporter.simulator.dialect import Dialect
 from exporter.simulator.faults import parse_spec
-from exporter.simulator.fleet import ROLLOUT_REACH, ROLLOUT_SPREAD
 from exporter.simulator.validation import ValidationError, parse_create_body
+from exporter.simulator.workload import ROLLOUT_REACH, ROLLOUT_SPREAD
 from exporter.statuses import KNOWN_STATUSES, STATUS_CLASS, is_known, is_pending
 
 TOKEN = "simulator-token"

@@ -4,6 +4,6 @@ Only tests, benchmarks and ``exporter.cli`` (``--demo``) may import it.
 """
 
 from exporter.simulator.core import Simulator
-from exporter.simulator.fleet import Event
+from exporter.simulator.model import Event
 
 __all__ = ["Event", "Simulator"]

@@ -45,7 +45,7 @@ from aiohttp import web
 
 from exporter.records import COMMAND_ID, DEVICE_ID, OBJECT_ID, ORGANIZATION_ID
 from exporter.simulator import dialect, listing, wire
-from exporter.simulator.fleet import Batch, Device, UnknownEntity
+from exporter.simulator.model import Batch, Device, UnknownEntity
 from exporter.simulator.stats import RESET
 from exporter.simulator.validation import (
     ValidationError,
@@ -266,9 +266,9 @@ class _Api:
             raise invalid(f'"mdm-user" with value "{user}" fails to match the required pattern')
         items: list[Device] = [
             device for device in self.fleet.devices
-            if (tags is None or not tags.isdisjoint(device.tags))
-            and (segment is None or device.segment == segment)
-            and (user is None or (device.user is not None and device.user[0] == user.lower()))
+            if (tags is None or not tags.isdisjoint(device.profile.tags))
+            and (segment is None or device.profile.segment == segment)
+            and (user is None or _user_id(device) == user.lower())
         ]
         ordered = listing.sort_items(items, order, listing.DEVICE_KEYS)
         shown = listing.window(ordered, number, limit, self._shift(number, limit))
@@ -404,6 +404,11 @@ def _optional_int(query: Any, name: str) -> int | None:
         return int(text)
     except ValueError:
         raise invalid(f'"{name}" must be a number') from None
+
+
+def _user_id(device: Device) -> str | None:
+    user = device.profile.user
+    return None if user is None else user[0]
 
 
 def _seconds(value: float) -> str:

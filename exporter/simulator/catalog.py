@@ -253,7 +253,7 @@ class ModelFailure(NamedTuple):
 
 # One setting fails on one hardware model every time and succeeds elsewhere, as on a model
 # whose firmware ships with its TPM turned off: device encryption answers 406 (optional
-# feature not supported) there. The model must be one the fleet draws (fleet._MODELS).
+# feature not supported) there. The model must be one the fleet draws (profiles._MODELS).
 MODEL_FAILURE = ModelFailure(
     "OptiPlex 7010", f"{_DEVICE}/BitLocker/RequireDeviceEncryption", "NotSupported"
 )

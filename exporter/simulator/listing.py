@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from exporter.simulator.fleet import Action, Batch, Device
+from exporter.simulator.model import Action, Batch, Device
 
 T = TypeVar("T")
 Key = Callable[[Any], Any]
@@ -24,16 +24,16 @@ NATURAL = ("$natural", False)  # no key of any list: sort_items leaves the store
 DEVICE_KEYS: dict[str, Key] = {
     "id": lambda d: d.id,
     "_id": lambda d: d.id,
-    "displayName": lambda d: d.name,
-    "summary.name": lambda d: d.name,
-    "summary.serialNumber": lambda d: d.serial,
-    "summary.imei": lambda d: d.imei,
-    "summary.osVersion": lambda d: d.os[0],
-    "summary.model": lambda d: d.model,
+    "displayName": lambda d: d.profile.name,
+    "summary.name": lambda d: d.profile.name,
+    "summary.serialNumber": lambda d: d.profile.serial,
+    "summary.imei": lambda d: d.profile.imei,
+    "summary.osVersion": lambda d: d.profile.os[0],
+    "summary.model": lambda d: d.profile.model,
     "state": lambda d: d.state,
-    "winId": lambda d: d.win_id,
-    "enrolledDate": lambda d: d.enrolled,
-    "createdAt": lambda d: d.enrolled,
+    "winId": lambda d: d.profile.win_id,
+    "enrolledDate": lambda d: d.profile.enrolled,
+    "createdAt": lambda d: d.profile.enrolled,
     "lastStatusReportTime": lambda d: d.last_report,
 }
 BATCH_KEYS: dict[str, Key] = {

@@ -16,7 +16,8 @@ from functools import lru_cache
 from typing import Any
 
 from exporter.simulator.faults import Faults
-from exporter.simulator.fleet import Action, Batch, Device, Fleet
+from exporter.simulator.fleet import Fleet
+from exporter.simulator.model import Action, Batch, Device
 from exporter.statuses import KNOWN_STATUSES, PENDING_STATUSES
 
 _ENUM_ORDER = {status: index for index, status in enumerate(KNOWN_STATUSES)}
@@ -181,35 +182,36 @@ class Renderer:
     def _device_document(self, device: Device, key: str | None) -> dict[str, Any]:
         stamp, dropped = self._view(key, DEVICE_OPTIONAL)
         fleet = self._fleet
-        version, version_name = device.os
+        profile = device.profile
+        version, version_name = profile.os
         user = None
-        if device.user is not None:
-            user_id, email, name = device.user
+        if profile.user is not None:
+            user_id, email, name = profile.user
             user = {"id": user_id, "email": email, "displayName": name}
         document: dict[str, Any] = {
             "id": device.id,
             "organizationId": fleet.organization_id,
             "winEnterpriseId": fleet.enterprise_id,
             "mdmUser": user,
-            "displayName": device.name,
-            "tags": list(device.tags),
-            "winId": device.win_id,
+            "displayName": profile.name,
+            "tags": list(profile.tags),
+            "winId": profile.win_id,
             "state": device.state,
             "summary": {
-                "name": device.name,
+                "name": profile.name,
                 "osVersion": version,
                 "osVersionName": version_name,
                 "os": "Windows",
-                "serialNumber": device.serial,
-                "imei": device.imei,
+                "serialNumber": profile.serial,
+                "imei": profile.imei,
                 "supervised": False,
                 # Not in the documented summary fields (docs/upstream-api.md §5.1), which
                 # name no hardware model; ours sits with the other hardware facts.
-                "model": device.model,
+                "model": profile.model,
             },
             "lastStatusReportTime": stamp(device.last_report) if device.last_report else None,
             "type": "device",
-            "enrolledDate": stamp(device.enrolled),
+            "enrolledDate": stamp(profile.enrolled),
         }
         if dropped:
             document.pop(dropped, None)
