@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from exporter.config import (
     MetricsConfig,
     PollConfig,
     TokenSpec,
+    config_schema,
     load_config,
     parse_config,
     parse_duration,
@@ -244,6 +246,45 @@ def test_example_config_shows_the_defaults() -> None:
     assert config.discovery.batches == BatchDiscovery()
     assert dataclasses.replace(config.discovery.devices, tags=()) == DeviceDiscovery()
     assert config.metrics == MetricsConfig()
+
+
+# --- the JSON Schema ------------------------------------------------------------------------
+
+
+def test_the_committed_schema_is_the_one_the_models_give() -> None:
+    committed = json.loads((REPO / "config.schema.json").read_text())
+    assert committed == config_schema(), (
+        "config.schema.json is stale: python3 -m exporter.config --schema > config.schema.json"
+    )
+
+
+def test_the_example_names_the_schema_and_validates_against_it() -> None:
+    path = REPO / "config.example.yaml"
+    first_line = path.read_text().splitlines()[0]
+    assert first_line == "# yaml-language-server: $schema=./config.schema.json"
+    jsonschema = pytest.importorskip("jsonschema")
+    yaml = pytest.importorskip("yaml")
+    schema = json.loads((REPO / "config.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(yaml.safe_load(path.read_text()))
+    assert [error.message for error in errors] == []
+
+
+def test_the_schema_knows_every_key_and_refuses_unknown_ones() -> None:
+    schema = config_schema()
+    defs = schema["$defs"]
+    sections = {"ApiConfig": ApiConfig, "PollConfig": PollConfig, "DeviceConfig": DeviceConfig,
+                "DeviceDiscovery": DeviceDiscovery, "MetricsConfig": MetricsConfig}  # fmt: skip
+    for name, cls in sections.items():
+        assert set(defs[name]["properties"]) == {f.name for f in dataclasses.fields(cls)}, name
+        assert defs[name]["additionalProperties"] is False, name
+    assert set(defs["BatchDiscovery"]["properties"]) == {
+        "max_age", "max_age_seconds", "max_per_device"
+    }  # fmt: skip
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["organization"]
+    for key in ("timeout_seconds", "requests_per_hour", "page_size", "max_pages"):
+        assert "description" in defs["ApiConfig"]["properties"][key], key
 
 
 # --- durations --------------------------------------------------------------------------------
