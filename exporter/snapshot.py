@@ -32,7 +32,7 @@ from exporter.planner import Tracking
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 from exporter.statuses import Rank
-from exporter.store import Delta, Loaded, Store, StoreUnusable
+from exporter.store import Delta, DirectoryLock, Loaded, Store, StoreUnusable
 
 log = structlog.get_logger("exporter.snapshot")
 
@@ -200,8 +200,12 @@ class Persistence:
         state: FleetState,
         metrics: SelfMetrics,
         marks: Callable[[], MutableMapping[str, Tracking]] = dict,
+        lock: DirectoryLock | None = None,
     ) -> None:
+        """``opener`` opens the store (again, after a failure); ``lock`` is the directory's,
+        released on close."""
         self._opener = opener
+        self._lock = lock
         self.store: Store | None = None
         self._opened_at = -math.inf  # monotonic, last attempt to open
         self._state = state
@@ -353,6 +357,8 @@ class Persistence:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._thread, self.store.close)
         self._thread.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _decode(loaded: Loaded) -> dict[str, Any]:
