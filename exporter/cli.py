@@ -151,7 +151,7 @@ def build_exporter(
         directory, organization = storage.path.parent, config.organization
         persistence = Persistence(
             lambda: open_directory(directory, organization, storage),
-            state, metrics, marks=lambda: scheduler.tracking,
+            state, metrics, marks=lambda: scheduler.tracking, lock=storage,
         )
     return Exporter(
         config, metrics, state, exposition, client, scheduler, config_path, persistence

@@ -42,6 +42,7 @@ from exporter.store import DATABASE, DirectoryLock
 
 __all__ = ["simulator"]  # the fixture, shared with the other end-to-end tests
 
+TOKEN = "tok-7f3a9c-never-in-the-store"
 # Families whose samples may never go down while the store holds them.
 MONOTONIC_SUFFIXES = ("_total", "_count", "_bucket")
 
@@ -175,7 +176,7 @@ async def test_sigkill_mid_round_loses_nothing_a_scraper_saw_and_ends_exact(
     # The simulator's clock is manual and starts at the exporter's wall clock: every change
     # the test makes happens after the first process began watching.
     sim, url = await make_simulator_server(seed=5, devices=6, start=time.time(), max_limit=7,
-                                           new_batches_per_device_hour=20.0)
+                                           new_batches_per_device_hour=20.0, token=TOKEN)
     watermark = sim.clock.now()
     config = tmp_path / "config.yaml"
     token = tmp_path / "token"
@@ -209,6 +210,11 @@ async def test_sigkill_mid_round_loses_nothing_a_scraper_saw_and_ends_exact(
         scraper.stop()
     assert scraper.scrapes > 20
     assert scraper.went_back == []
+    counted = [v for (name, _), v in scraper.highest.items()
+               if name == "applivery_windows_command_action_transitions_total"]
+    assert sum(counted) > 0  # the kills landed while things were being counted
+    for path in store.iterdir():  # the store never holds the token
+        assert TOKEN.encode() not in path.read_bytes(), path
 
 
 def _exact(url: str, sim: Simulator, watermark: float) -> bool:
