@@ -561,6 +561,17 @@ def alert_groups(params: Params) -> list[Group]:
             comment="The cardinality guard (docs/cardinality.md) keeps every alert working; "
             "this is a ticket, not a page.",
         ),
+        _alert(
+            p,
+            "AppliveryExporterStorageFailing",
+            f"increase({_sel(p, 'applivery_exporter_storage_write_failures_total')}[10m]) > 0",
+            "warning",
+            "The exporter cannot write its durable state.",
+            f"""{{{{ $labels.instance }}}} has failed to write to --storage.path for
+            {lasting('AppliveryExporterStorageFailing')}. It keeps polling and serving, but a
+            restart now would lose what it counted since the last write.""",
+            comment="Polling and serving go on; what is at stake is the next restart.",
+        ),
         *_fleet_view_alerts(p),
     ]
     return [Group("applivery-mdm-exporter.alerts", rules)]
