@@ -5,7 +5,9 @@ exporter on a host. What this implementation does differently, and why:
 
 - Validation is complete and happens at start (and in ``--config.check``): every problem is
   reported with its key path, files are read, the certificate is loaded against its key, every
-  bcrypt hash is checked for shape and salt. Unknown keys are errors.
+  bcrypt hash is checked for shape and salt. Unknown keys are errors. The file is declared as
+  frozen pydantic dataclasses and its problems worded as the config's are
+  (``configvalues.py``, ``problems.py``).
 - Settings that Python's TLS stack cannot honour faithfully are errors, never ignored:
   ``RequestClientCert`` and ``RequireAnyClientCert`` (a client certificate accepted without
   verification), ``cipher_suites`` and ``curve_preferences`` (Go names), and inline ``cert``,
@@ -32,13 +34,31 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, ClassVar, Literal
 
 import bcrypt
 from aiohttp import web
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
-from exporter.config import ConfigError, load_document, parse_duration
+from exporter.configvalues import Flag, Section, checked, choice, duration, integer, model
+from exporter.problems import (
+    ConfigError,
+    IfMissing,
+    Problems,
+    invalid,
+    problem_lines,
+    shown,
+    spelling,
+)
+from exporter.yamlload import load_document
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -74,33 +94,198 @@ AUTH_CACHE_SIZE = 1024
 BCRYPT_PARALLEL = 2  # verifications of uncached credentials running at once
 
 
+# --- values of this file ------------------------------------------------------------------
+
+
+def _file_path(value: object, info: ValidationInfo) -> str:
+    """A file name; a relative one joins the web config file's directory."""
+    if not isinstance(value, str) or not value.strip():
+        raise invalid("must be a non-empty string")
+    base_dir = (info.context or {}).get("base_dir")
+    return value.strip() if base_dir is None else os.path.join(base_dir, value.strip())
+
+
+def _client_auth(value: object) -> str:
+    if value in UNVERIFIED_CLIENT_AUTH:
+        raise invalid(
+            f"{value} accepts unverified client certificates, which this exporter does not "
+            "support; use RequireAndVerifyClientCert"
+        )
+    return _CLIENT_AUTH.func(value)
+
+
+def _sans(value: object) -> tuple[str, ...]:
+    if value is None or isinstance(value, tuple):
+        return value or ()
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
+        raise invalid("must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _users(value: object) -> tuple[tuple[str, bytes], ...]:
+    if isinstance(value, tuple):  # from code
+        return value
+    if not isinstance(value, dict) or not value:
+        # An empty map would mean "no auth" in exporter-toolkit: too easy to get by accident.
+        raise invalid(
+            "must map at least one user to a bcrypt hash (remove the key to serve without "
+            "basic auth)"
+        )
+    problems = Problems()
+    users: list[tuple[str, bytes]] = []
+    for key, hashed in value.items():
+        user = spelling(key)
+        # A problem never carries the hash: it is not shown, nor kept in the error.
+        problem = (
+            "a user name must be non-empty and contain no ':'" if not user or ":" in user
+            else _hash_problem(hashed)
+        )  # fmt: skip
+        if problem:
+            problems.add((user,), problem)
+        else:
+            users.append((user, hashed.encode()))
+    problems.raise_any()
+    return tuple(users)
+
+
+def _hash_problem(hashed: object) -> str | None:
+    """Why a value is not a usable bcrypt hash (never echoing it), or None."""
+    shape = BCRYPT_HASH.fullmatch(hashed) if isinstance(hashed, str) else None
+    if shape is None:
+        return "not a bcrypt hash (expected $2y$, $2b$ or $2a$, a cost, and 53 characters)"
+    cost = int(shape.group(1))
+    if not 4 <= cost <= 31:
+        return f"bcrypt cost must be between 04 and 31, got {shape.group(1)}"
+    try:
+        # Cost 4 on the same salt checks it for a few microseconds, not 2**cost rounds.
+        bcrypt.hashpw(b"", b"$2b$04$" + shape.group(2).encode())
+    except ValueError:
+        return "not a bcrypt hash (its salt does not decode)"
+    return None
+
+
+
+
+def _header(name: str, value: object) -> str | None:
+    """The canonical name of a header the file may set; raises on a value it may not take."""
+    known = HEADERS.get(name.lower())
+    if known is None:
+        allowed = ", ".join(canonical for canonical, _ in HEADERS.values())
+        raise invalid(f"cannot be configured (allowed: {allowed})")
+    if value in (None, ""):
+        return None  # blank = unset, as in exporter-toolkit
+    canonical, allowed_values = known
+    if not isinstance(value, str) or "\n" in value or "\r" in value:
+        raise invalid("must be a one-line string")
+    if allowed_values is not None and value.lower() not in allowed_values:
+        raise invalid(f"must be one of {', '.join(allowed_values)}")
+    return canonical
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None or isinstance(value, tuple):
+        return value or ()
+    if not isinstance(value, dict):
+        raise invalid(f"must be a mapping, got {shown(value)}")
+    problems = Problems()
+    headers: list[tuple[str, str]] = []
+    for name, header_value in value.items():
+        key = spelling(name)
+        canonical = problems.read((key,), lambda v, key=key: _header(key, v), header_value)
+        if canonical is not None:
+            headers.append((canonical, header_value))
+    problems.raise_any()
+    return tuple(headers)
+
+
+def _empty_is_none(value: object) -> object:
+    """Absent, null or {}: the section is off (plain HTTP, no rate limit), as in the toolkit."""
+    return None if value is None or value == {} else value
+
+
+def _enabled(limit: RateLimit | None) -> RateLimit | None:
+    return limit if limit is not None and limit.interval_seconds > 0 else None  # 0 disables
+
+
+_CLIENT_AUTH = choice(tuple(CLIENT_AUTH))
+FilePath = Annotated[str, checked(_file_path, str)]
+TlsVersion = Annotated[str, choice(tuple(TLS_VERSIONS))]
+_TLS_NEEDS_BOTH = IfMissing("missing (TLS needs both cert_file and key_file)")
+
+
 # --- the configuration --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@model
 class TlsConfig:
-    cert_file: str
-    key_file: str
-    client_auth_type: str = "NoClientCert"
-    client_ca_file: str | None = None
-    client_allowed_sans: tuple[str, ...] = ()
-    min_version: str = "TLS12"
-    max_version: str = "TLS13"
-    prefer_server_cipher_suites: bool = True
+    UNSUPPORTED_KEYS: ClassVar[Mapping[str, str]] = UNSUPPORTED_TLS_KEYS
+
+    cert_file: Annotated[FilePath, _TLS_NEEDS_BOTH]
+    key_file: Annotated[FilePath, _TLS_NEEDS_BOTH]
+    client_auth_type: Annotated[str, checked(_client_auth, Literal[tuple(CLIENT_AUTH)])] = (
+        "NoClientCert"
+    )
+    client_ca_file: FilePath | None = None
+    client_allowed_sans: Annotated[tuple[str, ...], checked(_sans, list[str] | None)] = ()
+    min_version: TlsVersion = "TLS12"
+    max_version: TlsVersion = "TLS13"
+    prefer_server_cipher_suites: Flag = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsConfig:
+        problems = Problems()
+        auth = self.client_auth_type
+        if self.client_ca_file is not None and auth == "NoClientCert":
+            problems.add(("client_ca_file",), "set, but client_auth_type is NoClientCert")
+        if self.client_ca_file is None and auth != "NoClientCert":
+            why = f"client_auth_type {auth} verifies client certificates against it"
+            problems.add(("client_ca_file",), f"missing ({why})")
+        if self.client_allowed_sans and auth != "RequireAndVerifyClientCert":
+            why = "needs client_auth_type RequireAndVerifyClientCert"
+            problems.add(("client_allowed_sans",), why)
+        if TLS_VERSIONS[self.min_version] > TLS_VERSIONS[self.max_version]:
+            why = f"{self.min_version} is above max_version {self.max_version}"
+            problems.add(("min_version",), why)
+        problems.raise_any()
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+@model
+class HttpConfig:
+    http2: Flag = True
+    """Accepted and ignored: aiohttp speaks HTTP/1.1."""
+    headers: Annotated[tuple[tuple[str, str], ...], checked(_headers, dict[str, str] | None)] = ()
+
+
+@model
 class RateLimit:
-    interval_seconds: float  # one request per interval on average
-    burst: int
+    interval_seconds: Annotated[float, duration(zero=True)] = Field(0.0, alias="interval")
+    """One request per interval on average; 0 turns the limit off."""
+    burst: Annotated[int, integer(1)] = 1
 
 
-@dataclass(frozen=True, slots=True)
+@model
 class WebConfig:
-    tls: TlsConfig | None = None
-    users: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)  # user -> bcrypt hash
-    headers: tuple[tuple[str, str], ...] = ()
-    rate_limit: RateLimit | None = None
+    tls: Annotated[TlsConfig | None, BeforeValidator(_empty_is_none)] = Field(
+        None, alias="tls_server_config"
+    )
+    users: Annotated[tuple[tuple[str, bytes], ...], checked(_users, dict[str, str])] = Field(
+        (), alias="basic_auth_users", repr=False
+    )  # user -> bcrypt hash
+    http: Section[HttpConfig] = Field(HttpConfig(), alias="http_server_config")
+    rate_limit: Annotated[
+        RateLimit | None, BeforeValidator(_empty_is_none), AfterValidator(_enabled)
+    ] = None
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return self.http.headers
+
+
+_WEB_CONFIG: TypeAdapter[WebConfig] = TypeAdapter(WebConfig)
+
+
+# --- entry points -------------------------------------------------------------------------
 
 
 def load_web_config(path: str) -> tuple[WebConfig, ssl.SSLContext | None]:
@@ -134,11 +319,10 @@ def parse_web_config(
         document = {}
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: top level must be a mapping of keys")
-    problems: list[str] = []
-    config = _web_config(document, problems, base_dir)
-    if problems:
-        raise ConfigError(f"{source}: {problem}" for problem in problems)
-    return config
+    try:
+        return _WEB_CONFIG.validate_python(document, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(problem_lines(exc, WebConfig, prefix=f"{source}: ")) from None
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -208,225 +392,6 @@ def _pem_problems(key: str, path: str, marker: str) -> list[str]:
         return [f"{key}: {path}: encrypted keys are not supported"]
     return []
 
-
-# --- validation ---------------------------------------------------------------------------
-
-
-def _web_config(document: dict[Any, Any], problems: list[str], base_dir: str | None) -> WebConfig:
-    _unknown(document, ("tls_server_config", "http_server_config", "basic_auth_users",
-                        "rate_limit"), "", problems)  # fmt: skip
-    tls = _tls(document.get("tls_server_config"), problems, base_dir)
-    users = _users(document, problems)
-    headers = _http(document.get("http_server_config"), problems)
-    rate_limit = _rate_limit(document.get("rate_limit"), problems)
-    return WebConfig(tls=tls, users=users, headers=headers, rate_limit=rate_limit)
-
-
-def _unknown(section: dict[Any, Any], known: tuple[str, ...], path: str, out: list[str]) -> None:
-    for key in section:
-        if key not in known:
-            out.append(f"{path}{key}: unknown key (known: {', '.join(known)})")
-
-
-def _mapping(value: object, path: str, problems: list[str]) -> dict[Any, Any] | None:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.append(f"{path}: must be a mapping")
-        return None
-    return value
-
-
-def _text(section: dict[Any, Any], key: str, path: str, problems: list[str]) -> str | None:
-    value = section.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}.{key}: must be a non-empty string")
-        return None
-    return value.strip()
-
-
-def _file(
-    section: dict[Any, Any], key: str, path: str, problems: list[str], base_dir: str | None
-) -> str | None:
-    name = _text(section, key, path, problems)
-    if name is None or base_dir is None:
-        return name
-    return os.path.join(base_dir, name)
-
-
-def _choice(
-    section: dict[Any, Any],
-    key: str,
-    path: str,
-    problems: list[str],
-    choices: Mapping[str, Any],
-    default: str,
-) -> str:
-    value = section.get(key, default)
-    if value not in choices:
-        problems.append(f"{path}.{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return default
-    return value
-
-
-def _tls(value: object, problems: list[str], base_dir: str | None) -> TlsConfig | None:
-    path = "tls_server_config"
-    section = _mapping(value, path, problems)
-    if not section:  # absent, null or {}: plain HTTP, as in exporter-toolkit
-        return None
-    for key, why in UNSUPPORTED_TLS_KEYS.items():
-        if key in section:
-            problems.append(f"{path}.{key}: {why}")
-    known = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "client_allowed_sans",
-             "min_version", "max_version", "prefer_server_cipher_suites")  # fmt: skip
-    _unknown({k: v for k, v in section.items() if k not in UNSUPPORTED_TLS_KEYS}, known,
-             f"{path}.", problems)  # fmt: skip
-    cert_file = _file(section, "cert_file", path, problems, base_dir)
-    key_file = _file(section, "key_file", path, problems, base_dir)
-    for key, given in (("cert_file", cert_file), ("key_file", key_file)):
-        if given is None and key not in section:
-            problems.append(f"{path}.{key}: missing (TLS needs both cert_file and key_file)")
-    client_auth = _client_auth(section, path, problems)
-    client_ca = _file(section, "client_ca_file", path, problems, base_dir)
-    if client_ca is not None and client_auth == "NoClientCert":
-        problems.append(f"{path}.client_ca_file: set, but client_auth_type is NoClientCert")
-    if client_ca is None and client_auth != "NoClientCert":
-        problems.append(f"{path}.client_ca_file: missing (client_auth_type {client_auth} "
-                        "verifies client certificates against it)")  # fmt: skip
-    sans = _sans(section, path, problems, client_auth)
-    low = _choice(section, "min_version", path, problems, TLS_VERSIONS, "TLS12")
-    high = _choice(section, "max_version", path, problems, TLS_VERSIONS, "TLS13")
-    if TLS_VERSIONS[low] > TLS_VERSIONS[high]:
-        problems.append(f"{path}.min_version: {low} is above max_version {high}")
-    prefer = section.get("prefer_server_cipher_suites", True)
-    if not isinstance(prefer, bool):
-        problems.append(f"{path}.prefer_server_cipher_suites: must be true or false")
-    if cert_file is None or key_file is None:
-        return None
-    return TlsConfig(cert_file, key_file, client_auth, client_ca, sans, low, high, prefer is True)
-
-
-def _client_auth(section: dict[Any, Any], path: str, problems: list[str]) -> str:
-    value = section.get("client_auth_type", "NoClientCert")
-    if value in UNVERIFIED_CLIENT_AUTH:
-        problems.append(
-            f"{path}.client_auth_type: {value} accepts unverified client certificates, which "
-            "this exporter does not support; use RequireAndVerifyClientCert"
-        )
-        return "NoClientCert"
-    return _choice(section, "client_auth_type", path, problems, CLIENT_AUTH, "NoClientCert")
-
-
-def _sans(
-    section: dict[Any, Any], path: str, problems: list[str], client_auth: str
-) -> tuple[str, ...]:
-    value = section.get("client_allowed_sans")
-    if value is None:
-        return ()
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(san, str) and san for san in value)
-    ):
-        problems.append(f"{path}.client_allowed_sans: must be a non-empty list of strings")
-        return ()
-    if client_auth != "RequireAndVerifyClientCert":
-        problems.append(f"{path}.client_allowed_sans: needs client_auth_type "
-                        "RequireAndVerifyClientCert")  # fmt: skip
-    return tuple(value)
-
-
-def _users(document: dict[Any, Any], problems: list[str]) -> tuple[tuple[str, bytes], ...]:
-    path = "basic_auth_users"
-    if path not in document:
-        return ()
-    section = document[path]
-    if not isinstance(section, dict) or not section:
-        # An empty map would mean "no auth" in exporter-toolkit: too easy to get by accident.
-        problems.append(f"{path}: must map at least one user to a bcrypt hash "
-                        "(remove the key to serve without basic auth)")  # fmt: skip
-        return ()
-    users = []
-    for key, hashed in section.items():
-        user = getattr(key, "text", str(key))
-        where = f"{path}[{user!r}]" if not re.fullmatch(r"[\w.\-@]+", user) else f"{path}.{user}"
-        if not user or ":" in user:
-            problems.append(f"{where}: a user name must be non-empty and contain no ':'")
-            continue
-        problem = _hash_problem(hashed)
-        if problem:
-            problems.append(f"{where}: {problem}")
-            continue
-        users.append((user, hashed.encode()))
-    return tuple(users)
-
-
-def _hash_problem(hashed: object) -> str | None:
-    """Why a value is not a usable bcrypt hash (never echoing it), or None."""
-    shape = BCRYPT_HASH.fullmatch(hashed) if isinstance(hashed, str) else None
-    if shape is None:
-        return "not a bcrypt hash (expected $2y$, $2b$ or $2a$, a cost, and 53 characters)"
-    cost = int(shape.group(1))
-    if not 4 <= cost <= 31:
-        return f"bcrypt cost must be between 04 and 31, got {shape.group(1)}"
-    try:
-        # Cost 4 on the same salt checks it for a few microseconds, not 2**cost rounds.
-        bcrypt.hashpw(b"", b"$2b$04$" + shape.group(2).encode())
-    except ValueError:
-        return "not a bcrypt hash (its salt does not decode)"
-    return None
-
-
-def _http(value: object, problems: list[str]) -> tuple[tuple[str, str], ...]:
-    path = "http_server_config"
-    section = _mapping(value, path, problems)
-    if not section:
-        return ()
-    _unknown(section, ("http2", "headers"), f"{path}.", problems)
-    if not isinstance(section.get("http2", True), bool):
-        problems.append(f"{path}.http2: must be true or false")
-    headers = _mapping(section.get("headers"), f"{path}.headers", problems) or {}
-    result = []
-    for name, header_value in headers.items():
-        where = f"{path}.headers.{name}"
-        known = HEADERS.get(str(name).lower())
-        if known is None:
-            problems.append(f"{where}: cannot be configured (allowed: "
-                            f"{', '.join(h for h, _ in HEADERS.values())})")  # fmt: skip
-            continue
-        if header_value in (None, ""):
-            continue  # blank = unset, as in exporter-toolkit
-        canonical, allowed = known
-        if not isinstance(header_value, str) or "\n" in header_value or "\r" in header_value:
-            problems.append(f"{where}: must be a one-line string")
-        elif allowed is not None and header_value.lower() not in allowed:
-            problems.append(f"{where}: must be one of {', '.join(allowed)}")
-        else:
-            result.append((canonical, header_value))
-    return tuple(result)
-
-
-def _rate_limit(value: object, problems: list[str]) -> RateLimit | None:
-    path = "rate_limit"
-    section = _mapping(value, path, problems)
-    if not section:
-        return None
-    _unknown(section, ("interval", "burst"), f"{path}.", problems)
-    try:
-        interval = parse_duration(section.get("interval", 0))
-    except ValueError as exc:
-        problems.append(f"{path}.interval: {exc}")
-        return None
-    burst = section.get("burst", 1)
-    if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
-        problems.append(f"{path}.burst: must be a whole number of at least 1")
-        return None
-    if interval < 0:
-        problems.append(f"{path}.interval: must not be negative")
-        return None
-    return RateLimit(interval, burst) if interval > 0 else None  # 0 disables, as in the toolkit
 
 
 # --- basic auth ---------------------------------------------------------------------------
