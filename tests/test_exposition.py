@@ -24,7 +24,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from promstack import PROMETHEUS_BIN, ScrapeTarget, eventually, require_binaries, running_prometheus
 
-from exporter import exposition as exposition_module
+from exporter import devicestore
 from exporter.exposition import (
     BLOCK_DEVICES,
     MAX_LABEL_VALUE,
@@ -545,10 +545,10 @@ def test_a_self_metrics_change_neither_copies_nor_compresses_the_fleet(
     size = len(exposition.body(openmetrics=False))
     assert size > 300_000
     rendered: list[str] = []
-    real_render = exposition_module._render_device
+    real_render = devicestore.render_device
     monkeypatch.setattr(
-        exposition_module,
-        "_render_device",
+        devicestore,
+        "render_device",
         lambda organization, state, device, *a, **kw: rendered.append(device)
         or real_render(organization, state, device, *a, **kw),
     )
