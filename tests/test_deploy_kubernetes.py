@@ -405,3 +405,15 @@ def test_sharded_statefulset_has_one_claim_per_replica() -> None:
     assert pod_volume(statefulset, template["metadata"]["name"]) is None
     shared = [v for v in pod_spec(statefulset)["volumes"] if "persistentVolumeClaim" in v]
     assert not shared, "a claim in the pod template would be one store for every shard"
+
+
+def test_docs_name_where_each_variant_keeps_its_state() -> None:
+    section = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split(
+        "## Durable state", 1)[1]
+    assert STATE_PATH in section
+    assert one(rendered(EXAMPLE), "PersistentVolumeClaim")["metadata"]["name"] in section
+    statefulset = one(rendered(SHARDED), "StatefulSet")
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    # The controller names a shard's claim <template>-<statefulset>-<ordinal>.
+    claims = f"{template['metadata']['name']}-{statefulset['metadata']['name']}-<ordinal>"
+    assert claims in section
