@@ -1,29 +1,32 @@
-"""What to poll when: targets from config and discovery, poll rounds, applying results.
+"""Poll rounds: what to read when, and the results applied to the state.
 
-Two strategies (``poll.strategy``):
+A ``budget`` round (``poll.strategy``, the default), top-down:
 
-- ``round_robin``: every round polls every watched device: its batches (explicit
-  ``commands`` or the command history), then the actions of each batch that can still have
-  changed. The client's token bucket spaces the requests out, so with a large fleet a round
-  simply takes longer than ``interval_seconds``.
-- ``budget`` (default): every round spends at most the requests the budget earned since the
-  previous one, on the devices due first by the plan of :mod:`exporter.planner` (never read;
-  checked in with pending actions; looks for answers and other check-ins by due time, a
-  look two rounds ahead; then the sweep). Only a check-in
-  (an OMA-DM session) changes an action, and the device list shows each device's
-  ``lastStatusReportTime``: sorted by it, one page names every device that checked in since
-  the last look. A pending batch is not read again while its summary stays the same and its
-  device has not checked in: a summary counts actions per status, and on the path
-  ``Pending -> Awaiting -> final`` equal counts mean nothing moved.
+1. **credit**: the requests the budget earned since the previous round (:class:`Credit`);
+2. **device lists**: the reads of :mod:`exporter.devicelists` that are due. Discovery's full
+   list brings membership (applied to :class:`~exporter.targets.Watchlist`), states and
+   check-ins; otherwise the sorted list names the devices that checked in since the last
+   look. Only a check-in (an OMA-DM session) changes an action;
+3. **plan**: :mod:`exporter.planner` takes the devices due first (never read; checked in
+   with pending actions; looks for answers and other check-ins by due time, a look two
+   rounds ahead; then the sweep) while the credit left after the lists lasts;
+4. **reads**: each chosen device's batches (explicit ``commands`` or the command history),
+   then the actions of each batch that can still have changed. A pending batch is not read
+   again while its summary stays the same and its device has not checked in: a summary
+   counts actions per status, and on the path ``Pending -> Awaiting -> final`` equal counts
+   mean nothing moved;
+5. **state**: every result goes to :class:`FleetState`.
 
-Results go to :class:`FleetState`; the scheduler never renders or serves anything.
+``round_robin`` (the naive baseline) skips the check-ins and the plan: every round reads
+every watched device, and the client's token bucket spaces the requests out, so with a large
+fleet a round simply takes longer than ``interval_seconds``. The scheduler never renders or
+serves anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import random
 import time
@@ -32,9 +35,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from exporter.client import ApiClient, ApiError, AuthError, NotFoundError, SortRejected
-from exporter.config import Config, DeviceConfig, DeviceDiscovery
-from exporter.paging import IGNORED
+from exporter.client import ApiClient, ApiError, AuthError, NotFoundError
+from exporter.config import Config
+from exporter.devicelists import DeviceLists, Listed
 from exporter.planner import (
     CREDIT_ROUNDS,
     Candidate,
@@ -45,68 +48,18 @@ from exporter.planner import (
     plan,
 )
 from exporter.records import Batch, Device, until
-from exporter.selfmetrics import FULL_LIST, SORTED_LIST, SelfMetrics
+from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
+from exporter.targets import Changes, Shard, Target, Watchlist
+
+# Shard and Target are imported from here by the cli and the tests.
+__all__ = ["BUDGET", "ROUND_ROBIN", "RoundResult", "Scheduler", "Shard", "Target"]
 
 log = structlog.get_logger("exporter.scheduler")
 
 BUDGET, ROUND_ROBIN = "budget", "round_robin"
-# lastStatusReportTime is written by upstream when a session ends, maybe a little out of
-# order: a look at the device list reaches this far behind the newest check-in it knew.
-SIGNAL_OVERLAP_SECONDS = 120.0
-CHECKIN_SORT = "lastStatusReportTime:desc"
-# Where upstream does not honour that sort, the whole device list brings the check-ins, read
-# as often as this share of the budget allows (every round on a small fleet); the client
-# lets the sorted look try again hourly.
-FULL_LIST_SHARE = 0.2
 # A configured batch that answered 404 is asked again after this many poll intervals.
 DROPPED_RETRY_ROUNDS = 10
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    index: int
-    total: int
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """``INDEX/TOTAL`` with 0 <= INDEX < TOTAL."""
-        index_text, sep, total_text = text.partition("/")
-        if not sep or not index_text.isdecimal() or not total_text.isdecimal():
-            raise ValueError(f"--shard must be INDEX/TOTAL (e.g. 0/3), got {text!r}")
-        index, total = int(index_text), int(total_text)
-        if total < 1 or index >= total:
-            raise ValueError(f"--shard index must be below total, got {text!r}")
-        return cls(index, total)
-
-    def owns(self, device: str) -> bool:
-        # A stable hash (not Python's salted hash()) so every replica agrees on the split.
-        digest = hashlib.sha256(device.lower().encode()).digest()
-        return int.from_bytes(digest[:8], "big") % self.total == self.index
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One watched device: from the config, or discovered."""
-
-    device: str
-    name: str | None = None
-    labels: tuple[tuple[str, str], ...] = ()
-    commands: tuple[str, ...] | None = None
-    info: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_config(cls, device: DeviceConfig) -> Target:
-        return cls(device.id, device.name, device.labels, device.commands)
-
-    @classmethod
-    def discovered(cls, device: Device) -> Target:
-        info = {"serial": device.serial, "imei": device.imei, "win_id": device.win_id}
-        return cls(
-            device.id,
-            device.name,
-            info=tuple((k, v) for k, v in info.items() if v),
-        )
 
 
 @dataclass(slots=True)
@@ -119,6 +72,37 @@ class RoundResult:
     planned: int = 0  # requests the plan expected to spend (budget strategy)
     spent: int = 0  # requests actually sent, retries and extra pages included
     deferred: int = 0  # devices left for a later round by the budget
+
+
+@dataclass(slots=True)
+class Credit:
+    """Requests the budget earned that no round has spent yet.
+
+    Measured on the bucket's clock, not on upstream's time line (check-ins): the rate is per
+    hour of the bucket's clock, and upstream's may run at another pace (the demo's simulator
+    runs 30x) or stand still, which would starve the plan.
+    """
+
+    balance: float = 0.0
+    earned_at: float | None = None  # the bucket's clock at the last accrual
+    # Credit piles up to at least this (the dearest device plus the round's device lists),
+    # so that device is not deferred for ever.
+    floor: float = 2.0
+
+    def accrue(self, now: float, rate_per_hour: float, interval: float) -> float:
+        """Add what ``rate_per_hour`` (the client's current, maybe throttled rate) earned
+        since the last round, up to ``CREDIT_ROUNDS`` rounds' worth; the balance."""
+        per_round = rate_per_hour * interval / 3600
+        if self.earned_at is None:
+            self.balance = per_round
+        else:
+            self.balance += rate_per_hour * max(0.0, now - self.earned_at) / 3600
+        self.balance = min(self.balance, max(self.floor, per_round * CREDIT_ROUNDS))
+        self.earned_at = now
+        return self.balance
+
+    def spend(self, requests: int) -> None:
+        self.balance -= requests
 
 
 # --- the scheduler -----------------------------------------------------------------------------
@@ -139,95 +123,34 @@ class Scheduler:
         self._client = client
         self._state = state
         self._metrics = metrics
-        self._shard = shard
         self._clock = clock
         self._rng = rng or random.Random()
-        self._targets: dict[str, Target] = {}
-        self._discovered: dict[str, Target] = {}
-        self._discovered_at: float | None = None
-        # When the whole (unfiltered) device list was last read for configured devices that
-        # discovery does not list: their check-ins and states.
-        self._listed_at: float | None = None
-        self._shown_by_discovery: set[str] = set()  # watched devices its last list showed
+        self._lists = DeviceLists(
+            config, client, metrics, clock=clock, future_limit=state.future_limit
+        )
+        self._watchlist = Watchlist(shard)
         self._tracking: dict[str, Tracking] = {}
-        self._aliases: dict[str, str] = {}  # lower-case id, serial or IMEI -> target key
         self._completed: set[str] = set()
-        self._signal_mark: float | None = None  # newest lastStatusReportTime seen
-        self._credit = 0.0
-        self._credit_at: float | None = None
-        self._credit_floor = 2.0
-        # The last read of the watched device list (discovery's, or a full look for
-        # check-ins): when, on the budget's clock, and what it cost.
-        self._full_look_at: float | None = None
-        self._full_look_cost: int | None = None
+        self._credit = Credit()
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
-        self._apply_targets()
-
-    # --- targets --------------------------------------------------------------------------
-
-    def _owns(self, device: str) -> bool:
-        return self._shard is None or self._shard.owns(device)
-
-    def _apply_targets(self) -> None:
-        """Merge explicit and discovered devices; watch new ones, unwatch gone ones.
-
-        Shards split the fleet by each device's canonical 24-hex id when discovery knows
-        it, so a device configured by serial number or IMEI and also discovered is watched
-        by exactly one shard, once. An explicit entry wins (its name, labels and commands
-        are what the user asked for).
-        """
-        canonical: dict[str, str] = {}  # lower-case id, serial or IMEI -> discovered id
-        for device_id, target in self._discovered.items():
-            canonical[device_id.lower()] = device_id
-            for key, value in target.info:
-                if key in ("serial", "imei"):
-                    canonical.setdefault(value.lower(), device_id)
-        wanted: dict[str, Target] = {}
-        claimed: set[str] = set()  # discovered ids that a configured entry names
-        for device in self.config.devices:
-            owner = canonical.get(device.id.lower())
-            if owner is not None:
-                claimed.add(owner)
-            if self._owns(owner or device.id):
-                wanted[device.id] = Target.from_config(device)
-        for device_id, target in self._discovered.items():
-            if device_id not in claimed and self._owns(device_id):
-                wanted[device_id] = target
-        for device_id in self._targets.keys() - wanted.keys():
-            self._state.unwatch(device_id)
-            self._tracking.pop(device_id, None)
-            self._completed.discard(device_id)
-            log.info("device_unwatched", device=device_id)
-        for device_id, target in wanted.items():
-            previous = self._targets.get(device_id)
-            if previous != target:
-                self._state.watch(
-                    device_id, name=target.name, labels=dict(target.labels), info=dict(target.info)
-                )
-                if previous is not None and previous.commands != target.commands:
-                    self._tracking.pop(device_id, None)
-            self._tracking.setdefault(device_id, Tracking())
-        self._targets = wanted
-        self._aliases = {key.lower(): key for key in wanted}
+        self._watch(self._watchlist.reconfigure(
+            config.devices, discovering=config.discovery.devices is not None
+        ))
 
     def reload(self, config: Config) -> None:
         """Swap the config; unchanged targets keep their state and counters."""
-        if config.discovery.devices != self.config.discovery.devices:
-            self._discovered_at = None
-            self._signal_mark = None
-            if config.discovery.devices is None:
-                self._discovered = {}
-                self._shown_by_discovery = set()
-        self._listed_at = None  # configured devices may have changed: look them up now
+        self._lists.reconfigure(config)
         self.config = config
-        self._apply_targets()
+        self._watch(self._watchlist.reconfigure(
+            config.devices, discovering=config.discovery.devices is not None
+        ))
         self._wake.set()
 
     @property
     def targets(self) -> dict[str, Target]:
-        return dict(self._targets)
+        return dict(self._watchlist.targets)
 
     @property
     def tracking(self) -> dict[str, Tracking]:
@@ -237,182 +160,97 @@ class Scheduler:
     @property
     def ready(self) -> bool:
         """Every watched device completed one full poll (and discovery ran once)."""
-        if self.config.discovery.devices is not None and self._discovered_at is None:
+        if not self._lists.ready:
             return False
         # A shard (or a discovery) may own no device at all: that is a complete round too.
-        return self.rounds > 0 and self._targets.keys() <= self._completed
+        return self.rounds > 0 and self._watchlist.targets.keys() <= self._completed
 
     @property
     def strategy(self) -> str:
         return self.config.poll.strategy
 
-    # --- discovery and check-ins ----------------------------------------------------------
+    # --- a round: credit, device lists, plan, reads, state --------------------------------
 
-    async def _read_device_lists(self) -> bool:
-        """The device lists that are due: discovery's (membership, check-ins for the plan),
-        then, for configured devices it does not show, the whole list (their check-ins and
-        states), each at least every ``refresh_seconds``. True if discovery's list was read."""
-        discovered = await self._discover_devices()
-        await self._list_configured()
-        return discovered
+    async def run_round(self) -> RoundResult:
+        started = time.monotonic()
+        spent_before = self._client.budget.spent
+        result = RoundResult()
+        if self.strategy == ROUND_ROBIN:
+            await self._read_device_lists(checkins=False)
+            await self._poll_all(list(self._watchlist.targets.values()), result)
+        else:
+            await self._budget_round(result)
+        result.spent = self._client.budget.spent - spent_before
+        if self.strategy != ROUND_ROBIN:
+            self._credit.spend(result.spent)
+        self._end_round(result, started)
+        return result
 
-    async def _discover_devices(self) -> bool:
-        """The full device list when membership is due for a refresh; True if it was read."""
-        spec = self.config.discovery.devices
-        if spec is None:
-            return False
-        now = self._clock()
-        if self._discovered_at is not None and now - self._discovered_at < spec.refresh_seconds:
-            return False
-        devices = await self._watched_list("discovery_failed", level="error")
-        if devices is None:
-            return False
-        self._discovery(devices, now)
-        log.info("devices_discovered", count=len(self._discovered), watched=len(self._targets))
-        return True
-
-    def _discovery(self, devices: Sequence[Device], now: float) -> bool:
-        """Membership, states and check-ins from the watched device list, whichever read it
-        (discovery, or a full look for check-ins); True when the devices discovered moved."""
-        spec = self.config.discovery.devices
-        assert spec is not None
-        discovered = {d.id: Target.discovered(d) for d in devices}
-        moved = discovered != self._discovered
-        self._discovered, self._discovered_at = discovered, now
-        self._apply_targets()
-        shown = self._shown_by_discovery = self._note_devices(devices)
-        if spec.whole_list:  # a watched device it lacks is not listed at all
-            self._note_unlisted(shown)
-        return moved
-
-    async def _list_configured(self) -> None:
-        """Check-ins and states of configured devices that discovery does not list, from the
-        whole device list (⌈N / page_size⌉ requests), at discovery's refresh cadence."""
-        spec = self.config.discovery.devices
-        if spec is not None and spec.whole_list:
-            return  # discovery already reads it
-        unlisted = self._configured_only()
-        refresh = (spec or DeviceDiscovery()).refresh_seconds
-        now = self._clock()
-        if not unlisted or (self._listed_at is not None and now - self._listed_at < refresh):
-            return
-        devices = await self._device_list("device_list_failed")
-        if devices is None:
-            return
-        self._listed_at = now
-        # Their check-ins, a refresh old, are not fresh enough for the plan.
-        shown = self._note_devices(devices, only=unlisted, plan=False)
-        self._note_unlisted(shown, only=unlisted)
-
-    def _configured_only(self) -> set[str]:
-        """Watched configured devices that discovery's list does not show."""
-        configured = {d.id for d in self.config.devices if d.id in self._targets}
-        return configured - self._shown_by_discovery
-
-    async def _read_checkins(self) -> None:
-        """Devices that checked in since the last look: one page of the list sorted by
-        check-in while upstream honours that sort, else the whole list at the pace
-        ``FULL_LIST_SHARE`` of the budget allows (the client has the sorted look tried again
-        hourly)."""
-        spec = self.config.discovery.devices
-        if spec is None or self._signal_mark is None:
-            return
-        if self._client.worth_sorting_devices() and await self._sorted_look(
-            spec.tags, spec.segment
-        ):
-            return
-        self._checkins_from(FULL_LIST)
-        last = self._full_look_at
-        if last is None or self._client.budget.now() - last >= self._full_look_every():
-            now = self._clock()
-            devices = await self._watched_list("checkins_unavailable")
-            # The list discovery reads: its refresh too (it is not read twice in a row).
-            if devices is not None and self._discovery(devices, now):
-                log.info("devices_discovered", count=len(self._discovered),
-                         watched=len(self._targets))
-
-    async def _sorted_look(self, tags: Sequence[str], segment: int | None) -> bool:
-        """The devices that checked in since the mark, newest first; False when upstream
-        does not honour the sort (the whole list must tell instead)."""
-        assert self._signal_mark is not None
-        horizon = self._signal_mark - SIGNAL_OVERLAP_SECONDS
-
-        def older(device: Device) -> bool:
-            return device.last_status_report is None or device.last_status_report < horizon
-
-        try:
-            devices = await self._client.list_devices(
-                tags=tags, segment=segment, sort=CHECKIN_SORT, stop=older
-            )
-        except SortRejected:
-            return False
-        except ApiError as exc:
-            log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
-            return True
-        # Out of order, the list was cut at an arbitrary place: what it showed is true, but
-        # not all there is.
-        self._note_devices(self._until_now(devices))
-        if devices.sort_verdict == IGNORED:
-            return False
-        self._checkins_from(SORTED_LIST)
-        return True
-
-    async def _watched_list(self, failure: str, level: str = "warning") -> list[Device] | None:
-        """The device list discovery filters, read by discovery and for check-ins alike:
-        either read is a full look, and paces the next one by what it cost (the whole
-        organization's list where upstream ignores the filter)."""
-        spec = self.config.discovery.devices
-        assert spec is not None
+    async def _budget_round(self, result: RoundResult) -> None:
+        """The credit earned, the device lists that are due, the plan within what is left,
+        then the reads it chose."""
         budget = self._client.budget
-        spent, self._full_look_at = budget.spent, budget.now()
-        devices = await self._device_list(
-            failure, tags=spec.tags, segment=spec.segment, level=level
-        )
-        self._full_look_cost = max(1, budget.spent - spent)
-        return devices
+        interval = self.config.poll.interval_seconds
+        credit = self._credit.accrue(budget.now(), budget.effective_rate_per_hour, interval)
+        spent = budget.spent
+        await self._read_device_lists(checkins=True)
+        looked = budget.spent - spent
+        candidates = self._candidates()
+        self._credit.floor = looked + max((c.cost for c in candidates), default=1)
+        chosen, planned = plan(candidates, math.floor(credit - looked), interval)
+        result.planned = planned + looked
+        targets = self._watchlist.targets
+        result.deferred = len(targets) - len(chosen)
+        await self._poll_all([targets[d] for d in chosen], result)
 
-    async def _device_list(
-        self,
-        failure: str,
-        *,
-        tags: Sequence[str] = (),
-        segment: int | None = None,
-        level: str = "warning",
-    ) -> list[Device] | None:
-        """The whole device list (filtered), its timestamps from the future dropped; None
-        (and ``failure`` logged at ``level``) when it could not be read."""
-        try:
-            devices = await self._client.list_devices(tags=tags, segment=segment)
-        except ApiError as exc:
-            # Looked up now: a logger method bound at import would keep structlog's
-            # defaults and miss the configured format and level.
-            getattr(log, level)(failure, endpoint="devices", reason=str(exc))
-            return None
-        return self._until_now(devices)
+    # --- device lists ---------------------------------------------------------------------
 
-    def _full_look_every(self) -> float:
-        """Seconds between two full looks: what the last one cost (⌈N / page_size⌉ requests
-        before any), within FULL_LIST_SHARE of the budget, never more often than every
-        round."""
-        pages = self._full_look_cost or max(
-            1, math.ceil(len(self._discovered) / self.config.api.page_size)
-        )
-        rate = max(1e-9, self._client.budget.effective_rate_per_hour)
-        return max(self.config.poll.interval_seconds, pages * 3600 / (FULL_LIST_SHARE * rate))
+    async def _read_device_lists(self, *, checkins: bool) -> None:
+        """The device lists that are due: discovery's full list when membership is, then the
+        whole list for configured devices it does not show; else, with ``checkins``, the
+        devices that checked in since the last look."""
+        refreshed = await self._lists.refresh()
+        if refreshed is not None:
+            self._apply_list(refreshed)
+        unlisted = self._watchlist.configured_only()
+        devices = await self._lists.look_up(unlisted)
+        if devices is not None:
+            # Their check-ins, a refresh old, are not fresh enough for the plan.
+            shown = self._note_devices(devices, only=unlisted, plan=False)
+            self._note_unlisted(shown, only=unlisted)
+        if checkins and refreshed is None:
+            for listed in await self._lists.checkins():
+                self._apply_list(listed)
 
-    def _checkins_from(self, source: str) -> None:
-        """Switch the source of check-ins, saying so once per change."""
-        if source != self._metrics.checkin_source:
-            (log.info if source == SORTED_LIST else log.warning)(
-                "checkin_source", source=source,
-                every_seconds=None if source == SORTED_LIST else round(self._full_look_every()),
+    def _apply_list(self, listed: Listed) -> None:
+        """What a read of the watched list showed: membership (full list), then states and
+        check-ins of the watched devices."""
+        if listed.full and self.config.discovery.devices is not None:
+            changes = self._watchlist.discover(listed.devices)
+            self._watch(changes)
+            if listed.refresh or changes.discovered_moved:
+                log.info("devices_discovered", count=self._watchlist.discovered_count,
+                         watched=len(self._watchlist.targets))
+        shown = self._note_devices(listed.devices)
+        if listed.full and listed.unfiltered:  # a watched device it lacks is not listed
+            self._note_unlisted(shown)
+
+    def _watch(self, changes: Changes) -> None:
+        """Apply a change of the watched devices to the state and the plan."""
+        for device in changes.unwatched:
+            self._state.unwatch(device)
+            self._tracking.pop(device, None)
+            self._completed.discard(device)
+            log.info("device_unwatched", device=device)
+        for target, previous in changes.changed:
+            self._state.watch(
+                target.device, name=target.name, labels=dict(target.labels),
+                info=dict(target.info),
             )
-            self._metrics.checkin_source = source
-            self._metrics.touch()
-
-    def _until_now(self, devices: Sequence[Device]) -> list[Device]:
-        limit = self._state.future_limit()
-        return [until(device, limit) for device in devices]
+            if previous is not None and previous.commands != target.commands:
+                self._tracking.pop(target.device, None)
+        for device in self._watchlist.targets:
+            self._tracking.setdefault(device, Tracking())
 
     def _note_devices(
         self, devices: Sequence[Device], *, only: set[str] | None = None, plan: bool = True
@@ -422,15 +260,11 @@ class Scheduler:
         the plan too. Returns the watched devices it showed."""
         shown: set[str] = set()
         for device in devices:
-            moment = device.last_status_report
-            if plan and moment is not None and (
-                self._signal_mark is None or moment > self._signal_mark
-            ):
-                self._signal_mark = moment
-            key = self._key_of(device)
+            key = self._watchlist.key_of(device)
             if key is None or (only is not None and key not in only):
                 continue
             shown.add(key)
+            moment = device.last_status_report
             self._state.device_problems(key, device.problems)
             self._state.device_listed(key, state=device.state or "UNKNOWN", check_in=moment)
             tracking = self._tracking.get(key)
@@ -440,102 +274,26 @@ class Scheduler:
 
     def _note_unlisted(self, shown: set[str], only: set[str] | None = None) -> None:
         """Watched devices (of ``only``) that a whole device list did not show."""
-        for key in (self._targets.keys() if only is None else only) - shown:
+        watched = self._watchlist.targets.keys()
+        for key in (watched if only is None else only) - shown:
             self._state.device_listed(key, state=None, check_in=None)
 
-    def _key_of(self, device: Device) -> str | None:
-        for ident in (device.id, device.serial, device.imei):
-            if ident:
-                key = self._aliases.get(ident.lower())
-                if key is not None:
-                    return key
-        return None
+    # --- plan -----------------------------------------------------------------------------
 
-    # --- the budget ----------------------------------------------------------------------
-
-    def _accrue(self) -> float:
-        """Credit earned since the last round at the client's current (maybe throttled) rate.
-
-        Measured on the bucket's clock, not on ``clock`` (upstream's time line, for check-ins):
-        the rate is per hour of the bucket's clock, and upstream's may run at another pace
-        (the demo's simulator runs 30x) or stand still, which would starve the plan.
-        """
-        budget = self._client.budget
-        now = budget.now()
-        rate = budget.effective_rate_per_hour
-        per_round = rate * self.config.poll.interval_seconds / 3600
-        if self._credit_at is None:
-            self._credit = per_round
-        else:
-            self._credit += rate * max(0.0, now - self._credit_at) / 3600
-        self._credit = min(self._credit, max(self._credit_floor, per_round * CREDIT_ROUNDS))
-        self._credit_at = now
-        return self._credit
-
-    # --- polling --------------------------------------------------------------------------
-
-    async def run_round(self) -> RoundResult:
-        started = time.monotonic()
-        spent_before = self._client.budget.spent
-        result = RoundResult()
-        if self.strategy == ROUND_ROBIN:
-            await self._read_device_lists()
-            await self._poll_all(list(self._targets.values()), result)
-        else:
-            await self._budget_round(result)
-        result.spent = self._client.budget.spent - spent_before
-        if self.strategy != ROUND_ROBIN:
-            self._credit -= result.spent
-        stale_after = self.config.poll.stale_after_rounds * self.config.poll.interval_seconds
-        for device in self._state.expire(stale_after):
-            log.warning("device_series_expired", device=device, stale_after_seconds=stale_after)
-        self._state.prune_ledger()
-        self.rounds += 1
-        self._metrics.poll_round_seconds = time.monotonic() - started
-        self._metrics.requests_planned = result.planned
-        self._metrics.touch()
-        log.info(
-            "poll_round",
-            round=self.rounds,
-            strategy=self.strategy,
-            devices=result.polled,
-            succeeded=result.succeeded,
-            failed=result.failed,
-            deferred=result.deferred,
-            batches_fetched=result.batches_fetched,
-            batches_skipped=result.batches_skipped,
-            requests_planned=result.planned,
-            requests_spent=result.spent,
-            seconds=round(self._metrics.poll_round_seconds, 3),
-        )
-        return result
-
-    async def _budget_round(self, result: RoundResult) -> None:
-        credit = self._accrue()
-        spent = self._client.budget.spent
-        if not await self._read_device_lists():
-            await self._read_checkins()
-        looked = self._client.budget.spent - spent
-        credit -= looked
+    def _candidates(self) -> list[Candidate]:
+        """Every watched device, when it is due and why, and what its read will cost."""
         now = self._clock()
         wait = answer_wait(self._state.latency().values())
-        candidates = [
+        return [
             Candidate(
                 device,
                 due(self._tracking[device], now, answer_seconds=wait),
                 cost(self._tracking[device], target.commands),
             )
-            for device, target in self._targets.items()
+            for device, target in self._watchlist.targets.items()
         ]
-        # Credit piles up to the dearest device after this round's look at the device list,
-        # so that one is not deferred for ever.
-        self._credit_floor = looked + max((c.cost for c in candidates), default=1)
-        chosen, planned = plan(
-            candidates, math.floor(credit), self.config.poll.interval_seconds
-        )
-        result.planned = planned + looked
-        result.deferred = len(self._targets) - len(chosen)
-        await self._poll_all([self._targets[d] for d in chosen], result)
+
+    # --- reads ----------------------------------------------------------------------------
 
     async def _poll_all(self, targets: Sequence[Target], result: RoundResult) -> None:
         """Poll ``targets`` with bounded concurrency; every worker ends with the round."""
@@ -563,7 +321,7 @@ class Scheduler:
             result.failed += 1
             self._state.poll_failed(device, self._failure_reason(device, exc))
             return
-        if device in self._targets:  # a reload may have removed it meanwhile
+        if device in self._watchlist.targets:  # a reload may have removed it meanwhile
             result.succeeded += 1
             self._state.poll_succeeded(device)
             self._completed.add(device)
@@ -666,6 +424,35 @@ class Scheduler:
             tracking.summaries.pop(batch.id, None)
         else:
             tracking.summaries[batch.id] = batch.summary
+
+    # --- end of the round -----------------------------------------------------------------
+
+
+    def _end_round(self, result: RoundResult, started: float) -> None:
+        """Expire stale series, prune the ledger, count the round (``started`` on the
+        monotonic clock) and say what it did."""
+        stale_after = self.config.poll.stale_after_rounds * self.config.poll.interval_seconds
+        for device in self._state.expire(stale_after):
+            log.warning("device_series_expired", device=device, stale_after_seconds=stale_after)
+        self._state.prune_ledger()
+        self.rounds += 1
+        seconds = self._metrics.poll_round_seconds = time.monotonic() - started
+        self._metrics.requests_planned = result.planned
+        self._metrics.touch()
+        log.info(
+            "poll_round",
+            round=self.rounds,
+            strategy=self.strategy,
+            devices=result.polled,
+            succeeded=result.succeeded,
+            failed=result.failed,
+            deferred=result.deferred,
+            batches_fetched=result.batches_fetched,
+            batches_skipped=result.batches_skipped,
+            requests_planned=result.planned,
+            requests_spent=result.spent,
+            seconds=round(seconds, 3),
+        )
 
     # --- the loop -------------------------------------------------------------------------
 

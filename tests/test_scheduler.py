@@ -20,9 +20,10 @@ from structlog.testing import capture_logs
 
 from exporter.client import ApiClient, TokenSource
 from exporter.config import parse_config
+from exporter.devicelists import FULL_LIST_SHARE
 from exporter.exposition import Exposition
 from exporter.planner import SWEEP_SHARE, Reason, answer_wait, cost, due
-from exporter.scheduler import FULL_LIST_SHARE, RoundResult, Scheduler
+from exporter.scheduler import RoundResult, Scheduler
 from exporter.selfmetrics import SelfMetrics
 from exporter.simulator import Simulator
 from exporter.state import FleetState
@@ -405,10 +406,10 @@ async def test_round_robin_under_a_tight_budget_takes_longer_than_its_interval(
 async def test_the_whole_device_list_keeps_to_its_share_of_the_budget(
     make_rig: MakeRig, tags_format: str
 ) -> None:
-    # Upstream ignores the sort by check-in, so the device list is read whole for them; with
-    # the tags filter ignored too, it is the whole organization's (200 devices, 10 pages)
-    # for the 10 watched. Read for check-ins and by discovery (every minute) alike, it keeps
-    # to FULL_LIST_SHARE of the budget, and a discovery read counts as a full look.
+    # Upstream ignores the sort by check-in, so the full list brings them; with the tags
+    # filter ignored too, it is the whole organization's (200 devices, 10 pages) for the 10
+    # watched. Read for check-ins and by discovery (every minute) alike, it keeps to
+    # FULL_LIST_SHARE of the budget: either read paces the next.
     rig = await make_rig({"devices": 200, "sort_mode": {"devices": "ignore"},
                           "tags_format": tags_format},
                          api={"requests_per_hour": 3_600, "page_size": 20},

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from promstack import ScrapeTarget, eventually, free_port, running_prometheus
 
-from exporter.scheduler import Shard
 from exporter.simulator import Simulator
+from exporter.targets import Shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDED_OVERLAY = ROOT / "deploy" / "kubernetes" / "overlays" / "sharded"
@@ -136,7 +136,7 @@ def test_every_process_computes_the_same_split() -> None:
     # Python's own hash() is salted per process: replicas using it would disagree.
     devices = fleet_identifiers()["id"][:2000]
     program = (
-        "import sys; from exporter.scheduler import Shard\n"
+        "import sys; from exporter.targets import Shard\n"
         f"print(''.join(str([i for i in range({SHARDS}) if Shard(i, {SHARDS}).owns(d)][0])"
         " for d in sys.stdin.read().split()))"
     )
