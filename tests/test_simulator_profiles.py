@@ -8,11 +8,17 @@ import re
 
 import pytest
 
-from exporter.simulator.model import ACTIVE, DELETE_REQUESTED, PROVISIONING, Device, ObjectIds
-from exporter.simulator.profiles import (
+from exporter.simulator.model import (
+    ACTIVE,
     DAY,
-    GOING_SILENT,
+    DELETE_REQUESTED,
     MINUTE,
+    PROVISIONING,
+    Device,
+    ObjectIds,
+)
+from exporter.simulator.profiles import (
+    GOING_SILENT,
     QUIRKS,
     QUIRKS_FROM,
     SILENT,

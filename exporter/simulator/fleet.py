@@ -26,6 +26,9 @@ from exporter.simulator.catalog import Config
 from exporter.simulator.clock import SimClock
 from exporter.simulator.faults import Faults
 from exporter.simulator.model import (
+    DAY,
+    HOUR,
+    MINUTE,
     PENDING,
     Action,
     Batch,
@@ -62,10 +65,6 @@ from exporter.statuses import PENDING_STATUSES, classify
 
 # The entities are imported from here by the benchmarks.
 __all__ = ["Action", "Batch", "Device", "Event", "Fleet", "Pace", "UnknownEntity"]
-
-DAY = 86400.0
-HOUR = 3600.0
-MINUTE = 60.0
 
 HISTORY_DAYS = 14.0
 RECENT_SHARE = 0.15  # history batches created in the last RECENT_SPAN before the start

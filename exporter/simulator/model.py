@@ -19,6 +19,10 @@ from typing import NamedTuple
 from exporter.simulator.catalog import Config
 from exporter.statuses import PENDING_STATUSES
 
+DAY = 86400.0
+HOUR = 3600.0
+MINUTE = 60.0
+
 PENDING = "Pending"
 AWAITING = "Awaiting"
 

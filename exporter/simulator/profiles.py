@@ -21,17 +21,16 @@ from typing import NamedTuple
 
 from exporter.simulator.model import (
     ACTIVE,
+    DAY,
     DELETE_REQUESTED,
+    HOUR,
+    MINUTE,
     PROVISIONING,
     Device,
     ObjectIds,
     Profile,
     millis,
 )
-
-DAY = 86400.0
-HOUR = 3600.0
-MINUTE = 60.0
 
 # Devices out of the ordinary, as shares of the fleet; every fleet of QUIRKS_FROM devices or
 # more has at least one of each, smaller ones (most tests) only what the shares round to.

@@ -28,6 +28,7 @@ from exporter.simulator.catalog import Config
 from exporter.simulator.model import (
     ACTIVE,
     AWAITING,
+    HOUR,
     PENDING,
     PROVISIONING,
     Action,
@@ -44,8 +45,6 @@ from exporter.simulator.timeline import (
     Journal,
 )
 from exporter.statuses import PENDING_STATUSES, StatusClass, classify
-
-HOUR = 3600.0
 
 STUCK_SHARE = 0.04  # actions a device leaves unanswered until a later session
 DEVICE_CANCEL_SHARE = 0.01
