@@ -48,7 +48,7 @@ BLOCK_DEVICES = 256
 # milliseconds of work, whatever the fleet's size.
 RENDER_STEP_DEVICES = 200  # devices rendered
 RENDER_STEP_BYTES = 1 << 20  # bytes of lines rendered (devices with many batches)
-LOOK_STEP_DEVICES = 5_000  # devices whose generations are compared
+LOOK_STEP_DEVICES = 2_000  # devices whose generations are compared
 JOIN_STEP_BYTES = 32 << 20  # bytes of blocks joined
 
 
@@ -357,6 +357,10 @@ class DeviceStore:
             return 0
         blocks[index] = Block(sources, b"".join(sources))
         return len(blocks[index].joined)
+
+    def entries(self) -> list[Entry]:
+        """The entries in device order."""
+        return [self._entries[device] for device in self._order]
 
     def blocks(self, column: Column) -> list[bytes]:
         """The column's lines, block after block (after :meth:`join` of that column)."""
