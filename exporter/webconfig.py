@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -58,6 +59,7 @@ from exporter.problems import (
     shown,
     spelling,
 )
+from exporter.tokenbucket import TokenBucket
 from exporter.yamlload import load_document
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
@@ -216,7 +218,7 @@ _TLS_NEEDS_BOTH = IfMissing("missing (TLS needs both cert_file and key_file)")
 # --- the configuration --------------------------------------------------------------------
 
 
-@model
+@model(defer_build=True)
 class TlsConfig:
     UNSUPPORTED_KEYS: ClassVar[Mapping[str, str]] = UNSUPPORTED_TLS_KEYS
 
@@ -250,21 +252,21 @@ class TlsConfig:
         return self
 
 
-@model
+@model(defer_build=True)
 class HttpConfig:
     http2: Flag = True
     """Accepted and ignored: aiohttp speaks HTTP/1.1."""
     headers: Annotated[tuple[tuple[str, str], ...], checked(_headers, dict[str, str] | None)] = ()
 
 
-@model
+@model(defer_build=True)
 class RateLimit:
     interval_seconds: Annotated[float, duration(zero=True)] = Field(0.0, alias="interval")
     """One request per interval on average; 0 turns the limit off."""
     burst: Annotated[int, integer(1)] = 1
 
 
-@model
+@model(defer_build=True)
 class WebConfig:
     tls: Annotated[TlsConfig | None, BeforeValidator(_empty_is_none)] = Field(
         None, alias="tls_server_config"
@@ -272,7 +274,7 @@ class WebConfig:
     users: Annotated[tuple[tuple[str, bytes], ...], checked(_users, dict[str, str])] = Field(
         (), alias="basic_auth_users", repr=False
     )  # user -> bcrypt hash
-    http: Section[HttpConfig] = Field(HttpConfig(), alias="http_server_config")
+    http: Section[HttpConfig] = Field(default_factory=HttpConfig, alias="http_server_config")
     rate_limit: Annotated[
         RateLimit | None, BeforeValidator(_empty_is_none), AfterValidator(_enabled)
     ] = None
@@ -282,7 +284,10 @@ class WebConfig:
         return self.http.headers
 
 
-_WEB_CONFIG: TypeAdapter[WebConfig] = TypeAdapter(WebConfig)
+@functools.cache
+def _web_config_file() -> TypeAdapter[WebConfig]:
+    # Built on first use: most runs have no web config, and building costs ~0.1 s at start.
+    return TypeAdapter(WebConfig)
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -320,7 +325,7 @@ def parse_web_config(
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: top level must be a mapping of keys")
     try:
-        return _WEB_CONFIG.validate_python(document, context={"base_dir": base_dir})
+        return _web_config_file().validate_python(document, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(problem_lines(exc, WebConfig, prefix=f"{source}: ")) from None
 
@@ -466,24 +471,10 @@ class BasicAuth:
         return True
 
 
-class TokenBucket:
-    """exporter-toolkit's ``rate_limit``: one request per interval, bursts up to ``burst``."""
-
-    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = limit.interval_seconds
-        self._burst = float(limit.burst)
-        self._tokens = float(limit.burst)
-        self._clock = clock
-        self._last = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+def rate_limiter(limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> TokenBucket:
+    """exporter-toolkit's ``rate_limit`` as the project's bucket: one request per interval on
+    average, bursts up to ``burst``; ``try_acquire()`` answers each request at once."""
+    return TokenBucket.per_interval(limit.interval_seconds, burst=limit.burst, monotonic=clock)
 
 
 # --- the guard the server installs --------------------------------------------------------
@@ -514,7 +505,7 @@ class WebSecurity:
     def _apply(self, config: WebConfig) -> None:
         self.config = config
         self.auth = BasicAuth(dict(config.users)) if config.users else None
-        self.limiter = TokenBucket(config.rate_limit) if config.rate_limit else None
+        self.limiter = rate_limiter(config.rate_limit) if config.rate_limit else None
 
     @property
     def scheme(self) -> str:
@@ -540,7 +531,7 @@ class WebSecurity:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.limiter is not None and not self.limiter.take():
+        if self.limiter is not None and not self.limiter.try_acquire():
             return web.Response(status=429, text="Too many requests.\n")
         tls = self.config.tls
         if (

@@ -37,10 +37,10 @@ from exporter.state import FleetState
 from exporter.webconfig import (
     BasicAuth,
     RateLimit,
-    TokenBucket,
     WebSecurity,
     load_web_config,
     parse_basic,
+    rate_limiter,
 )
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -453,15 +453,15 @@ async def test_rate_limit_answers_429_beyond_the_burst(tmp_path):
 
 def test_token_bucket_refills_one_request_per_interval():
     now = [0.0]
-    bucket = TokenBucket(RateLimit(interval_seconds=10.0, burst=2), clock=lambda: now[0])
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    bucket = rate_limiter(RateLimit(interval_seconds=10.0, burst=2), clock=lambda: now[0])
+    assert [bucket.try_acquire() for _ in range(3)] == [True, True, False]
     now[0] = 9.0
-    assert not bucket.take()
+    assert not bucket.try_acquire()
     now[0] = 10.5
-    assert bucket.take()
-    assert not bucket.take()
+    assert bucket.try_acquire()
+    assert not bucket.try_acquire()
     now[0] = 1000.0
-    assert [bucket.take() for _ in range(3)] == [True, True, False]  # never above the burst
+    assert [bucket.try_acquire() for _ in range(3)] == [True, True, False]  # never above the burst
 
 
 # --- reload -------------------------------------------------------------------------------
