@@ -140,7 +140,7 @@ async def rounds_until(rig: Rig, seconds: float, interval: float = 60.0) -> list
 def retag(sim: Simulator, device: str, tags: tuple[str, ...]) -> None:
     """An administrator changes a device's tags upstream."""
     entity = sim.fleet.device(device)
-    entity.tags = tags
+    entity.profile = replace(entity.profile, tags=tags)
     entity.json = None  # the simulator caches each device's document
 
 
