@@ -1,5 +1,5 @@
-"""exporter/paging.py: the pages of one read, the policy for pages that shift, order and
-verdicts, on pages made here (the HTTP side is in test_client.py)."""
+"""exporter/paging.py: the pages of one read, the policy for pages that shift, order and the
+walks, on pages made here (the HTTP side is in test_transport_pages.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.paging import (
-    HONOURED,
-    IGNORED,
     MAX_READS,
-    REJECTED,
-    REPROBE_SECONDS,
-    UNCHECKED,
+    Listed,
     Order,
     Read,
-    Verdicts,
+    every_page,
+    newest_first,
     next_page,
     settle,
     tail_start,
@@ -287,65 +284,65 @@ def test_order(moments: list[float | None], seen: str, confirms_desc: bool,
     assert order.contradicts(descending=False) is (seen in ("descending", "mixed"))
 
 
-# --- verdicts ---------------------------------------------------------------------------------
-
-QUERY = ("commands", "sort")
+# --- walks -----------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+def moment(item: str) -> float:
+    return float(item)
 
 
-def test_a_parameter_appears_once_sent_and_changes_are_logged_once() -> None:
-    verdicts = Verdicts(Clock())
-    assert verdicts.snapshot() == {}
-    assert verdicts.ask(QUERY)
-    assert verdicts.snapshot() == {QUERY: UNCHECKED}
-    with capture_logs() as logs:
-        for _ in range(3):
-            verdicts.note(QUERY, IGNORED, seen="ascending")
-        verdicts.note(QUERY, REJECTED, reason="HTTP 400")
-    assert [(e["verdict"], e["previous"], e["log_level"]) for e in logs] == [
-        (IGNORED, UNCHECKED, "warning"), (REJECTED, IGNORED, "warning")]
-    assert logs[0]["endpoint"] == "commands" and logs[0]["parameter"] == "sort"
+async def walked(listing: Listing, walk: Any, limit: int = 3) -> Read[str]:
+    read: Read[str] = Read(identity, limit)
+    await walk(read, Listed(listing.fetch, 100, {"endpoint": "test"}))
+    return read
 
 
-def test_a_refused_parameter_is_probed_again_by_one_caller_per_interval() -> None:
-    clock = Clock()
-    verdicts = Verdicts(clock)
-    verdicts.note(QUERY, REJECTED)
-    assert not verdicts.ask(QUERY)
-    assert verdicts.ask(QUERY, avoid=())  # a caller that sends it regardless
-    clock.now = REPROBE_SECONDS
-    assert verdicts.ask(QUERY)  # this one probes ...
-    assert not verdicts.ask(QUERY)  # ... the others wait
-    clock.now = 2 * REPROBE_SECONDS
-    assert verdicts.ask(QUERY)  # the probe told nothing: another, an interval later
+async def test_every_page_reads_every_item_once_and_notes_the_order() -> None:
+    listing = Listing([str(n) for n in range(10, 0, -1)])
+    read = await walked(listing, every_page(when=moment))
+    assert read.values() == listing.items
+    assert read.order is not None and read.order.confirms(descending=True)
 
 
-def test_a_read_that_cannot_tell_leaves_the_probe_to_one_that_can() -> None:
-    clock = Clock()
-    verdicts = Verdicts(clock)
-    verdicts.note(QUERY, REJECTED)
-    clock.now = REPROBE_SECONDS
-    for _ in range(3):  # e.g. each round's check-in look, cut short by ``stop``
-        assert not verdicts.ask(QUERY, probe=False)
-    assert verdicts.ask(QUERY)  # the whole read that follows still probes
+async def test_every_page_ends_before_the_first_item_stop_accepts() -> None:
+    listing = Listing([str(n) for n in range(10, 0, -1)])
+    read = await walked(listing, every_page(stop=lambda item: moment(item) < 6))
+    assert read.values() == ["10", "9", "8", "7", "6"]
+    assert [number for number, _ in listing.asked] == [1, 2]
 
 
-def test_a_fresh_contrary_verdict_is_not_overturned_by_a_read_that_looks_right() -> None:
-    clock = Clock()
-    verdicts = Verdicts(clock)
-    verdicts.note(QUERY, IGNORED)
-    clock.now = REPROBE_SECONDS / 2
-    verdicts.note(QUERY, HONOURED)  # a short page in order by chance
-    assert verdicts[QUERY] == IGNORED
-    clock.now = REPROBE_SECONDS
-    verdicts.note(QUERY, HONOURED)  # no contrary evidence for an interval: it mended
-    assert verdicts[QUERY] == HONOURED
-    verdicts.note(QUERY, IGNORED)  # the contrary always counts at once
-    assert verdicts[QUERY] == IGNORED
+async def test_newest_first_stops_at_max_items_while_the_list_comes_newest_first() -> None:
+    listing = Listing([str(n) for n in range(30, 0, -1)])
+    read = await walked(listing, newest_first(4, moment))
+    assert read.values() == ["30", "29", "28", "27", "26", "25"]  # whole pages: 4 asked
+    assert [number for number, _ in listing.asked] == [1, 2]
+
+
+async def test_newest_first_stops_at_the_first_older_item() -> None:
+    listing = Listing([str(n) for n in range(30, 0, -1)])
+    read = await walked(listing, newest_first(20, moment, older=lambda item: moment(item) < 28))
+    assert read.values() == ["30", "29", "28"]
+    assert [number for number, _ in listing.asked] == [1, 2]
+
+
+async def test_newest_first_jumps_to_the_tail_of_a_list_that_comes_oldest_first() -> None:
+    listing = Listing([str(n) for n in range(1, 31)])
+    read = await walked(listing, newest_first(4, moment))
+    assert {"27", "28", "29", "30"} <= set(read.items)
+    # The first page shows the order; the newest four are on the last two pages.
+    assert [number for number, _ in listing.asked] == [1, 9, 10]
+
+
+async def test_newest_first_reads_a_list_in_no_order_to_its_end() -> None:
+    listing = Listing(["5", "9", "1", "7", "3", "8", "2"])
+    read = await walked(listing, newest_first(2, moment))
+    assert set(read.items) == set(listing.items)
+
+
+def test_the_verdict_names_still_import_from_paging() -> None:
+    from exporter import dialect, paging
+
+    assert paging.IGNORED is dialect.IGNORED
+    assert paging.Verdicts is dialect.Verdicts
+    with pytest.raises(AttributeError):
+        _ = paging.NO_SUCH_NAME
