@@ -43,7 +43,7 @@ class Event(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """What a device reports about itself: fixed from enrollment on."""
+    """What a device reports about itself; a change (new tags, say) replaces the record."""
 
     enrolled: float
     name: str
