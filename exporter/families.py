@@ -209,6 +209,16 @@ QUERY_VERDICT = Family(
     "What upstream does with a query parameter the exporter relies on (sort, tags): "
     "honoured, ignored, rejected or unchecked.",
 )
+STORAGE_FAILURES = Family(
+    "applivery_exporter_storage_write_failures",
+    "counter",
+    "Writes to the durable store (--storage.path), or attempts to open it, that failed.",
+)
+STORAGE_LAST_WRITE = Family(
+    "applivery_exporter_storage_last_write_timestamp_seconds",
+    "gauge",
+    "When the last transaction was committed to the durable store.",
+)
 SERIES_DROPPED = Family(
     "applivery_exporter_series_dropped",
     "gauge",

@@ -29,6 +29,8 @@ from exporter.families import (
     RELOAD_OK,
     ROUND,
     SERIES_DROPPED,
+    STORAGE_FAILURES,
+    STORAGE_LAST_WRITE,
     Family,
     escape_label_value,
     format_value,
@@ -98,6 +100,15 @@ def query_verdict_lines(metrics: SelfMetrics) -> Lines:
         )
 
 
+def storage_failure_lines(metrics: SelfMetrics) -> Lines:
+    yield f"{STORAGE_FAILURES.name}_total {metrics.storage_write_failures}\n"
+
+
+def storage_last_write_lines(metrics: SelfMetrics) -> Lines:
+    if metrics.storage_last_write is not None:  # memory only, or nothing written yet
+        yield f"{STORAGE_LAST_WRITE.name} {format_value(metrics.storage_last_write)}\n"
+
+
 # In the order of the body.
 SELF_FAMILIES: tuple[tuple[Family, Callable[[SelfMetrics], Lines]], ...] = (
     (API_REQUESTS, api_request_lines),
@@ -111,6 +122,8 @@ SELF_FAMILIES: tuple[tuple[Family, Callable[[SelfMetrics], Lines]], ...] = (
     (RELOAD_OK, reload_lines),
     (CHECKIN_SOURCE, checkin_source_lines),
     (QUERY_VERDICT, query_verdict_lines),
+    (STORAGE_FAILURES, storage_failure_lines),
+    (STORAGE_LAST_WRITE, storage_last_write_lines),
 )
 
 
