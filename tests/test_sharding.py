@@ -43,7 +43,7 @@ SimulatorFactory = Callable[..., Awaitable[tuple[Simulator, str]]]
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
+        [sys.executable, "-m", "exporter", *args, "--storage.path="],
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
@@ -175,8 +175,11 @@ def exporter_config(directory: Path, base_url: str) -> Path:
 async def exporter_process(
     config: Path, port: int, shard: str | None, log_path: Path
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m exporter`` on 127.0.0.1:port; terminated (and checked) when the block ends."""
-    args = ["--config.file", str(config), "--web.listen-address", f"127.0.0.1:{port}"]
+    """``python -m exporter`` on 127.0.0.1:port; terminated (and checked) when the block ends.
+    Its durable state goes next to its log: each process needs a directory of its own."""
+    state = log_path.with_name(f"{log_path.stem}-state")
+    args = ["--config.file", str(config), "--web.listen-address", f"127.0.0.1:{port}",
+            "--storage.path", str(state)]
     if shard is not None:
         args.append(f"--shard={shard}")
     with log_path.open("wb") as log:
