@@ -17,12 +17,10 @@ from urllib.parse import urlsplit
 from pydantic import (
     AliasChoices,
     BeforeValidator,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationInfo,
 )
-from pydantic import dataclasses as pydantic_dataclasses
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
 from exporter.configvalues import (
@@ -30,11 +28,13 @@ from exporter.configvalues import (
     Fraction,
     PositiveDuration,
     PositiveNumber,
+    Section,
     Text,
     checked,
     choice,
     integer,
     matching,
+    model,
     positive_duration,
     text,
     unique_items,
@@ -62,12 +62,6 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_PAGE_SIZE = 10_000  # the largest `limit` upstream declares anywhere
 
 T = TypeVar("T")
-# Unknown keys are errors; a field's docstring is its description in the JSON Schema; fields
-# set by another spelling (max_age) can still be given their name in code.
-MODEL = ConfigDict(
-    extra="forbid", use_attribute_docstrings=True, validate_by_name=True, validate_by_alias=True
-)
-model = pydantic_dataclasses.dataclass(frozen=True, slots=True, config=MODEL)
 
 
 # --- values of this file ------------------------------------------------------------------
@@ -178,9 +172,9 @@ def _buckets(value: object) -> tuple[float, ...]:
         return value
     if not isinstance(value, list) or not value:
         raise invalid(f"must be a non-empty list of bucket bounds, got {shown(value)}")
+    problems = Problems()
     bounds: list[float] = []
     for index, raw in enumerate(value):
-        problems = Problems()
         bound = problems.read((index,), positive_duration, raw)
         if bound is not None and bounds and bound <= bounds[-1]:
             message = (
@@ -188,17 +182,13 @@ def _buckets(value: object) -> tuple[float, ...]:
                 f"{bounds[-1]:g} before it"
             )
             problems.add((index,), message, raw)
-        problems.raise_any()
-        bounds.append(bound)  # type: ignore[arg-type]
+        if bound is None or problems:
+            break
+        bounds.append(bound)
+    problems.raise_any()
     return tuple(bounds)
 
 
-def _null_is_empty(value: object) -> object:
-    """``api:`` (null) means every default of the section."""
-    return {} if value is None else value
-
-
-Section = Annotated[T, BeforeValidator(_null_is_empty)]
 Organization = Annotated[
     str,
     IfMissing("required (an organization id or slug)"),
@@ -311,9 +301,7 @@ def _both_spellings(schema: dict[str, Any]) -> None:
     schema["properties"]["max_age_seconds"] = schema["properties"]["max_age"]
 
 
-@pydantic_dataclasses.dataclass(
-    frozen=True, slots=True, config=ConfigDict(MODEL, json_schema_extra=_both_spellings)
-)
+@model(json_schema_extra=_both_spellings)
 class BatchDiscovery:
     """Which batches to follow for devices without `commands`."""
 

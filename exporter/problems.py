@@ -101,6 +101,9 @@ class Problems:
             self.add(loc, exc.message(), value)
             return None
 
+    def __bool__(self) -> bool:
+        return bool(self._details)
+
     def raise_any(self) -> None:
         if self._details:
             raise ValidationError.from_exception_data("config", self._details)
