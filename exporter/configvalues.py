@@ -5,6 +5,9 @@ takes the value as YAML gave it and raises :func:`~exporter.problems.invalid` wi
 sentence a user reads; the input type is what the published JSON Schema shows for it, built
 from the same bounds. Both come from one factory call, so a bound is written once.
 
+``model`` makes a section (a frozen pydantic dataclass that refuses unknown keys) and
+``Section[...]`` a field holding one, where null means every default.
+
 Strings may be written unquoted even when YAML reads them as numbers: they are taken as
 written. Booleans are not (``yes``, ``on`` and ``true`` read alike): quote them.
 """
@@ -14,9 +17,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, overload
 
-from pydantic import Field, PlainValidator
+from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator
+from pydantic import dataclasses as pydantic_dataclasses
 
 from exporter.problems import Problems, invalid, shown, spelling
 
@@ -28,6 +32,33 @@ _DURATION_UNITS = "".join(rf"(?:(\d+(?:\.\d+)?){unit}(?![a-z]))?" for unit in _U
 _DURATION = re.compile(_DURATION_UNITS, re.ASCII)
 DURATION_PATTERN = rf"^\s*(?=\d){_DURATION_UNITS}\s*$"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[wdhms])", re.ASCII)
+# Unknown keys are errors; a field's docstring is its description in the JSON Schema; a field
+# set by another spelling in files (max_age, tls_server_config) is set by its name in code.
+SECTION = ConfigDict(
+    extra="forbid", use_attribute_docstrings=True, validate_by_name=True, validate_by_alias=True
+)
+C = TypeVar("C", bound=type)
+T = TypeVar("T")
+
+
+@overload
+def model(cls: C, /) -> C: ...
+@overload
+def model(**config: Any) -> Callable[[C], C]: ...
+def model(cls: C | None = None, /, **config: Any) -> C | Callable[[C], C]:
+    """A section of a config file: a frozen pydantic dataclass (``config`` adds settings)."""
+    decorate = pydantic_dataclasses.dataclass(
+        frozen=True, slots=True, config=ConfigDict(SECTION, **config)  # type: ignore[typeddict-item]
+    )
+    return decorate if cls is None else decorate(cls)  # type: ignore[return-value]
+
+
+def _null_is_empty(value: object) -> object:
+    """``api:`` (null) means every default of the section."""
+    return {} if value is None else value
+
+
+Section = Annotated[T, BeforeValidator(_null_is_empty)]
 
 
 def checked(read: Callable[..., Any], schema: object) -> PlainValidator:
