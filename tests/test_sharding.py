@@ -249,11 +249,15 @@ async def test_three_shards_together_export_what_one_exporter_does(
                            tmp_path / f"exporter-{name}.log")
                 for name in layout
             ))
-        # Compare only scrapes taken after every exporter finished its first full round.
+        # Compare only scrapes taken after every exporter finished its first full round. Ready
+        # comes with the round's end, its render a moment later: the scrape must show it.
         settled = time.time()
         await eventually(
-            lambda: prom.query(f"count(timestamp(up == 1) > {settled}) == {len(layout)}"),
-            what="a scrape of every exporter after all were ready",
+            lambda: prom.query(
+                "count(count by (shard) "
+                f"(timestamp(applivery_exporter_target_up) > {settled})) == {len(layout)}"
+            ),
+            what="a scrape of every exporter's first round after all were ready",
         )
         at = time.time()
 
