@@ -60,28 +60,29 @@ def setting_lines(organization: str, state: FleetState) -> bytes:
     ).encode(errors="replace")
 
 
-# The rollout gauges show every state and every class of each rollout, zeros too: a share of
-# failed devices needs its denominator.
+def _rollout_lines(
+    organization: str, rollouts: Sequence[Rollout], family: Family, label: str,
+    values: Sequence[str], counts: Callable[[Rollout], Sequence[int]],
+) -> bytes:
+    """Every ``label`` value of each rollout, zeros too: a share of failed devices needs
+    its denominator."""
+    org = _org(organization)
+    return "".join(
+        f'{family.name}{{{org},rollout="{escape_label_value(rollout.name)}",'
+        f'{label}="{value}"}} {count}\n'
+        for rollout in rollouts
+        for value, count in zip(values, counts(rollout), strict=True)
+    ).encode(errors="replace")
 
 
 def rollout_device_lines(organization: str, rollouts: Sequence[Rollout]) -> bytes:
-    org = _org(organization)
-    return "".join(
-        f'{ROLLOUT_DEVICES.name}{{{org},rollout="{escape_label_value(rollout.name)}",'
-        f'state="{state}"}} {count}\n'
-        for rollout in rollouts
-        for state, count in zip(STATES, rollout.devices, strict=True)
-    ).encode(errors="replace")
+    return _rollout_lines(organization, rollouts, ROLLOUT_DEVICES, "state", STATES,
+                          lambda rollout: rollout.devices)
 
 
 def rollout_action_lines(organization: str, rollouts: Sequence[Rollout]) -> bytes:
-    org = _org(organization)
-    return "".join(
-        f'{ROLLOUT_ACTIONS.name}{{{org},rollout="{escape_label_value(rollout.name)}",'
-        f'status_class="{status_class}"}} {count}\n'
-        for rollout in rollouts
-        for status_class, count in zip(CLASSES, rollout.actions, strict=True)
-    ).encode(errors="replace")
+    return _rollout_lines(organization, rollouts, ROLLOUT_ACTIONS, "status_class", CLASSES,
+                          lambda rollout: rollout.actions)
 
 
 def device_state_lines(organization: str, states: Mapping[str, int]) -> bytes:

@@ -1,4 +1,4 @@
-"""A plain cumulative histogram, rendered by exposition.py."""
+"""A plain cumulative histogram; families.histogram_lines renders its sample lines."""
 
 from __future__ import annotations
 
