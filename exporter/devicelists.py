@@ -136,7 +136,7 @@ class DeviceLists:
                 pass
             except ApiError as exc:
                 log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
-                return reads
+                return []
             else:
                 # Out of order, the list was cut at an arbitrary place: what it showed is
                 # true, but not all there is.
@@ -145,12 +145,15 @@ class DeviceLists:
                     self._say_source(SORTED_LIST)
                     return reads
         self._say_source(FULL_LIST)
+        return reads + await self._paced_full_list(spec)
+
+    async def _paced_full_list(self, spec: DeviceDiscovery) -> list[Listed]:
+        """The full list for check-ins, when its pace allows since the last one began."""
         began = self._full_list_began
-        if began is None or self._client.budget.now() - began >= self._full_list_every():
-            listed = await self._full_list(spec, self._clock(), refresh=False)
-            if listed is not None:
-                reads.append(listed)
-        return reads
+        if began is not None and self._client.budget.now() - began < self._full_list_every():
+            return []
+        listed = await self._full_list(spec, self._clock(), refresh=False)
+        return [] if listed is None else [listed]
 
     async def _sorted_list(self, spec: DeviceDiscovery, mark: float) -> tuple[Listed, bool]:
         """The watched devices that checked in since ``mark`` (less the overlap), newest
@@ -181,9 +184,7 @@ class DeviceLists:
         if devices is None:
             return None
         self._refreshed_at = now
-        return self._listed(
-            devices, full=True, unfiltered=spec.whole_list, refresh=refresh
-        )
+        return self._listed(devices, full=True, unfiltered=spec.whole_list, refresh=refresh)
 
     def _listed(
         self, devices: Sequence[Device], *, full: bool, unfiltered: bool, refresh: bool
