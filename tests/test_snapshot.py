@@ -176,7 +176,7 @@ async def test_a_bad_store_is_moved_aside_and_a_clean_one_started(
     assert await keeper.commit(keeper.collect())
     await keeper.close()
     spoil(tmp_path / DATABASE)  # type: ignore[operator]
-    again, _, devices = await restarted(tmp_path, clock)
+    _, _, devices = await restarted(tmp_path, clock)
     assert devices == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f"{DATABASE}.{kept_as}-")]
 
