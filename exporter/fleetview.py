@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from exporter.counters import CLASSES
+from exporter.ledger import Untracked
 from exporter.records import Action
 from exporter.statuses import StatusTable
 
@@ -122,7 +123,7 @@ class FleetView:
         # Watched devices per upstream state, kept as devices are watched and listed.
         self._device_states: Counter[str] = Counter(dict.fromkeys(DEVICE_STATES, 0))
         # Devices whose stored row is out of date (the store takes them; unwatched too).
-        self.changed: set[str] = set()
+        self.changed: set[str] = Untracked()
 
     def bump(self) -> int:
         self.generation += 1

@@ -46,6 +46,17 @@ SEEN_AT_STEP = 1 / 1000
 _MAX_SHARED_RECORDS = 1 << 14
 
 
+class Untracked(set):  # type: ignore[type-arg]
+    """The changes of a state that no store keeps: noted nowhere, so they cannot pile up.
+    ``Persistence`` replaces it with a plain set."""
+
+    def add(self, _key: object) -> None:
+        pass
+
+    def update(self, *_keys: object) -> None:
+        pass
+
+
 def ledger_retention(max_age_seconds: float) -> float:
     """How long the ledger remembers a batch no response has shown: as long as discovery may
     list it again, and a margin more."""
@@ -104,7 +115,7 @@ class Ledger:
         self._pruned_at: float | None = None
         self._shared: dict[ActionRecord, ActionRecord] = {}
         # (device, batch) entries changed since the store last took them.
-        self.changed: set[tuple[str, str]] = set()
+        self.changed: set[tuple[str, str]] = Untracked()
 
     # --- bookkeeping -------------------------------------------------------------------------
 

@@ -206,6 +206,8 @@ class Persistence:
         released on close."""
         self._opener = opener
         self._lock = lock
+        # From now on the state notes what changes, for collect() to take.
+        state.view.changed, state.ledger.changed = set(), set()
         self.store: Store | None = None
         self._opened_at = -math.inf  # monotonic, last attempt to open
         self._state = state

@@ -226,3 +226,14 @@ async def test_the_token_never_reaches_the_store(tmp_path: Path) -> None:
 def _set_meta(path: Path, key: str, value: str) -> None:
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+
+
+def test_without_a_store_no_change_is_noted() -> None:
+    # Memory only (--storage.path=""): nothing collects the changes, so none may pile up.
+    clock, metrics = Clock(START), SelfMetrics()
+    state = fleet(clock, metrics)
+    for n in range(50):
+        device = f"{DEVICE[:-2]}{n:02d}"
+        state.watch(device)
+        state.apply_actions(device, batch({"Pending": 1}), [action("c1", "Pending")])
+    assert state.view.changed == set() and state.ledger.changed == set()
