@@ -18,6 +18,7 @@ so that the event loop serving scrapes never waits for a whole fleet.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
@@ -47,9 +48,9 @@ BLOCK_DEVICES = 256
 # What one step of a stepwise job may do before it pauses: each bound is tens of
 # milliseconds of work, whatever the fleet's size.
 RENDER_STEP_DEVICES = 200  # devices rendered
-RENDER_STEP_BYTES = 1 << 20  # bytes of lines rendered (devices with many batches)
+RENDER_STEP_BYTES = 256 << 10  # bytes of lines rendered (devices with many batches)
 LOOK_STEP_DEVICES = 2_000  # devices whose generations are compared
-JOIN_STEP_BYTES = 32 << 20  # bytes of blocks joined
+JOIN_STEP_BYTES = 8 << 20  # bytes of blocks joined
 
 
 class Column(IntEnum):
@@ -112,6 +113,21 @@ def status_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, byt
     return up, last_success, check_in
 
 
+def _format_status_labels(status: str, status_class: str) -> str:
+    return f',status="{escape_label_value(status)}",status_class="{status_class}"}} '
+
+
+# A handful of statuses make most lines; an odd long one from upstream is not kept.
+_cached_status_labels = functools.lru_cache(maxsize=1024)(_format_status_labels)
+
+
+def _status_labels(status: str, status_class: str) -> str:
+    """The end of an action gauge's labels, after its device and command."""
+    if len(status) > 64:
+        return _format_status_labels(status, status_class)
+    return _cached_status_labels(status, status_class)
+
+
 def command_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, bytes]:
     """Lines of the action gauges, the oldest pending action and the batch names."""
     base = _device_labels(organization, view.device)
@@ -119,11 +135,11 @@ def command_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, by
     infos: list[str] = []
     for batch in view.batches:
         labels = f'{base},command="{escape_label_value(batch.id)}"'
-        for status, status_class, count in batch.counts:
-            actions.append(
-                f'{ACTIONS.name}{{{labels},status="{escape_label_value(status)}",'
-                f'status_class="{status_class}"}} {count}\n'
-            )
+        head = f"{ACTIONS.name}{{{labels}"
+        actions += (
+            f"{head}{_status_labels(status, status_class)}{count}\n"
+            for status, status_class, count in batch.counts
+        )
         if batch.name is not None:
             infos.append(
                 f'{COMMAND_INFO.name}{{{labels},name="{escape_label_value(batch.name)}"}} 1\n'
@@ -146,8 +162,7 @@ def coarse_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes]:
         for status, status_class, count in batch.counts:
             by_status[(status, status_class)] += count
     status_lines = "".join(
-        f'{ACTIONS.name}{{{base},status="{escape_label_value(status)}",'
-        f'status_class="{status_class}"}} {count}\n'
+        f"{ACTIONS.name}{{{base}{_status_labels(status, status_class)}{count}\n"
         for (status, status_class), count in sorted(by_status.items())
     )
     class_lines = "".join(
