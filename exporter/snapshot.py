@@ -206,8 +206,11 @@ class Persistence:
         released on close."""
         self._opener = opener
         self._lock = lock
-        # From now on the state notes what changes, for collect() to take.
-        state.view.changed, state.ledger.changed = set(), set()
+        # From now on the state notes what changes, for collect() to take; what it holds
+        # already is all new to the store.
+        state.view.changed, state.ledger.changed = set(state.view.devices), set(
+            (d, b) for d, b, _ in state.ledger.entries()
+        )
         self.store: Store | None = None
         self._opened_at = -math.inf  # monotonic, last attempt to open
         self._state = state
