@@ -283,6 +283,7 @@ async def _restore(exporter: Exporter) -> int:
     if persistence is None or not persistence.open():
         return 0
     devices = persistence.load()
+    exporter.scheduler.adopt_restored()
     if devices:
         log.info("state_restored", devices=devices,
                  actions=exporter.state.tracked_actions())

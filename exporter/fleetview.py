@@ -152,7 +152,11 @@ class FleetView:
             self._moved(known, device, info=True)
 
     def add(self, device: str, dev: DeviceState) -> None:
-        """A device enters the view (watched, or restored from the store)."""
+        """A device enters the view (watched, or restored from the store over the one the
+        config watched before the store was read)."""
+        known = self.devices.get(device)
+        if known is not None:
+            self._left_state(known.state)
         self.devices[device] = dev
         self._device_states[dev.state] += 1
         self._moved(dev, device, info=True, status=True, commands=True)

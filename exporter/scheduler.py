@@ -132,6 +132,7 @@ class Scheduler:
         self._tracking: dict[str, Tracking] = {}
         self._completed: set[str] = set()
         self._credit = Credit()
+        self._restored: set[str] = set()  # restored devices no target names (yet)
         self._wake = asyncio.Event()
         self.rounds = 0
         self.config = config
@@ -147,6 +148,21 @@ class Scheduler:
             config.devices, discovering=config.discovery.devices is not None
         ))
         self._wake.set()
+
+    def adopt_restored(self) -> None:
+        """After the store brought a fleet back: the targets take their current names and
+        labels, and a restored device no target names leaves: at once without discovery,
+        else at discovery's first read unless it lists the device again."""
+        targets = self._watchlist.targets
+        self._watch(Changes(changed=tuple((t, t) for t in targets.values())))
+        self._restored = set(self._state.watched()) - targets.keys()
+        if self.config.discovery.devices is None:
+            self._drop_restored()
+
+    def _drop_restored(self) -> None:
+        gone = self._restored - self._watchlist.targets.keys()
+        self._restored = set()
+        self._watch(Changes(unwatched=tuple(sorted(gone))))
 
     @property
     def targets(self) -> dict[str, Target]:
@@ -228,6 +244,8 @@ class Scheduler:
         if listed.full and self.config.discovery.devices is not None:
             changes = self._watchlist.discover(listed.devices)
             self._watch(changes)
+            if self._restored:
+                self._drop_restored()
             if listed.refresh or changes.discovered_moved:
                 log.info("devices_discovered", count=self._watchlist.discovered_count,
                          watched=len(self._watchlist.targets))

@@ -65,6 +65,8 @@ EXPORTER_METRICS: Mapping[str, str] = {
     # What upstream does with the query parameters relied on.
     "applivery_exporter_checkin_source": "gauge",
     "applivery_exporter_api_query_verdict": "gauge",
+    "applivery_exporter_storage_write_failures": "counter",
+    "applivery_exporter_storage_last_write_timestamp_seconds": "gauge",
 }
 PROMETHEUS_METRICS = frozenset({"up"})
 

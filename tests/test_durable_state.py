@@ -8,6 +8,7 @@ first exporter began watching), never from the exporter itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -115,6 +116,33 @@ async def test_a_restart_with_upstream_down_serves_the_last_known_fleet(
         await stop(second)
 
 
+async def test_a_device_the_new_config_drops_leaves_and_the_others_keep_their_watermark(
+    simulator, tmp_path: Path
+) -> None:
+    sim, url = simulator
+    kept, dropped = sim.fleet.device_ids()[:2]
+    first = exporter_on(sim, url, tmp_path, discovery={},
+                        devices=[{"id": kept, "name": "old-name"}, {"id": dropped}])
+    await _restore(first)
+    await poll(first)
+    watermark = first.state.device_view(kept).watermark
+    await stop(first)
+
+    sim.advance(600)
+    second = exporter_on(sim, url, tmp_path, discovery={},
+                         devices=[{"id": kept, "name": "new-name"}])
+    try:
+        await _restore(second)
+        assert second.state.watched() == [kept]
+        view = second.state.device_view(kept)
+        assert (view.name, view.watermark) == ("new-name", watermark)
+        assert sum(second.state.device_states().values()) == 1
+        found = samples(second)
+        assert not [k for (n, k), _ in found.items() if ("device", dropped) in k]
+    finally:
+        await stop(second)
+
+
 # --- as a deployment runs it: processes, SIGKILL, a scraper ------------------------------------
 
 
@@ -161,6 +189,7 @@ def exporter_process(config: Path, port: int, store: Path) -> Iterator[subproces
          f"--web.listen-address=127.0.0.1:{port}", f"--storage.path={store}",
          "--log.format=json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "APPLIVERY_API_TOKEN": TOKEN},
     )
     try:
         yield proc
@@ -251,6 +280,7 @@ def test_a_second_process_on_the_store_exits_1_naming_it_and_the_holder(tmp_path
             [sys.executable, "-m", "exporter", f"--config.file={config}",
              f"--web.listen-address=127.0.0.1:{other}", f"--storage.path={store}"],
             capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "APPLIVERY_API_TOKEN": TOKEN},
         )
         assert second.returncode == 1
         assert str(store) in second.stderr and f"pid {first.pid}" in second.stderr
