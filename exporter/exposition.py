@@ -166,7 +166,9 @@ class Exposition:
         self._guard = Guard(max_series)
         self._store = DeviceStore(coarse=max_series is not None)
         self._fleet_wide = FleetWide()
-        self._forget_store = False  # a new ceiling: every device at the next refresh
+        # A new ceiling, put in force at the start of the next refresh (a refresh paused
+        # meanwhile goes on with the one it began with).
+        self._next_ceiling: tuple[int | None] | None = None
         # The generations of FleetState and SelfMetrics the bodies were rendered at.
         self._rendered_at = (-1, -1)
         self._self_metrics: Mapping[bool, bytes] = {False: b"", True: b""}
@@ -180,6 +182,8 @@ class Exposition:
 
     @property
     def max_series(self) -> int | None:
+        if self._next_ceiling is not None:
+            return self._next_ceiling[0]
         return self._guard.max_series
 
     @max_series.setter
@@ -187,10 +191,9 @@ class Exposition:
         """A new ceiling (a reload): every device is rendered again at the next refresh.
 
         Only noted here: a reload may come while a refresh is paused between its steps, and
-        that refresh goes on with the devices it holds."""
-        if value != self._guard.max_series:
-            self._guard.max_series = value
-            self._forget_store = True
+        that refresh goes on with the devices and the ceiling it holds."""
+        if value != self.max_series:
+            self._next_ceiling = (value,)
 
     @property
     def guard_level(self) -> Level:
@@ -232,8 +235,9 @@ class Exposition:
         for millions of actions). Changes made while it is paused are seen by the next
         refresh. The fleet part is touched only when FleetState moved (or the guard's level
         changed); a self-metrics change renders the self part alone."""
-        forgot, self._forget_store = self._forget_store, False
-        if forgot:
+        ceiling, self._next_ceiling = self._next_ceiling, None
+        if ceiling is not None:
+            (self._guard.max_series,) = ceiling
             self._store.forget(coarse=self._guard.max_series is not None)
             self._rendered_at = (-1, self._rendered_at[1])
         state, metrics = self._state, self._metrics
@@ -256,7 +260,7 @@ class Exposition:
         if fleet_moved or self._guard.level != level:
             yield from self._store.join(self._guard.level.columns, pace)
         self._rendered_at = at
-        return self._publish(registry) or forgot  # a new ceiling counts as a change
+        return self._publish(registry) or ceiling is not None  # a new ceiling: a change
 
     def _weigh(self, registry: bytes) -> None:
         """Let the guard pick its level from the series each level would serve."""
