@@ -50,7 +50,7 @@ BLOCK_DEVICES = 256
 RENDER_STEP_DEVICES = 200  # devices rendered
 RENDER_STEP_BYTES = 256 << 10  # bytes of lines rendered (devices with many batches)
 LOOK_STEP_DEVICES = 2_000  # devices whose generations are compared
-JOIN_STEP_BYTES = 8 << 20  # bytes of blocks joined
+JOIN_STEP_BYTES = 4 << 20  # bytes of blocks joined
 
 
 class Column(IntEnum):
