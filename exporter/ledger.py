@@ -82,7 +82,8 @@ class LedgerEntry:
     seen_at: float  # upstream clock, last time a response showed the batch
     created_at: float | None = None
     problems: frozenset[str] = NO_PROBLEMS  # problem kinds of the batch document counted
-    actions: dict[str, ActionRecord] = field(default_factory=dict)  # cmdId -> record
+    # cmdId -> record; replaced, never changed in place (the store encodes it off the loop)
+    actions: dict[str, ActionRecord] = field(default_factory=dict)
     # seen_at as the store last took it: a read that only moves seen_at is saved once per
     # SEEN_AT_STEP of retention, not on every round.
     stored_seen_at: float = -math.inf
@@ -185,9 +186,13 @@ class Ledger:
             else:
                 record = self._seen_again(previous, threshold, created_at, status, action)
             if record is not previous:
+                if not changed:
+                    # Copied, not changed in place: the store may be encoding the dict it
+                    # took at the last commit on its own thread.
+                    records, changed = dict(records), True
                 records[cmd] = self.share(record)
-                changed = True
         if changed:
+            entry.actions = records
             self.changed.add(key)
 
     def _path(self, entered: frozenset[str], status: int, action: Action) -> list[str]:
@@ -332,7 +337,7 @@ class Ledger:
     # --- the store ---------------------------------------------------------------------------
 
     def restore_entry(self, device: str, batch_id: str, entry: LedgerEntry) -> None:
-        entry.actions = {cmd: self.share(r) for cmd, r in entry.actions.items()}
+        """A stored entry, its records already shared (``share``)."""
         self._entries.setdefault(device, {})[batch_id] = entry
 
     def restore_floor(self, device: str, floor: Floor) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -121,7 +121,22 @@ def restored_device(row: DeviceRow, intern: Callable[[str], int]) -> DeviceState
     )
 
 
-def entry_row(entry: LedgerEntry) -> bytes:
+class TakenEntry(NamedTuple):
+    """A ledger entry as a commit took it: immutable values only (its actions dict is
+    replaced on change, never changed in place), so its row is encoded on the store's
+    thread while the loop goes on."""
+
+    seen_at: float
+    created_at: float | None
+    problems: frozenset[str]
+    actions: Mapping[str, ActionRecord]
+
+
+def taken(entry: LedgerEntry) -> TakenEntry:
+    return TakenEntry(entry.seen_at, entry.created_at, entry.problems, entry.actions)
+
+
+def entry_row(entry: TakenEntry | LedgerEntry) -> bytes:
     index: dict[ActionRecord, int] = {}
     record_of = [index.setdefault(r, len(index)) for r in entry.actions.values()]
     records = [
@@ -133,9 +148,20 @@ def entry_row(entry: LedgerEntry) -> bytes:
     ))
 
 
-def restored_entry(row: EntryRow, step: float) -> LedgerEntry:
+def encoded(delta: Delta) -> Delta:
+    """``delta`` with its ledger rows encoded (on the store's thread)."""
+    delta.ledger = {
+        key: entry_row(row) if isinstance(row, TakenEntry) else row
+        for key, row in delta.ledger.items()
+    }
+    return delta
+
+
+def restored_entry(
+    row: EntryRow, step: float, share: Callable[[ActionRecord], ActionRecord]
+) -> LedgerEntry:
     records = [
-        ActionRecord(frozenset(e), Rank(r), received, frozenset(p))
+        share(ActionRecord(frozenset(e), Rank(r), received, frozenset(p)))
         for e, r, received, p in row.records
     ]
     if len(row.cmds) != len(row.record_of):
@@ -143,7 +169,7 @@ def restored_entry(row: EntryRow, step: float) -> LedgerEntry:
     # A stored seen_at lags the true one by up to a step: prune that much later, not earlier.
     seen_at = row.seen_at + step
     entry = LedgerEntry(seen_at, row.created_at, frozenset(row.problems))
-    entry.actions = {cmd: records[i] for cmd, i in zip(row.cmds, row.record_of, strict=True)}
+    entry.actions = dict(zip(row.cmds, map(records.__getitem__, row.record_of), strict=True))
     entry.stored_seen_at = seen_at
     return entry
 
@@ -251,8 +277,9 @@ class Persistence:
         for device, row in decoded["devices"].items():
             state.view.add(device, restored_device(row, intern))
         step = state.ledger.retention_seconds * SEEN_AT_STEP
+        share = state.ledger.share
         for device, batch_id, row in decoded["ledger"]:
-            state.ledger.restore_entry(device, batch_id, restored_entry(row, step))
+            state.ledger.restore_entry(device, batch_id, restored_entry(row, step, share))
         for device, floor in decoded["floors"].items():
             state.ledger.restore_floor(device, Floor(*floor))
         state.counters.restore(decoded["counters"])
@@ -281,7 +308,7 @@ class Persistence:
         view.changed = set()
         for key in ledger.changed:
             entry = ledger.get(*key)
-            delta.ledger[key] = entry_row(entry) if entry is not None else None
+            delta.ledger[key] = taken(entry) if entry is not None else None  # type: ignore[assignment]
             if entry is not None:
                 entry.stored_seen_at = entry.seen_at
         ledger.changed = set()
@@ -318,7 +345,8 @@ class Persistence:
             return True
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._thread, self.store.write, delta)
+            store = self.store
+            await loop.run_in_executor(self._thread, lambda: store.write(encoded(delta)))
         except Exception as exc:  # disk full, permission lost, I/O error: never fatal
             self._failed(delta, exc)
             return False
