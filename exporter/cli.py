@@ -152,6 +152,7 @@ def build_exporter(
         persistence = Persistence(
             lambda: open_directory(directory, organization, storage),
             state, metrics, marks=lambda: scheduler.tracking, lock=storage,
+            verdicts=client.verdicts,
         )
     return Exporter(
         config, metrics, state, exposition, client, scheduler, config_path, persistence

@@ -30,7 +30,7 @@ from exporter.apierrors import (
     TokenUnavailable,
     UpstreamError,
 )
-from exporter.dialect import DeviceQuery, Dialect, Listing, Query, SortRejected
+from exporter.dialect import DeviceQuery, Dialect, Listing, Query, SortRejected, Verdicts
 from exporter.memo import MEMO_RECORDS
 from exporter.records import (
     Action,
@@ -142,6 +142,11 @@ class ApiClient:
         await self._transport.close()
 
     # --- what upstream does with query parameters ------------------------------------------
+
+    @property
+    def verdicts(self) -> Verdicts:
+        """The verdicts themselves (the store saves and restores them)."""
+        return self._dialect.verdicts
 
     @property
     def query_verdicts(self) -> dict[Query, str]:

@@ -141,6 +141,24 @@ class Verdicts:
     def snapshot(self) -> dict[Query, str]:
         return {query: entry[0] for query, entry in self._entries.items()}
 
+    def saved(self, wall_now: float) -> list[tuple[str, str, str, float, float]]:
+        """Every verdict with its moments on the wall clock (monotonic ones mean nothing to
+        another process): (api_endpoint, parameter, verdict, evidenced, probed)."""
+        offset = wall_now - self._monotonic()
+        return [
+            (endpoint, parameter, verdict, evidenced + offset, probed + offset)
+            for (endpoint, parameter), (verdict, evidenced, probed) in self._entries.items()
+        ]
+
+    def restore(self, saved: Iterable[tuple[str, str, str, float, float]], wall_now: float) -> None:
+        """What a previous process knew (``saved()``): a parameter it found ignored or
+        refused is not sent again before its re-probe is due."""
+        offset = self._monotonic() - wall_now
+        for endpoint, parameter, verdict, evidenced, probed in saved:
+            query = (str(endpoint), str(parameter))
+            self._entries[query] = (str(verdict), evidenced + offset, probed + offset)
+            self._publish(query, str(verdict))
+
 
 # --- the parameters relied upon ---------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
+from exporter.dialect import Verdicts
 from exporter.fleetview import BatchState, DeviceState, Poll
 from exporter.ledger import SEEN_AT_STEP, ActionRecord, Floor, LedgerEntry
 from exporter.planner import Tracking
@@ -80,6 +81,7 @@ _ENTRY = msgspec.msgpack.Decoder(EntryRow)
 _TRACKING = msgspec.msgpack.Decoder(Tracking)
 _FLOORS = msgspec.msgpack.Decoder(dict[str, tuple[float, float]])
 _ANY = msgspec.msgpack.Decoder()
+_VERDICTS = msgspec.msgpack.Decoder(list[tuple[str, str, str, float, float]])
 
 
 # --- rows ----------------------------------------------------------------------------------
@@ -227,11 +229,13 @@ class Persistence:
         metrics: SelfMetrics,
         marks: Callable[[], MutableMapping[str, Tracking]] = dict,
         lock: DirectoryLock | None = None,
+        verdicts: Verdicts | None = None,
     ) -> None:
         """``opener`` opens the store (again, after a failure); ``lock`` is the directory's,
         released on close."""
         self._opener = opener
         self._lock = lock
+        self._verdicts = verdicts
         # From now on the state notes what changes, for collect() to take; what it holds
         # already is all new to the store.
         state.view.changed, state.ledger.changed = set(state.view.devices), set(
@@ -284,6 +288,8 @@ class Persistence:
             state.ledger.restore_floor(device, Floor(*floor))
         state.counters.restore(decoded["counters"])
         restore_self_metrics(self._metrics, decoded["self"])
+        if self._verdicts is not None:
+            self._verdicts.restore(decoded["verdicts"], time.time())
         marks = self._marks()
         for device, tracking in decoded["marks"].items():
             marks[device] = tracking
@@ -317,6 +323,12 @@ class Persistence:
             "counters": _encode(state.counters.saved()),
             "self": self_metrics_blob(self._metrics),
         }
+        if self._verdicts is not None:
+            # Whole seconds: the same verdicts make the same bytes, and are not written again.
+            blobs["verdicts"] = _encode([
+                (*row[:3], round(row[3]), round(row[4]))
+                for row in self._verdicts.saved(time.time())
+            ])
         if floors != self._stored_floors:
             blobs["floors"] = _encode({d: tuple(f) for d, f in floors.items()})
         delta.blobs = {k: v for k, v in blobs.items() if self._stored_blobs.get(k) != v}
@@ -403,4 +415,5 @@ def _decode(loaded: Loaded) -> dict[str, Any]:
         "floors": _FLOORS.decode(blobs["floors"]) if "floors" in blobs else {},
         "counters": _ANY.decode(blobs["counters"]) if "counters" in blobs else {},
         "self": _ANY.decode(blobs["self"]) if "self" in blobs else {},
+        "verdicts": _VERDICTS.decode(blobs["verdicts"]) if "verdicts" in blobs else [],
     }

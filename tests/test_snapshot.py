@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.dialect import REPROBE_SECONDS, Verdicts
 from exporter.planner import Tracking
 from exporter.selfmetrics import SelfMetrics
 from exporter.snapshot import Persistence
@@ -237,3 +238,27 @@ def test_without_a_store_no_change_is_noted() -> None:
         state.watch(device)
         state.apply_actions(device, batch({"Pending": 1}), [action("c1", "Pending")])
     assert state.view.changed == set() and state.ledger.changed == set()
+
+
+async def test_query_verdicts_come_back_with_their_reprobe_due_on_time(tmp_path: Path) -> None:
+    clock = [1000.0]
+    verdicts = Verdicts(lambda: clock[0])
+    verdicts.note(("devices", "sort"), "ignored")
+    metrics = SelfMetrics()
+    keeper = Persistence(lambda: Store.open(tmp_path, "acme"), fleet(Clock(START), metrics),
+                         metrics, verdicts=verdicts)
+    assert keeper.open()
+    assert await keeper.commit(keeper.collect())
+    await keeper.close()
+
+    later = [50.0]  # another process: its monotonic clock starts elsewhere
+    again = Verdicts(lambda: later[0])
+    keeper = Persistence(lambda: Store.open(tmp_path, "acme"), fleet(Clock(START), SelfMetrics()),
+                         SelfMetrics(), verdicts=again)
+    assert keeper.open()
+    keeper.load()
+    await keeper.close()
+    assert again[("devices", "sort")] == "ignored"
+    assert not again.ask(("devices", "sort"), avoid=("ignored",))  # not re-probed at once
+    later[0] += REPROBE_SECONDS + 5
+    assert again.ask(("devices", "sort"), avoid=("ignored",))  # but when it is due
