@@ -28,6 +28,11 @@ class TokenUnavailable(AuthError):
     """The token file vanished, cannot be read, or is empty."""
 
 
+class TokenInvalid(TokenUnavailable):
+    """The token cannot be sent: not UTF-8, more than one word or line, or a character an
+    HTTP header cannot carry. The reason says which, never what."""
+
+
 class NotFoundError(ApiError):
     """404 (upstream code 3001, unknown organization, device or batch); not retried."""
 
@@ -42,6 +47,11 @@ class UpstreamError(ApiError):
     def __init__(self, endpoint: str, reason: str, status: int | None = None) -> None:
         super().__init__(endpoint, reason)
         self.status = status
+
+
+class ReadTooLarge(UpstreamError):
+    """A paged read served more items than one read may hold (``paging.MAX_ITEMS_PER_READ``):
+    failed, not retried, the cut items counted as ``schema`` problems."""
 
 
 def is_bad_request(exc: ApiError) -> bool:

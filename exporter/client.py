@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from exporter.actionpages import decode_actions_body
 from exporter.apierrors import (
     ApiError,
     AuthError,
@@ -37,7 +38,6 @@ from exporter.records import (
     Batch,
     Device,
     InvalidBody,
-    decode_actions_body,
     decode_batch,
     decode_json,
     envelope_data,

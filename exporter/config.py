@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from exporter.apierrors import TokenUnavailable
 from exporter.configmodel import (
     CONFIG_FILE,
     DEFAULT_LATENCY_BUCKETS,
@@ -56,9 +57,9 @@ from exporter.configmodel import (
 )
 from exporter.configvalues import parse_duration
 from exporter.problems import ConfigError, problem_lines, shown
+from exporter.token import MAX_TOKEN_BYTES, decode_token
 from exporter.yamlload import load_document
 
-MAX_TOKEN_BYTES = 64 * 1024
 SCHEMA_FILE = "config.schema.json"
 SCHEMA_COMMAND = f"python3 -m exporter.config --schema > {SCHEMA_FILE}"
 
@@ -136,15 +137,9 @@ def _check_token_file(path: str) -> None:
     if len(data) > MAX_TOKEN_BYTES:
         raise ConfigError(f"api.token_file: file is too large for a token: {shown_path}")
     try:
-        token = data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"api.token_file: not a UTF-8 text file: {shown_path}") from None
-    if not token:
-        raise ConfigError(f"api.token_file: file is empty: {shown_path}")
-    if any(c.isspace() for c in token):
-        raise ConfigError(
-            f"api.token_file: the token must be one word on one line: {shown_path}"
-        )
+        decode_token(data)  # the one decoding, as the client re-reads the file
+    except TokenUnavailable as exc:
+        raise ConfigError(f"api.token_file: {exc.reason}: {shown_path}") from None
 
 
 def _could_be_path(path: str) -> bool:

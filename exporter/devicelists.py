@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from exporter.client import ApiClient, ApiError, SortRejected
+from exporter.client import ApiClient, ApiError, AuthError, SortRejected
 from exporter.config import Config, DeviceDiscovery
 from exporter.paging import IGNORED
 from exporter.records import Device, until
@@ -135,7 +135,7 @@ class DeviceLists:
             except SortRejected:
                 pass
             except ApiError as exc:
-                log.warning("checkins_unavailable", endpoint="devices", reason=str(exc))
+                _said(exc, "warning")("checkins_unavailable", endpoint="devices", reason=str(exc))
                 return []
             else:
                 # Out of order, the list was cut at an arbitrary place: what it showed is
@@ -210,9 +210,7 @@ class DeviceLists:
         try:
             return await self._client.list_devices(tags=tags, segment=segment)
         except ApiError as exc:
-            # Looked up now: a logger method bound at import would keep structlog's
-            # defaults and miss the configured format and level.
-            getattr(log, level)(failure, endpoint="devices", reason=str(exc))
+            _said(exc, level)(failure, endpoint="devices", reason=str(exc))
             return None
 
     def _full_list_every(self) -> float:
@@ -234,3 +232,11 @@ class DeviceLists:
         )
         self._metrics.checkin_source = source
         self._metrics.touch()
+
+
+def _said(exc: ApiError, level: str) -> Callable[..., object]:
+    """The log method for a failed read: at ``level``, or debug for a refused token (the
+    client says that once when it begins and once when it ends, not every round)."""
+    # Looked up now: a logger method bound at import would keep structlog's defaults and
+    # miss the configured format and level.
+    return getattr(log, "debug" if isinstance(exc, AuthError) else level)

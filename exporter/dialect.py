@@ -387,9 +387,9 @@ class Dialect:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[bytes], Page[T]]:
-    def decode(body: bytes) -> Page[T]:
-        return decode_page(envelope_data(decode_json(body)), decode_item)
+def _page_decoder(decode_item: Callable[[Any], T | None]) -> Callable[[bytes, int], Page[T]]:
+    def decode(body: bytes, limit: int) -> Page[T]:
+        return decode_page(envelope_data(decode_json(body)), decode_item, limit)
 
     return decode
 

@@ -15,6 +15,8 @@ created or a device checking in between two requests moves items across page bou
   too, the reads together are kept (``Read.union``), read on only while they still lack
   items ``totalDocs`` announces.
 - ``Order`` tells which way a list came back, for lists read with a ``sort``.
+- A read holds at most ``MAX_ITEMS_PER_READ`` items: past it, it fails
+  (:class:`ReadTooLarge`) instead of growing with whatever upstream serves.
 - A walk is one pass of a read over the pages: ``every_page`` (up to a ``stop``), or
   ``newest_first`` (the newest items whatever order upstream serves them in).
 """
@@ -29,6 +31,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
+from exporter.apierrors import ReadTooLarge
 from exporter.records import Page
 
 log = structlog.get_logger()
@@ -38,6 +41,14 @@ T = TypeVar("T")
 # Reads of one list while its pages keep shifting: one re-read in the common case, more only
 # while the reads together still lack items (see ``settle``).
 MAX_READS = 4
+
+# What one read may be served, in items (kept, undecodable or cut past the limit asked):
+# 1,000 pages of 100 (the default max_pages x page_size), a 100,000-device organization,
+# some 27 times the largest fleet one exporter's budget polls (docs/sizing.md: ~3,700 devices
+# at 10,000 requests/h), and a batch far beyond any profile's actions. Held, that is some
+# 50 MB of device records; an upstream that ignores ``limit`` reaches it in a page or two
+# instead of growing the process by a page's worth per request (27 MiB per 100,000 actions).
+MAX_ITEMS_PER_READ = 100_000
 
 FetchPage = Callable[[int, int], Awaitable[Page[T]]]  # (page number, limit) -> the page
 
@@ -57,6 +68,7 @@ class Read(Generic[T]):
         self.gapped = False  # pages were skipped (a jump to the tail)
         self.ended = False  # the last page was reached (not left by the caller, not capped)
         self.order: Order | None = None  # set by callers that check a sort
+        self.served = 0  # items the pages carried, cut ones too (MAX_ITEMS_PER_READ)
 
     async def pages(
         self, fetch: FetchPage[T], *, max_pages: int, first: int = 1, **where: str
@@ -75,6 +87,7 @@ class Read(Generic[T]):
         lacking: int | None = None
         for number in range(first, first + max_pages):
             page = await fetch(number, self.limit)
+            self._count(page, where)
             self.next = number + 1
             yield page
             count = len(page.items) + len(page.problems)
@@ -88,6 +101,14 @@ class Read(Generic[T]):
                 self.ended = True
                 return
         log.warning("api_page_cap", pages=max_pages, **where)
+
+    def _count(self, page: Page[T], where: dict[str, str]) -> None:
+        self.served += page.served
+        if self.served > MAX_ITEMS_PER_READ:
+            raise ReadTooLarge(
+                where.get("endpoint", "list"),
+                f"read served over {MAX_ITEMS_PER_READ} items (upstream ignores limit?)",
+            )
 
     def take(self, page: Page[T], items: Sequence[T] | None = None) -> None:
         """Note what ``page`` says of the list and keep ``items`` (default: all of its own)."""

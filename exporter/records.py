@@ -6,9 +6,12 @@ keeps what could be read and names each problem by kind in ``problems``:
 
 - ``timestamp``: a date-time that could not be parsed (the field becomes ``None``);
 - ``unknown_status``: a status outside the 65 known names (kept as-is);
-- ``schema``: a missing or mistyped field.
+- ``schema``: a missing or mistyped field, a number out of bounds, or an item beyond the
+  ``limit`` a page was asked for (cut: see :func:`decode_page`).
 
-Only a body that is not a JSON envelope at all raises :class:`InvalidBody`.
+Only a body that is not a JSON envelope at all raises :class:`InvalidBody`. Nothing else
+raises, whatever the values: a number of any length is read within :data:`MAX_INT`, and
+text is kept only where text was sent.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
-import msgspec
-
 from exporter.statuses import STATUS_CLASS, is_known, is_pending
 
 TIMESTAMP = "timestamp"
@@ -31,6 +32,12 @@ SCHEMA = "schema"
 PROBLEM_KINDS = (TIMESTAMP, UNKNOWN_STATUS, SCHEMA)
 
 NO_PROBLEMS: frozenset[str] = frozenset()
+
+# The largest count, total or code read from upstream: JSON's exact integers (upstream is a
+# JavaScript service, so a larger one is not a count anyway). Text of more digits is refused
+# before int() sees it: past 4,300 digits int() raises, and short of that it costs time.
+MAX_INT = 2**53
+_MAX_INT_DIGITS = len(str(MAX_INT))
 
 # Upstream path-parameter patterns (docs/upstream-api.md §1).
 ORGANIZATION_ID = re.compile(r"^(([a-fA-F0-9]{24})|([a-zA-Z0-9\-]{3,}))$")
@@ -106,6 +113,21 @@ class Page(Generic[T]):
     has_next_page: bool | None = None
     # Problems of the page itself (items that could not be decoded at all).
     problems: tuple[str, ...] = ()
+    # Items served beyond the ``limit`` asked for, cut unread (upstream ignored the limit).
+    excess: int = 0
+    # Page fields (totalDocs, page, limit, hasNextPage) sent but unreadable.
+    flaws: int = 0
+
+    @property
+    def served(self) -> int:
+        """Every item the response carried: kept, undecodable and cut."""
+        return len(self.items) + len(self.problems) + self.excess
+
+    @property
+    def schema_problems(self) -> int:
+        """The ``schema`` problems of the response: its undecodable and cut items and its
+        unreadable page fields."""
+        return len(self.problems) + self.excess + self.flaws
 
 
 # --- timestamps -------------------------------------------------------------------------
@@ -203,20 +225,34 @@ def _text(obj: Mapping[str, Any], key: str, problems: set[str]) -> str | None:
     if value is None or isinstance(value, str):
         return value
     problems.add(SCHEMA)
-    return str(value)
+    return _scalar_text(value)
+
+
+def _scalar_text(value: Any) -> str | None:
+    """A number or boolean as text; None for a list or an object (its text could be as deep
+    and long as the body)."""
+    return str(value) if isinstance(value, (int, float, bool)) else None
 
 
 def _int(value: object) -> int | None:
+    """An integer within ±``MAX_INT`` from a number or decimal text; None for anything else."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else None  # NaN and inf are not integers
+    elif isinstance(value, str):
+        text = value.strip()
+        # isdecimal, not isdigit: "²" is a digit that int() refuses.
+        value = int(text) if len(text) <= _MAX_INT_DIGITS and text.isdecimal() else None
+    if isinstance(value, int) and -MAX_INT <= value <= MAX_INT:
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    # isdecimal, not isdigit: "²" is a digit that int() refuses.
-    if isinstance(value, str) and value.strip().isdecimal():
-        return int(value)
     return None
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer literal: a long one becomes a float (maybe inf) that no integer field
+    accepts, instead of a ValueError that would refuse the whole body."""
+    return int(text) if len(text) <= _MAX_INT_DIGITS + 1 else float(text)
 
 
 # --- envelopes and pages -------------------------------------------------------------------
@@ -224,7 +260,7 @@ def _int(value: object) -> int | None:
 
 def decode_json(body: bytes | str) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_json_int)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: a bomb
         raise InvalidBody(f"body is not JSON: {exc.__class__.__name__}") from None
 
@@ -242,8 +278,11 @@ def envelope_data(document: Any) -> Any:
     raise InvalidBody("envelope has no data")
 
 
-def decode_page(data: Any, decode_item: Callable[[Any], T | None]) -> Page[T]:
-    """A list page from ``data.items`` (or ``data`` as a bare array)."""
+def decode_page(
+    data: Any, decode_item: Callable[[Any], T | None], limit: int | None = None
+) -> Page[T]:
+    """A list page from ``data.items`` (or ``data`` as a bare array); items past ``limit``
+    (what was asked for) are cut before they are decoded and counted as ``excess``."""
     if isinstance(data, list):
         raw_items: list[Any] = data
         meta: Mapping[str, Any] = {}
@@ -254,32 +293,40 @@ def decode_page(data: Any, decode_item: Callable[[Any], T | None]) -> Page[T]:
         raise InvalidBody("page has no items array")
     # Records are always truthy (non-empty tuples or no __len__), so filter(None) drops
     # exactly the undecodable items, in C; `None in items` would call every record's __eq__.
-    items = tuple(filter(None, map(decode_item, raw_items)))
-    return _page(
-        items,
-        len(raw_items),
-        meta.get("totalDocs"),
-        meta.get("page"),
-        meta.get("limit"),
-        meta.get("hasNextPage"),
-    )
+    kept = raw_items if limit is None else raw_items[:limit]
+    items = tuple(filter(None, map(decode_item, kept)))
+    meta_fields = (meta.get(key) for key in PAGE_FIELDS)
+    return page_of(items, len(kept), len(raw_items) - len(kept), *meta_fields)
 
 
-def _page(
+# The page fields upstream sends (mongoose-paginate), in page_of's order.
+PAGE_FIELDS = ("totalDocs", "page", "limit", "hasNextPage")
+
+
+def page_of(
     items: tuple[T, ...],
     raw_count: int,
+    excess: int,
     total_docs: Any,
     page: Any,
     limit: Any,
     has_next: Any,
 ) -> Page[T]:
+    """A page of ``items`` decoded from ``raw_count`` raw ones, ``excess`` more cut, and its
+    page fields as sent."""
+    numbers = (_int(total_docs), _int(page), _int(limit))
+    has_next_page = has_next if isinstance(has_next, bool) else None
+    sent = (total_docs, page, limit, has_next)
+    read = (*numbers, has_next_page)
     return Page(
         items=items,
-        total_docs=_int(total_docs),
-        page=_int(page),
-        limit=_int(limit),
-        has_next_page=has_next if isinstance(has_next, bool) else None,
+        total_docs=numbers[0],
+        page=numbers[1],
+        limit=numbers[2],
+        has_next_page=has_next_page,
         problems=(SCHEMA,) * (raw_count - len(items)),
+        excess=excess,
+        flaws=sum(1 for s, r in zip(sent, read, strict=True) if s is not None and r is None),
     )
 
 
@@ -301,12 +348,6 @@ def decode_device(raw: Any) -> Device | None:
         return None
     problems: set[str] = set()
     summary = raw.get("summary") if isinstance(raw.get("summary"), dict) else {}
-    tags = raw.get("tags")
-    if tags is None:
-        tags = ()
-    elif not isinstance(tags, list):
-        problems.add(SCHEMA)
-        tags = ()
     name = _text(raw, "displayName", problems) or _text(summary, "name", problems)
     return Device(
         id=device_id,
@@ -315,10 +356,24 @@ def decode_device(raw: Any) -> Device | None:
         imei=_text(summary, "imei", problems),
         win_id=_text(raw, "winId", problems),
         state=_text(raw, "state", problems),
-        tags=tuple(str(tag) for tag in tags),
+        tags=_tags(raw.get("tags"), problems),
         last_status_report=_when(raw.get("lastStatusReportTime"), problems),
         problems=frozenset(problems),
     )
+
+
+def _tags(raw: Any, problems: set[str]) -> tuple[str, ...]:
+    """The tags as text; a tag that is a list or an object is dropped (a schema problem)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add(SCHEMA)
+        return ()
+    tags = tuple(tag if isinstance(tag, str) else _scalar_text(tag) for tag in raw)
+    if None in tags:
+        problems.add(SCHEMA)
+        return tuple(tag for tag in tags if tag is not None)
+    return tags  # type: ignore[return-value]  # no None left
 
 
 _COUNT_KEYS = ("count", "total", "value", "n", "actions")
@@ -432,7 +487,7 @@ def action_from_fields(
         and cmd_id
         and status.__class__ is str
         and status in STATUS_CLASS
-        and (code is None or code.__class__ is int)
+        and (code is None or (code.__class__ is int and -MAX_INT <= code <= MAX_INT))
         and (path is None or path.__class__ is str)
         and (operation is None or operation.__class__ is str)
     ):
@@ -478,7 +533,7 @@ def _action_carefully(
         status = "Unknown"
     elif status not in STATUS_CLASS:
         problems.add(UNKNOWN_STATUS)
-    if code is not None and code.__class__ is not int:
+    if code is not None:
         code = _int(code)
         if code is None:
             problems.add(SCHEMA)
@@ -513,81 +568,3 @@ def _shared_text(text: str) -> str:
             _texts.clear()
         shared = _texts[text] = text
     return shared
-
-
-# --- actions pages straight from the body ----------------------------------------------------
-
-
-class _WireConfig(msgspec.Struct):
-    # The CSP node and the operation; the value (maybe a long XML) is skipped by the parser.
-    path: Any = None
-    action: Any = None
-
-
-class _WireAction(msgspec.Struct, rename="camel"):
-    # Only the fields the exporter reads, of any JSON type: the rest of each action (its
-    # data, the config's value) is skipped by the parser, and types are judged by
-    # action_from_fields. A config that is not an object fails the page over to the
-    # general path, which names the problem.
-    cmd_id: Any = None
-    status: Any = None
-    status_code: Any = None
-    sent_at: Any = None
-    received_at: Any = None
-    canceled_at: Any = None
-    config: _WireConfig | None = None
-
-
-class _WireActionsPage(msgspec.Struct, rename="camel"):
-    items: list[_WireAction]
-    total_docs: Any = None
-    page: Any = None
-    limit: Any = None
-    has_next_page: Any = None
-
-
-class _WireActionsEnvelope(msgspec.Struct):
-    data: _WireActionsPage
-    status: Any = None
-
-
-_read_actions_envelope = msgspec.json.Decoder(_WireActionsEnvelope).decode
-_NO_CONFIG = _WireConfig()
-
-
-def decode_actions_body(body: bytes) -> Page[Action]:
-    """A page of actions from a response body, the same as the general path would give.
-
-    Actions pages are most of what the exporter reads. Parsing them straight into the few
-    fields it uses is several times cheaper than building every JSON object as a dict; any
-    body of another shape (bare arrays, items that are not objects, error envelopes, bad
-    JSON) goes the general way, which names the problem.
-    """
-    try:
-        envelope = _read_actions_envelope(body)
-    except msgspec.DecodeError:  # ValidationError included
-        envelope = None
-    if envelope is None or envelope.status is False:
-        return decode_page(envelope_data(decode_json(body)), decode_action)
-    page = envelope.data
-    raw_items = page.items
-    no_config = _NO_CONFIG
-    items = tuple(
-        filter(
-            None,
-            [
-                action_from_fields(
-                    raw.cmd_id,
-                    raw.status,
-                    raw.status_code,
-                    raw.sent_at,
-                    raw.received_at,
-                    raw.canceled_at,
-                    (raw.config or no_config).path,
-                    (raw.config or no_config).action,
-                )
-                for raw in raw_items
-            ],
-        )
-    )
-    return _page(items, len(raw_items), page.total_docs, page.page, page.limit, page.has_next_page)

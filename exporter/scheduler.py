@@ -352,7 +352,9 @@ class Scheduler:
     def _failure_reason(self, device: str, exc: Exception) -> str:
         """Log why a device read failed (from an ``except`` block); the reason it shows."""
         if isinstance(exc, ApiError):
-            level = log.error if isinstance(exc, AuthError) else log.warning
+            # A refused token fails every device every round: the client logs it once when it
+            # begins and once when it ends (api_unauthorized, api_token_invalid), not here.
+            level = log.debug if isinstance(exc, AuthError) else log.warning
             level("device_poll_failed", device=device, endpoint=exc.endpoint, reason=str(exc))
             return exc.reason
         # A bug or an input nobody foresaw: the device shows down with the reason, the

@@ -1,13 +1,54 @@
 """The API token: read from a file on every request (a rotated file takes effect without a
 restart) and only ever placed in the ``Authorization`` header. Error messages, log events,
-reprs and metrics never carry it."""
+reprs and metrics never carry it.
+
+A token file is decoded one way, by :func:`decode_token`, at check time (``--config.check``,
+start, reload) and on every re-read: UTF-8 with a BOM stripped, one word of characters an
+HTTP header can carry. Anything else is a :class:`TokenInvalid` whose reason says what is
+wrong, never what the file holds. Whether upstream takes the token is logged once per change
+(:class:`Bearer`): a persistent 401 is one error line when it begins and one when it ends.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
-from exporter.apierrors import TokenUnavailable
+import structlog
+
+from exporter.apierrors import AuthError, TokenInvalid, TokenUnavailable
+
+log = structlog.get_logger()
+
+MAX_TOKEN_BYTES = 64 * 1024  # a token file larger than this is not a token
+
+# Visible ASCII: what an Authorization header value can carry without encoding (RFC 9110
+# field-vchar less obs-text); a BOM, a second line or a control character is none of it.
+_HEADER_CHARS = frozenset(map(chr, range(0x21, 0x7F)))
+
+
+def decode_token(data: bytes) -> str:
+    """The token a token file's bytes hold (a BOM and surrounding whitespace stripped).
+
+    Raises :class:`TokenUnavailable` for an empty file and :class:`TokenInvalid` for one
+    that cannot be sent; reasons never quote the bytes."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise TokenInvalid("token", "not a UTF-8 text file") from None
+    token = text.strip()
+    if not token:
+        raise TokenUnavailable("token", "file is empty")
+    return check_token(token)
+
+
+def check_token(token: str) -> str:
+    """``token`` when an HTTP header can carry it; else :class:`TokenInvalid`."""
+    if any(c.isspace() for c in token):
+        raise TokenInvalid("token", "the token must be one word on one line")
+    if not _HEADER_CHARS.issuperset(token):
+        raise TokenInvalid("token", "the token holds a character an HTTP header cannot carry")
+    return token
 
 
 class TokenSource:
@@ -31,7 +72,7 @@ class TokenSource:
             token = (self._value or "").strip()
             if not token:
                 raise TokenUnavailable("token", "token is empty")
-            return token
+            return check_token(token)
         try:
             stat = os.stat(self._path)
         except OSError as exc:
@@ -50,28 +91,35 @@ class TokenSource:
     def _read(self) -> str:
         assert self._path is not None
         try:
-            with open(self._path, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
+            with open(self._path, "rb") as handle:
+                data = handle.read(MAX_TOKEN_BYTES + 1)
+        except OSError as exc:
             # The exception text could quote the file's bytes: name the class only.
             raise TokenUnavailable(
                 "token", f"token file unreadable ({type(exc).__name__})"
             ) from None
-        if not token:
-            raise TokenUnavailable("token", "token file is empty")
-        return token
+        if len(data) > MAX_TOKEN_BYTES:
+            raise TokenInvalid("token", "file is too large for a token")
+        try:
+            return decode_token(data)
+        except TokenUnavailable as exc:
+            raise type(exc)("token", f"token file: {exc.reason}") from None
 
 
 class Bearer:
     """The ``Authorization`` header of a token source, built again only when the token
-    changes (most requests share one dict)."""
+    changes (most requests share one dict), and whether upstream takes it: a refusal (401,
+    or a token that cannot be sent) is logged when it begins or its reason changes, its end
+    once; the requests in between are counted, not logged
+    (``api_requests_total{code="401"}``)."""
 
-    __slots__ = ("_headers", "_token", "source")
+    __slots__ = ("_failing", "_headers", "_token", "source")
 
     def __init__(self, source: TokenSource) -> None:
         self.source = source
         self._headers: dict[str, str] = {}
         self._token = ""
+        self._failing: str | None = None  # the reason of the refusal in force
 
     def __repr__(self) -> str:
         return f"Bearer({self.source!r})"
@@ -96,3 +144,22 @@ class Bearer:
         with contextlib.suppress(TokenUnavailable):  # gone: nothing new to try
             return self.source.get() != token_sent
         return False
+
+    def failed(self, exc: AuthError) -> None:
+        """A request failed for good on its token: logged at error level when the refusal
+        begins or its reason changes."""
+        if exc.reason == self._failing:
+            return
+        self._failing = exc.reason
+        event = "api_unauthorized"
+        if isinstance(exc, TokenInvalid):
+            event = "api_token_invalid"
+        elif isinstance(exc, TokenUnavailable):
+            event = "api_token_unavailable"
+        log.error(event, endpoint=exc.endpoint, reason=exc.reason)
+
+    def accepted(self) -> None:
+        """Upstream answered a request (2xx): a refusal in force has ended."""
+        if self._failing is not None:
+            log.info("api_auth_recovered", reason=self._failing)
+            self._failing = None

@@ -42,6 +42,8 @@ CHUNK_BYTES = 64 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Params = Sequence[tuple[str, str]]
+# A page's decoding: (body, the limit asked) -> the page, items past the limit cut unread.
+PageDecoder = Callable[[bytes, int], Page[T]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,18 +182,18 @@ class Transport:
     # --- lists --------------------------------------------------------------------------------
 
     def pager(
-        self, endpoint: str, path: str, decode: Callable[[bytes], Page[T]], params: Params
+        self, endpoint: str, path: str, decode: PageDecoder[T], params: Params
     ) -> FetchPage[T]:
         """One page of a list: a logical request with its retries, through the budget."""
 
         async def fetch(number: int, limit: int) -> Page[T]:
             query = [*params, ("page", str(number)), ("limit", str(limit))]
-            return await self.fetch(endpoint, path, query, decode)
+            return await self.fetch(endpoint, path, query, lambda body: decode(body, limit))
 
         return fetch
 
     async def collect(
-        self, endpoint: str, path: str, decode: Callable[[bytes], Page[T]],
+        self, endpoint: str, path: str, decode: PageDecoder[T],
         key: Callable[[T], str], params: Params, walk: Walk[T] | None = None,
     ) -> Read[T]:
         """A paged list read by ``walk`` (default: every item once), read again if its
@@ -212,8 +214,17 @@ class Transport:
     async def fetch(
         self, endpoint: str, path: str, params: Params, decode: Callable[[bytes], R]
     ) -> R:
-        """One logical request: attempts with retries until decoded or failed for good."""
-        url = self.root + path
+        """One logical request: attempts with retries until decoded or failed for good. A
+        failure on the token is noted (``Bearer.failed``: logged once per change)."""
+        try:
+            return await self._fetch(endpoint, self.root + path, params, decode)
+        except AuthError as exc:
+            self._bearer.failed(exc)
+            raise
+
+    async def _fetch(
+        self, endpoint: str, url: str, params: Params, decode: Callable[[bytes], R]
+    ) -> R:
         failure: _Failure | None = None
         for attempt in range(1, self.max_attempts + 1):
             try:
@@ -276,6 +287,7 @@ class Transport:
                 reason = f"connection error ({type(exc).__name__})"
                 return self._failed(endpoint, started, _Failure("connection", reason))
         if 200 <= answer.status < 300:
+            self._bearer.accepted()
             return self._decoded(endpoint, (url, *params), answer, decode, started)
         self._observe(endpoint, str(answer.status), started)
         if answer.status == 401:
@@ -304,9 +316,9 @@ class Transport:
                     endpoint, started, _Failure("invalid_body", f"invalid body: {exc}")
                 )
             self._memo.put(key, answer.body, result)
-            if isinstance(result, Page) and result.problems:
+            if isinstance(result, Page) and result.schema_problems:
                 # Once per response: a re-poll that brings the same bytes is not news.
-                self._metrics.parse_problem(SCHEMA, len(result.problems))
+                self._metrics.parse_problem(SCHEMA, result.schema_problems)
         self._observe(endpoint, str(answer.status), started)
         return result
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.actionpages import decode_actions_body
 from exporter.records import (
     SCHEMA,
     TIMESTAMP,
@@ -15,7 +16,6 @@ from exporter.records import (
     Action,
     InvalidBody,
     decode_action,
-    decode_actions_body,
     decode_batch,
     decode_device,
     decode_json,
