@@ -45,8 +45,8 @@ from exporter.state import DeviceGenerations, DeviceView, FleetState
 # costs its block, a few hundred kB at most, instead of the whole family.
 BLOCK_DEVICES = 256
 
-# What one step of a stepwise job may do before it pauses: each bound is tens of
-# milliseconds of work, whatever the fleet's size.
+# What one step of a stepwise job may do before it pauses: each bound is about ten
+# milliseconds of work (bench/scale.py, 5,000 devices of 20 batches), whatever the fleet's size.
 RENDER_STEP_DEVICES = 200  # devices rendered
 RENDER_STEP_BYTES = 256 << 10  # bytes of lines rendered (devices with many batches)
 LOOK_STEP_DEVICES = 2_000  # devices whose generations are compared
