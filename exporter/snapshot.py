@@ -37,8 +37,8 @@ from exporter.store import Delta, DirectoryLock, Loaded, Store, StoreUnusable
 
 log = structlog.get_logger("exporter.snapshot")
 
-# How often a store that could not be opened is tried again.
-REOPEN_SECONDS = 30.0
+# How often a store that could not be opened is tried again (opening is cheap).
+REOPEN_SECONDS = 5.0
 
 
 class BatchRow(msgspec.Struct, array_like=True):

@@ -242,6 +242,8 @@ def _unusable(path: Path, organization: str) -> str | None:
             db.close()
     except sqlite3.Error as exc:
         return f"unreadable ({exc})"
+    if not meta:
+        return None  # created, never initialised (stopped or out of room): initialise it
     if meta.get("schema_version") != str(SCHEMA_VERSION):
         return f"schema version {meta.get('schema_version')} (this exporter: {SCHEMA_VERSION})"
     if meta.get("organization") != organization:

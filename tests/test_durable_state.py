@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -249,8 +250,6 @@ async def test_sigkill_mid_round_loses_nothing_a_scraper_saw_and_ends_exact(
 def _exact(url: str, sim: Simulator, watermark: float) -> bool:
     found = parse_samples(fetch(f"{url}/metrics")[2].decode())
     events = sim.fleet.events_since(watermark)
-    from collections import Counter
-
     return exported_transitions(found) == Counter(e.status for e in events) and (
         command_gauges(found) == truth_gauges(sim)
     )
@@ -322,3 +321,70 @@ def test_an_unusable_store_path_is_a_storage_failure_not_a_crash(
                  fetch(f"{url}/metrics")[2], what="the failure counted")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Callable[[str], None]]:
+    """A tmpfs of ``size`` at ``path`` (root only); yields a function that resizes it."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def resize(new: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _value(url: str, name: str) -> float:
+    found = parse_samples(fetch(f"{url}/metrics")[2].decode())
+    return sum(v for (n, _), v in found.items() if n == name)
+
+
+async def test_a_full_disk_never_stops_polling_and_the_store_is_whole_once_it_has_room(
+    make_simulator_server, tmp_path: Path
+) -> None:
+    sim, url = await make_simulator_server(seed=3, devices=30, start=time.time() - 60,
+                                           batches_per_device=6, token=TOKEN)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(url, poll={"interval_seconds": 1}))
+    port = free_port()
+    metrics_url = f"http://127.0.0.1:{port}"
+    # Room to open the store, not for the fleet's ledger: the disk fills in the first rounds.
+    with small_disk(tmp_path / "store", "192k") as resize:
+        store = tmp_path / "store"
+        with exporter_process(config, port, store) as proc:
+            await _wait(lambda: fetch(f"{metrics_url}/-/ready")[0] == 200, "ready")
+            await _wait(lambda: _value(metrics_url, FAILURES) > 0, "a failed write")
+            assert fetch(f"{metrics_url}/metrics")[0] == 200  # serving through it
+            sim.fleet.create_batch(sim.fleet.device_ids()[0], NEW_COMMAND)
+            sim.advance(600)  # answers arrive while the disk is full: still counted
+            await _wait(lambda: _value(metrics_url, TRANSITIONS) > 0, "counting goes on")
+            resize("64m")
+            room_at = time.time()
+            await _wait(lambda: _value(metrics_url, LAST_WRITE) > room_at, "a write again")
+            seen = parse_samples(fetch(f"{metrics_url}/metrics")[2].decode())
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            logs = proc.stderr.read() if proc.stderr else ""
+        # Opened, then out of room while running: one line when it began, one when it ended.
+        assert logs.count('"storage_write_failed"') == 1, logs[-2000:]
+        assert logs.count('"storage_write_recovered"') == 1
+        with exporter_process(config, port, store) as proc:
+            await _wait(lambda: fetch(f"{metrics_url}/-/healthy")[0] == 200, "restarted")
+            again = parse_samples(fetch(f"{metrics_url}/metrics")[2].decode())
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+    # The store was whole again: nothing counted while the disk was full is lost.
+    assert exported_transitions(again) == exported_transitions(seen) != Counter()
+    assert command_gauges(again) == command_gauges(seen)
+
+
+FAILURES = "applivery_exporter_storage_write_failures_total"
+LAST_WRITE = "applivery_exporter_storage_last_write_timestamp_seconds"
+TRANSITIONS = "applivery_windows_command_action_transitions_total"
