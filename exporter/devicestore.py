@@ -256,8 +256,12 @@ class Pace:
             or self.joined_bytes >= JOIN_STEP_BYTES
         )
         if full:
-            self.rendered = self.rendered_bytes = self.looked = self.joined_bytes = 0
+            self.restart()
         return full
+
+    def restart(self) -> None:
+        """A pause: the next step starts from nothing."""
+        self.rendered = self.rendered_bytes = self.looked = self.joined_bytes = 0
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -311,7 +315,10 @@ class DeviceStore:
                 continue
             previous = self._entries.get(device)
             if previous is not None and previous.generations == generations:
-                if pace.spend(looked=1):
+                # Most devices, most of the time: counted here without a call.
+                pace.looked += 1
+                if pace.looked >= LOOK_STEP_DEVICES:
+                    pace.restart()
                     yield
                 continue
             fresh = render_device(

@@ -287,16 +287,18 @@ class Exposition:
 
     def _fleet_part(self, *, openmetrics: bool) -> list[bytes]:
         level = self._guard.level
+        actions, served = level.actions, level.columns
         out: list[bytes] = []
         for family, column in FLEET_PART:
             out.append(family.header(openmetrics=openmetrics))
             if column is None:
                 out.append(self._fleet_wide.section(family))
-            elif column is Column.ACTIONS and level.actions is None:
-                out.append(self._fleet_wide.fleet_classes)
             elif column is Column.ACTIONS:
-                out += self._store.blocks(level.actions)
-            elif column in level.columns:
+                if actions is None:
+                    out.append(self._fleet_wide.fleet_classes)
+                else:
+                    out += self._store.blocks(actions)
+            elif column in served:
                 out += self._store.blocks(column)
         return [section for section in out if section]
 
