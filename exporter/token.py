@@ -129,7 +129,7 @@ class Bearer:
         try:
             token = self.source.get()
         except TokenUnavailable as exc:
-            raise TokenUnavailable(endpoint, exc.reason) from None
+            raise type(exc)(endpoint, exc.reason) from None
         if token != self._token:
             self._headers = {"Authorization": f"Bearer {token}"}
             self._token = token

@@ -510,3 +510,86 @@ async def test_hostile_and_enormous_label_values_are_escaped_and_truncated(make_
     assert names[BATCH_H] == (HOSTILE + enormous)[:MAX_LABEL_VALUE] + TRUNCATED
     assert problems(found)["unknown_status"] == 2 + 1  # two actions, once; the summary once
     promtool_check(raw)
+
+
+# --- numbers of any length ------------------------------------------------------------------------
+
+HUGE = "9" * 5000  # past Python's int-from-text limit (4,300 digits)
+BATCH_X = "65f0c0ffee65f0c0ffee1003"
+
+
+def raw_number(document: Any, placeholder: str) -> bytes:
+    """``document`` as JSON with the string ``placeholder`` written as the bare number HUGE."""
+    return json.dumps(document).replace(f'"{placeholder}"', HUGE).encode()
+
+
+async def ready(rig: Rig) -> int:
+    async with rig.session.get(rig.metrics_url.replace("/metrics", "/-/ready")) as response:
+        return response.status
+
+
+@pytest.mark.parametrize("written", ["text", "number"])
+async def test_a_5000_digit_total_on_the_device_list_polls_the_devices_all_the_same(
+    make_rig, written: str
+) -> None:
+    upstream = Upstream()
+    listing = envelope(page(upstream.devices, totalDocs=HUGE))
+    if written == "number":
+        listing = raw_number(json.loads(listing), HUGE)
+    upstream.garbage["devices"] = body(listing)
+    rig = await make_rig(upstream, discover=True)
+    await rig.poll()
+    found = await rig.scrape()
+    assert up(found, HISTORY_DEVICE) == 1 and up(found, EXPLICIT_DEVICE) == 1
+    assert rig.upstream.served["devices"] >= 1
+    assert problems(found)["schema"] >= 1  # the total that could not be read
+    assert await ready(rig) == 200
+
+
+@pytest.mark.parametrize("written", ["text", "number"])
+async def test_a_5000_digit_error_code_on_a_500_is_that_read_failing(
+    make_rig, written: str
+) -> None:
+    error = {"status": False, "error": {"code": HUGE, "message": "boom"}}
+    raw = raw_number(error, HUGE) if written == "number" else json.dumps(error).encode()
+
+    async def failing(_: web.Request) -> web.Response:
+        return web.Response(status=500, body=raw, content_type="application/json")
+
+    upstream = Upstream()
+    upstream.garbage["devices"] = failing  # the look-up of the configured devices
+    rig = await make_rig(upstream)
+    await rig.poll()
+    found = await rig.scrape()
+    assert rig.upstream.served["devices"] >= 1
+    assert requests(found, "devices", "500") == rig.upstream.served["devices"]
+    assert up(found, HISTORY_DEVICE) == 1 and up(found, EXPLICIT_DEVICE) == 1
+    assert await ready(rig) == 200
+    # On a device's own read, the same answer fails that device alone.
+    rig.upstream.garbage["commands"] = failing
+    await rig.poll()
+    found = await rig.scrape()
+    assert up(found, HISTORY_DEVICE) == 0 and up(found, EXPLICIT_DEVICE) == 1
+
+
+@pytest.mark.parametrize("written", ["text", "number"])
+async def test_a_5000_digit_summary_count_is_a_problem_of_its_batch_alone(
+    make_rig, written: str
+) -> None:
+    upstream = Upstream()
+    upstream.actions[BATCH_X] = good_actions("x")
+    bad = batch_document(BATCH_X, HISTORY_DEVICE, upstream.actions[BATCH_X])
+    bad["summary"] = [{"status": "Pending", "count": HUGE}]
+    history = envelope(page([bad, upstream.batch(BATCH_H)]))
+    if written == "number":
+        history = raw_number(json.loads(history), HUGE)
+    upstream.garbage["commands"] = body(history)
+    rig = await make_rig(upstream)
+    await rig.poll()
+    found = await rig.scrape()
+    assert up(found, HISTORY_DEVICE) == 1
+    exported = {(c, s): v for (d, c, s), v in command_gauges(found).items() if d == HISTORY_DEVICE}
+    assert {s: v for (c, s), v in exported.items() if c == BATCH_H} == {
+        "Pending": 1, "Awaiting": 1, "Acknowledged": 1
+    }
+    assert problems(found)["schema"] >= 1
