@@ -286,6 +286,7 @@ class DeviceStore:
         self.coarse = coarse
         self._entries: dict[str, Entry] = {}
         self._order: list[str] = []
+        self._watched: list[str] = []  # FleetState's list the order was last taken from
         # Blocks holding a device rendered since they were last joined; None: every block.
         self._dirty: set[int] | None = None
         self._blocks: dict[Column, list[Block]] = {}
@@ -297,6 +298,7 @@ class DeviceStore:
         joined blocks stay: equal lines rendered again keep their block)."""
         self.coarse = coarse
         self._entries = {}
+        self._watched = []
         self._set_order([])
         self.rollouts = RolloutTotals()
         self.series = SeriesTotals()
@@ -305,15 +307,16 @@ class DeviceStore:
         """Render again the devices whose generations moved, in steps. Changes made while
         paused are seen by the next update."""
         self._follow(state.watched())
-        organization = state.organization
+        organization, entries = state.organization, self._entries
+        generations_of = state.device_generations
         unwatched = False
         for index, device in enumerate(self._order):
             try:
-                generations = state.device_generations(device)
+                generations = generations_of(device)
             except KeyError:
                 unwatched = True  # while paused: the next update drops it
                 continue
-            previous = self._entries.get(device)
+            previous = entries.get(device)
             if previous is not None and previous.generations == generations:
                 # Most devices, most of the time: counted here without a call.
                 pace.looked += 1
@@ -324,7 +327,7 @@ class DeviceStore:
             fresh = render_device(
                 organization, state, device, generations, previous, coarse=self.coarse
             )
-            self._entries[device] = fresh
+            entries[device] = fresh
             if self._dirty is not None:
                 self._dirty.add(index // BLOCK_DEVICES)
             self._sum(previous, fresh)
@@ -335,6 +338,9 @@ class DeviceStore:
 
     def _follow(self, watched: list[str]) -> None:
         """Take the watched set: devices no longer watched leave, new ones come in order."""
+        if watched == self._watched:  # the same list as last time: no set built
+            return
+        self._watched = watched
         if len(watched) == len(self._order) and set(watched) == set(self._order):
             return
         self._set_order(sorted(watched))
