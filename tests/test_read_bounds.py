@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,19 @@ class Upstream:
         return handle
 
 
+Serve = Callable[[Upstream], Awaitable[str]]
+
+
+@pytest.fixture
+def serve(aiohttp_server: Any) -> Serve:
+    """Serves an upstream; its base URL (``.../v1``)."""
+
+    async def start(upstream: Upstream) -> str:
+        return str((await aiohttp_server(upstream.app())).make_url("/v1"))
+
+    return start
+
+
 async def read(client: Any, endpoint: str) -> list[Any]:
     if endpoint == "actions":
         return await client.list_actions(DEVICE, BATCH)
@@ -92,12 +106,11 @@ async def read(client: Any, endpoint: str) -> list[Any]:
 
 @pytest.mark.parametrize("endpoint", ["actions", "devices"])
 async def test_items_beyond_the_limit_asked_are_cut_and_counted_as_schema_problems(
-    aiohttp_server: Any, endpoint: str
+    serve: Serve, endpoint: str
 ) -> None:
     upstream = Upstream(250, endless=False)
-    server = await aiohttp_server(upstream.app())
     metrics = SelfMetrics()
-    async with make_client(str(server.make_url("/v1")), metrics=metrics, page_size=100) as client:
+    async with make_client(await serve(upstream), metrics=metrics, page_size=100) as client:
         items = await read(client, endpoint)
     assert len(items) == 100
     assert upstream.requests == [(endpoint, 100)]
@@ -109,13 +122,12 @@ async def test_items_beyond_the_limit_asked_are_cut_and_counted_as_schema_proble
 
 @pytest.mark.parametrize("endpoint", ["actions", "devices"])
 async def test_a_read_fails_once_it_was_served_more_than_the_cap(
-    aiohttp_server: Any, endpoint: str
+    serve: Serve, endpoint: str
 ) -> None:
     # An honest upstream whose pages never end: the cap, not max_pages, ends the read.
     page_size = 10_000
     upstream = Upstream(page_size, endless=True)
-    server = await aiohttp_server(upstream.app())
-    async with make_client(str(server.make_url("/v1")), page_size=page_size) as client:
+    async with make_client(await serve(upstream), page_size=page_size) as client:
         with pytest.raises(ReadTooLarge) as caught:
             await read(client, endpoint)
     assert len(upstream.requests) == MAX_ITEMS_PER_READ // page_size + 1  # not retried
@@ -123,17 +135,16 @@ async def test_a_read_fails_once_it_was_served_more_than_the_cap(
 
 
 async def test_a_device_whose_read_is_too_large_is_failed_with_one_warning(
-    aiohttp_server: Any,
+    serve: Serve,
 ) -> None:
     upstream = Upstream(60_000, endless=True)
     upstream.bodies["devices"] = body([{"id": DEVICE}], more=False)  # its look-up is honest
-    server = await aiohttp_server(upstream.app())
     config = parse_config(
         f"organization: {ORG}\ndevices:\n  - id: {DEVICE}\n    commands: [{BATCH}]\n"
     )
     metrics = SelfMetrics()
     state = FleetState(organization=ORG, latency_buckets=(1.0,), metrics=metrics)
-    async with make_client(str(server.make_url("/v1")), metrics=metrics) as client:
+    async with make_client(await serve(upstream), metrics=metrics) as client:
         client.get_batch = _one_batch  # type: ignore[method-assign]
         scheduler = Scheduler(config, client, state, metrics)
         with capture_logs() as logs:
@@ -154,13 +165,13 @@ async def _one_batch(device: str, batch: str) -> Batch:
 
 @pytest.mark.parametrize("endpoint", ["actions", "devices"])
 async def test_oversized_endless_pages_keep_a_client_below_400_mib(
-    aiohttp_server: Any, endpoint: str
+    serve: Serve, endpoint: str
 ) -> None:
     upstream = Upstream(100_000, endless=True)
-    server = await aiohttp_server(upstream.app())
+    url = await serve(upstream)
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(REPO / "tests" / "fatpages.py"), str(server.make_url("/v1")),
+        sys.executable, str(REPO / "tests" / "fatpages.py"), url,
         endpoint, stdout=asyncio.subprocess.PIPE, env=environment, cwd=str(REPO),
     )
     try:
