@@ -60,6 +60,15 @@ def actions(count: int, status: str, *, prefix: str = "a", at: float = START + 6
     return out
 
 
+def page_of(request: web.Request, items: list[Any]) -> dict[str, Any]:
+    """The page of ``items`` the request asks for (``page``, ``limit``), as upstream pages:
+    the client cuts whatever goes beyond the limit it asked."""
+    number = int(request.query.get("page", "1"))
+    limit = int(request.query.get("limit", "100"))
+    served = items[(number - 1) * limit : number * limit]
+    return {"items": served, "totalDocs": len(items), "hasNextPage": number * limit < len(items)}
+
+
 def envelope(data: Any) -> web.Response:
     return web.Response(body=json.dumps({"status": True, "data": data}),
                         content_type="application/json")
@@ -111,7 +120,7 @@ class Upstream:
         self.requests["devices"] += 1
         wanted = set(request.query.getall("tags", []))
         items = [d for d in self.devices if not wanted or wanted & set(d.get("tags", []))]
-        return envelope({"items": items, "totalDocs": len(items), "hasNextPage": False})
+        return envelope(page_of(request, items))
 
     async def _history(self, request: web.Request) -> web.Response:
         device = request.match_info["device"]
@@ -137,8 +146,7 @@ class Upstream:
             return not_found()
         if batch in self.missing:
             return not_found()
-        items = self.actions[batch]
-        return envelope({"items": items, "totalDocs": len(items), "hasNextPage": False})
+        return envelope(page_of(request, self.actions[batch]))
 
 
 @dataclass
