@@ -15,7 +15,6 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from exporter.counters import CLASSES
-from exporter.ledger import Untracked
 from exporter.records import Action
 from exporter.statuses import StatusTable
 
@@ -86,6 +85,10 @@ class BatchState:
     def exported(self) -> tuple[str | None, dict[int, int], float | None]:
         return self.name, self.counts, self.oldest_pending
 
+    def kept(self) -> tuple[object, ...]:
+        """What the store keeps of it: what is exported, and what decides the next read."""
+        return self.exported(), self.summary, self.from_actions, self.agrees
+
 
 @dataclass(slots=True)
 class Poll:
@@ -122,8 +125,9 @@ class FleetView:
         self.devices: dict[str, DeviceState] = {}
         # Watched devices per upstream state, kept as devices are watched and listed.
         self._device_states: Counter[str] = Counter(dict.fromkeys(DEVICE_STATES, 0))
-        # Devices whose stored row is out of date (the store takes them; unwatched too).
-        self.changed: set[str] = Untracked()
+        # Devices whose stored row is out of date (the store takes them; unwatched too);
+        # None while no store keeps this view.
+        self.changed: set[str] | None = None
 
     def bump(self) -> int:
         self.generation += 1
@@ -134,7 +138,12 @@ class FleetView:
         dev.generations = dev.generations._replace(
             **{part: generation for part, moved in parts.items() if moved}
         )
-        self.changed.add(device)
+        self.note(device)
+
+    def note(self, device: str) -> None:
+        """The device's stored row is out of date."""
+        if self.changed is not None:
+            self.changed.add(device)
 
     # --- membership --------------------------------------------------------------------------
 
@@ -166,7 +175,7 @@ class FleetView:
         if dev is not None:
             self._left_state(dev.state)
             self.bump()
-            self.changed.add(device)
+            self.note(device)
 
     def listed(self, device: str, *, state: str | None, check_in: float | None) -> None:
         dev = self.devices.get(device)
@@ -236,11 +245,12 @@ class FleetView:
         dev = self.devices.get(device)
         return dev.batches.get(batch_id) if dev is not None else None
 
-    def batch_changed(self, device: str, before: object, after: BatchState) -> None:
-        if after.exported() != before:
+    def batch_changed(self, device: str, before: tuple[object, ...], after: BatchState) -> None:
+        """``before``: the batch's ``kept()`` before a read."""
+        if after.exported() != before[0]:
             self._moved(self.devices[device], device, commands=True)
-        else:
-            self.changed.add(device)  # summary or agreement: not exported, but stored
+        elif after.kept() != before:
+            self.note(device)  # its summary or agreement: not exported, but stored
 
     def summary_counts(self, summary: Summary) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -264,14 +274,14 @@ class FleetView:
             seen.add(action.cmd_id)
             status = self.statuses.intern(action.status)
             counts[status] = counts.get(status, 0) + 1
-            if self.statuses.is_pending(status):
+            if self.statuses.pending[status]:
                 moment = action.sent_at if action.sent_at is not None else created_at
                 if moment is not None and (oldest is None or moment < oldest):
                     oldest = moment
         return counts, oldest
 
     def has_pending(self, counts: Mapping[int, int]) -> bool:
-        return any(self.statuses.is_pending(s) for s in counts)
+        return self.statuses.any_pending(counts)
 
     def retain_batches(self, device: str, batch_ids: Collection[str]) -> None:
         """Keep only these batches in the view (the ledger keeps every entry)."""

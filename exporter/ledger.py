@@ -46,17 +46,6 @@ SEEN_AT_STEP = 1 / 1000
 _MAX_SHARED_RECORDS = 1 << 14
 
 
-class Untracked(set):  # type: ignore[type-arg]
-    """The changes of a state that no store keeps: noted nowhere, so they cannot pile up.
-    ``Persistence`` replaces it with a plain set."""
-
-    def add(self, _key: object) -> None:
-        pass
-
-    def update(self, *_keys: object) -> None:
-        pass
-
-
 def ledger_retention(max_age_seconds: float) -> float:
     """How long the ledger remembers a batch no response has shown: as long as discovery may
     list it again, and a margin more."""
@@ -115,8 +104,9 @@ class Ledger:
         self._floors: dict[str, Floor] = {}
         self._pruned_at: float | None = None
         self._shared: dict[ActionRecord, ActionRecord] = {}
-        # (device, batch) entries changed since the store last took them.
-        self.changed: set[tuple[str, str]] = Untracked()
+        # (device, batch) entries changed since the store last took them; None while no
+        # store keeps this ledger (nothing would take them: they must not pile up).
+        self.changed: set[tuple[str, str]] | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------
 
@@ -155,11 +145,14 @@ class Ledger:
             if batch.created_at is not None and batch.created_at != entry.created_at:
                 entry.created_at = batch.created_at
                 entry.stored_seen_at = -math.inf
-        problems = self.count_problems(batch.problems, entry.problems)
-        if problems is not entry.problems:
-            entry.problems, entry.stored_seen_at = problems, -math.inf
-        if now - entry.stored_seen_at > self.retention_seconds * SEEN_AT_STEP:
-            self.changed.add((device, batch.id))
+        if batch.problems:
+            problems = self.count_problems(batch.problems, entry.problems)
+            if problems is not entry.problems:
+                entry.problems, entry.stored_seen_at = problems, -math.inf
+        changed = self.changed
+        step = self.retention_seconds * SEEN_AT_STEP
+        if changed is not None and now - entry.stored_seen_at > step:
+            changed.add((device, batch.id))
         return entry
 
     # --- counting ----------------------------------------------------------------------------
@@ -193,7 +186,8 @@ class Ledger:
                 records[cmd] = self.share(record)
         if changed:
             entry.actions = records
-            self.changed.add(key)
+            if self.changed is not None:
+                self.changed.add(key)
 
     def _path(self, entered: frozenset[str], status: int, action: Action) -> list[str]:
         """Statuses the action entered to reach ``status`` that it lacks, in order."""
@@ -291,7 +285,8 @@ class Ledger:
             old = [b for b, e in batches.items() if e.seen_at < horizon]
             for batch_id in old:
                 self._forget(device, batches.pop(batch_id), now)
-                self.changed.add((device, batch_id))
+                if self.changed is not None:
+                    self.changed.add((device, batch_id))
             pruned += len(old)
             if not batches:
                 del self._entries[device]

@@ -122,7 +122,7 @@ class FleetState:
             counted = self.ledger.count_problems(kinds, dev.problems)
             if counted is not dev.problems:
                 dev.problems = counted
-                self.view.changed.add(device)
+                self.view.note(device)
 
     def device_listed(self, device: str, *, state: str | None, check_in: float | None) -> None:
         """What the device list shows of a watched device: its state (``None``: not listed)
@@ -187,14 +187,14 @@ class FleetState:
         known = self.view.batch(device, batch.id)
         return known is not None and _agrees(known, batch)
 
-    def _batch_state(self, device: str, batch: Batch) -> tuple[BatchState, object]:
+    def _batch_state(self, device: str, batch: Batch) -> tuple[BatchState, tuple[object, ...]]:
         """The view of ``batch`` (created on first sight) with its name and creation time
         brought up to date, and what it exported before."""
         batches = self.view.devices[device].batches
         known = batches.get(batch.id)
         if known is None:
             known = batches[batch.id] = BatchState()
-        before = known.exported()
+        before = known.kept()
         if batch.name is not None:
             known.name = batch.name
         if batch.created_at is not None:

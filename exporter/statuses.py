@@ -6,6 +6,7 @@ outside the set keeps its raw spelling and gets the class ``unknown``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 
 
@@ -144,6 +145,7 @@ class StatusTable:
         self.names: list[str] = list(KNOWN_STATUSES)
         self.classes: list[str] = [classify(s).value for s in KNOWN_STATUSES]
         self.ranks: list[Rank] = [rank(s) for s in KNOWN_STATUSES]
+        self.pending: list[bool] = [is_pending(s) for s in KNOWN_STATUSES]
         self._index: dict[str, int] = {s: i for i, s in enumerate(KNOWN_STATUSES)}
 
     def intern(self, status: str) -> int:
@@ -159,8 +161,10 @@ class StatusTable:
         self.names.append(status)
         self.classes.append(classify(status).value)
         self.ranks.append(rank(status))
+        self.pending.append(is_pending(status))
         self._index[status] = index
         return index
 
-    def is_pending(self, index: int) -> bool:
-        return self.classes[index] == StatusClass.PENDING.value
+    def any_pending(self, indexes: Iterable[int]) -> bool:
+        """Whether any of these statuses is of class pending (every read asks: kept cheap)."""
+        return any(map(self.pending.__getitem__, indexes))

@@ -237,7 +237,7 @@ def test_without_a_store_no_change_is_noted() -> None:
         device = f"{DEVICE[:-2]}{n:02d}"
         state.watch(device)
         state.apply_actions(device, batch({"Pending": 1}), [action("c1", "Pending")])
-    assert state.view.changed == set() and state.ledger.changed == set()
+    assert state.view.changed is None and state.ledger.changed is None
 
 
 async def test_query_verdicts_come_back_with_their_reprobe_due_on_time(tmp_path: Path) -> None:
