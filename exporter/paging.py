@@ -48,6 +48,7 @@ MAX_READS = 4
 # at 10,000 requests/h), and a batch far beyond any profile's actions. Held, that is some
 # 50 MB of device records; an upstream that ignores ``limit`` reaches it in a page or two
 # instead of growing the process by a page's worth per request (27 MiB per 100,000 actions).
+# Pages that shift keep the union of at most MAX_READS reads (``settle``), each so bounded.
 MAX_ITEMS_PER_READ = 100_000
 
 FetchPage = Callable[[int, int], Awaitable[Page[T]]]  # (page number, limit) -> the page

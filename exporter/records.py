@@ -255,12 +255,18 @@ def _json_int(text: str) -> int | float:
     return int(text) if len(text) <= _MAX_INT_DIGITS + 1 else float(text)
 
 
+# One decoder, built once: json.loads with parse_int would build one per body.
+_read_json = json.JSONDecoder(parse_int=_json_int).decode
+
+
 # --- envelopes and pages -------------------------------------------------------------------
 
 
 def decode_json(body: bytes | str) -> Any:
     try:
-        return json.loads(body, parse_int=_json_int)
+        if isinstance(body, bytes):  # as json.loads reads bytes
+            body = body.decode(json.detect_encoding(body), "surrogatepass")
+        return _read_json(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: a bomb
         raise InvalidBody(f"body is not JSON: {exc.__class__.__name__}") from None
 
