@@ -9,6 +9,7 @@ header is one bytes object per family and format.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import re
 from collections.abc import Iterable
@@ -21,14 +22,23 @@ from exporter.histogram import Histogram
 # Upstream strings become label values; bound them so one bad value cannot bloat a scrape.
 MAX_LABEL_VALUE = 1024
 TRUNCATED = "...[truncated]"
+DIGEST_CHARS = 12  # 48 bits of the whole value: two long values of one fleet never collide
 
 
 # --- formatting ---------------------------------------------------------------------------
 
 
+def truncation_mark(value: str) -> str:
+    """What follows the kept prefix of a value over MAX_LABEL_VALUE: the marker and a digest
+    of the whole value, so that two values sharing the prefix stay two series (the same
+    series twice in a family is a body OpenMetrics parsers refuse)."""
+    whole = value.encode("utf-8", "surrogatepass")  # a lone surrogate is hashed, not refused
+    return f"{TRUNCATED}{hashlib.sha256(whole).hexdigest()[:DIGEST_CHARS]}"
+
+
 def escape_label_value(value: str) -> str:
     if len(value) > MAX_LABEL_VALUE:
-        value = value[:MAX_LABEL_VALUE] + TRUNCATED
+        value = value[:MAX_LABEL_VALUE] + truncation_mark(value)
     if "\\" in value or '"' in value or "\n" in value:
         value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value

@@ -13,13 +13,19 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from structlog.testing import capture_logs
 from test_exporter_e2e import Samples, make_exporter, poll, samples, select
 
 from exporter.cli import Exporter, _reload
-from exporter.exposition import GUARD_LEVELS
+from exporter.exposition import GUARD_LEVELS, MAX_LABEL_VALUE, Exposition, truncation_mark
+from exporter.records import Action, Batch
+from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
 from exporter.simulator import Simulator
+from exporter.state import FleetState
 from exporter.statuses import classify
 
 ACTIONS = "applivery_windows_command_actions"
@@ -253,3 +259,35 @@ async def test_promtool_accepts_every_level(fleet) -> None:
             ["promtool", "check", "metrics"], input=body, capture_output=True, check=False
         )
         assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_long_names_sharing_a_prefix_stay_two_series(aiohttp_client) -> None:
+    """Two 2,000-character batch names sharing 1,500 characters: truncated, they keep a
+    prefix and a digest of the whole name, so OpenMetrics parsers see two rollouts, not the
+    same series twice ("Invalid metric grouping")."""
+    state = FleetState(organization="acme", latency_buckets=(1.0,), metrics=SelfMetrics(),
+                       clock=lambda: 1_760_000_000.0)
+    prefix = "P" * 1500
+    names = [prefix + "a" * 500, prefix + "b" * 500]
+    for n, name in enumerate(names):
+        device = f"65f0c0ffee65f0c0ffee000{n}"
+        state.watch(device)
+        batch = Batch(id=f"65f0c0ffee65f0c0ffee100{n}", name=name, created_at=1_759_999_000.0)
+        state.apply_actions(device, batch, [Action("1", "Pending")])
+    exposition = Exposition(state, SelfMetrics(), version="test")
+    hooks = Hooks(exposition=exposition, state=state, ready=lambda: True,
+                  reload=lambda: None,  # type: ignore[arg-type,return-value]
+                  version="test", organization=lambda: "acme")
+    client = await aiohttp_client(make_app(hooks))
+    response = await client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    body = await response.text()
+    assert response.content_type == "application/openmetrics-text"
+    rollouts = {
+        sample.labels["rollout"]
+        for family in parse_openmetrics(body)
+        if family.name == "applivery_windows_rollout_devices"
+        for sample in family.samples
+    }
+    assert len(rollouts) == 2
+    assert {r[:MAX_LABEL_VALUE] for r in rollouts} == {"P" * MAX_LABEL_VALUE}
+    assert {r[MAX_LABEL_VALUE:] for r in rollouts} == {truncation_mark(name) for name in names}

@@ -30,7 +30,13 @@ from exposition_rig import (
 from prometheus_client.exposition import choose_encoder
 from promstack import PROMETHEUS_BIN, ScrapeTarget, eventually, require_binaries, running_prometheus
 
-from exporter.exposition import MAX_LABEL_VALUE, TRUNCATED, Exposition, wants_openmetrics
+from exporter.exposition import (
+    MAX_LABEL_VALUE,
+    TRUNCATED,
+    Exposition,
+    truncation_mark,
+    wants_openmetrics,
+)
 from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
@@ -214,13 +220,14 @@ def test_hostile_label_values_are_escaped(
     info = next(dict(labels) for name, labels in got if name == "applivery_windows_device_info")
     assert info["name"] == HOSTILE
     assert info["bad_key_"] == HOSTILE
-    assert info["site"] == "x" * MAX_LABEL_VALUE + TRUNCATED
+    assert info["site"] == "x" * MAX_LABEL_VALUE + truncation_mark(huge)
     statuses = {
         dict(labels)["status"]
         for name, labels in got
         if name == "applivery_windows_command_actions"
     }
-    assert statuses == {HOSTILE, "x" * MAX_LABEL_VALUE + TRUNCATED}
+    assert statuses == {HOSTILE, "x" * MAX_LABEL_VALUE + truncation_mark(huge)}
+    assert truncation_mark(huge).startswith(TRUNCATED)
     command = next(dict(labels) for name, labels in got if name == "applivery_windows_command_info")
     assert command["command"] == HOSTILE
     assert command["name"] == HOSTILE + "?"  # a lone surrogate cannot be UTF-8

@@ -26,7 +26,7 @@ from samples import scrape as fetch_samples
 from exporter.cli import Exporter, build_exporter
 from exporter.client import TokenSource
 from exporter.config import parse_config
-from exporter.exposition import MAX_LABEL_VALUE, TRUNCATED
+from exporter.exposition import MAX_LABEL_VALUE, TRUNCATED, truncation_mark
 from exporter.server import Hooks, make_app
 
 TOKEN = "garbage-test-token"
@@ -503,11 +503,14 @@ async def test_hostile_and_enormous_label_values_are_escaped_and_truncated(make_
     found = await rig.scrape()  # parses
     statuses = {s for _, c, s in command_gauges(found) if c == BATCH_H}
     assert HOSTILE + "status" in statuses
-    assert "M" * MAX_LABEL_VALUE + TRUNCATED in statuses
+    assert "M" * MAX_LABEL_VALUE + truncation_mark(enormous) in statuses
     names = {dict(k)["command"]: dict(k)["name"]
              for k in select(found, "applivery_windows_command_info")}
     assert names[BATCH_E] == HOSTILE
-    assert names[BATCH_H] == (HOSTILE + enormous)[:MAX_LABEL_VALUE] + TRUNCATED
+    assert names[BATCH_H] == (HOSTILE + enormous)[:MAX_LABEL_VALUE] + truncation_mark(
+        HOSTILE + enormous
+    )
+    assert truncation_mark(enormous).startswith(TRUNCATED)
     assert problems(found)["unknown_status"] == 2 + 1  # two actions, once; the summary once
     promtool_check(raw)
 
