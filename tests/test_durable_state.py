@@ -304,9 +304,8 @@ def test_a_corrupt_store_is_moved_aside_and_the_exporter_starts(tmp_path: Path) 
     assert kept and (store / DATABASE).exists()
 
 
-@pytest.mark.parametrize("shape", ["a file where the directory should be"])
-def test_an_unusable_store_path_is_a_storage_failure_not_a_crash(
-    tmp_path: Path, shape: str
+def test_a_file_where_the_store_should_be_is_a_storage_failure_not_a_crash(
+    tmp_path: Path,
 ) -> None:
     from processes import valid_config
 
@@ -317,10 +316,30 @@ def test_an_unusable_store_path_is_a_storage_failure_not_a_crash(
     with exporter_process(config, port, store) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: fetch(f"{url}/-/healthy")[0] == 200, what="healthy")
-        wait_for(lambda: b"applivery_exporter_storage_write_failures_total 1" in
-                 fetch(f"{url}/metrics")[2], what="the failure counted")
+        wait_for(lambda: _value(url, FAILURES) >= 1, what="the failure counted")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+async def test_a_read_only_store_directory_is_counted_and_used_once_writable(
+    make_simulator_server, tmp_path: Path
+) -> None:
+    _, url = await make_simulator_server(devices=4, start=time.time() - 60, token=TOKEN)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(url, poll={"interval_seconds": 1}))
+    port = free_port()
+    metrics_url = f"http://127.0.0.1:{port}"
+    with small_disk(tmp_path / "store", "16m") as resize:
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "store")], check=True)
+        with exporter_process(config, port, tmp_path / "store") as proc:
+            await _wait(lambda: fetch(f"{metrics_url}/-/ready")[0] == 200, "ready")
+            await _wait(lambda: _value(metrics_url, FAILURES) >= 1, "the failure counted")
+            assert _value(metrics_url, LAST_WRITE) == 0  # nothing written
+            resize("16m,rw")
+            await _wait(lambda: _value(metrics_url, LAST_WRITE) > 0, "written once writable")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        assert (tmp_path / "store" / DATABASE).exists()
 
 
 @contextmanager
