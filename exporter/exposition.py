@@ -50,6 +50,7 @@ from exporter.families import (
     TRUNCATED,
     Family,
     sample_lines,
+    truncation_mark,
 )
 from exporter.fleetwide import FleetWide
 from exporter.guard import GUARD_LEVELS, Guard, Level, level_series
@@ -74,6 +75,7 @@ __all__ = [
     "RENDER_STEP_DEVICES",
     "TRUNCATED",
     "Exposition",
+    "truncation_mark",
     "wants_openmetrics",
 ]
 
@@ -88,24 +90,38 @@ GZIP_LEVEL = 1
 # --- negotiation --------------------------------------------------------------------------
 
 
+# A version is a few small numbers; anything longer is not one (and int() of thousands of
+# digits raises, past Python's limit on integer strings).
+MAX_VERSION_PART = 9
+
+
+def _version_number(value: str) -> tuple[int, ...] | None:
+    """``1.0.0`` as (1, 0, 0); None for anything else (``²``, ``1e3``, 5,000 digits)."""
+    numbers = []
+    for part in value.split("."):
+        if not (part.isascii() and part.isdigit() and len(part) <= MAX_VERSION_PART):
+            return None
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
 def _version_at_least_1(parameters: Sequence[str]) -> bool | None:
-    """Whether a ``version=`` parameter is >= 1.0.0; None when there is none."""
+    """Whether a ``version=`` parameter is >= 1.0.0 (False when it is not a version); None
+    when there is none."""
     for token in parameters:
         key, sep, value = token.strip().partition("=")
         if sep and key == "version":
-            parts = []
-            for part in value.split("."):
-                if not part.isdigit():
-                    return False
-                parts.append(int(part))
-            return tuple(parts) >= (1, 0, 0)
+            number = _version_number(value)
+            return number is not None and number >= (1, 0, 0)
     return None
 
 
 def wants_openmetrics(accept_header: str | None) -> bool:
     """Same choice as ``prometheus_client.exposition.choose_encoder``: the first
     ``application/openmetrics-text`` entry without a version or with version >= 1.0.0 wins,
-    unless a ``text/plain`` entry with version >= 1.0.0 comes first; q-values are ignored."""
+    unless a ``text/plain`` entry with version >= 1.0.0 comes first; q-values are ignored.
+    Whatever cannot be read as such an entry is passed over: a hostile header gets the
+    text format, never an error."""
     for accepted in (accept_header or "").split(","):
         media, *parameters = accepted.split(";")
         media = media.strip()
@@ -115,8 +131,6 @@ def wants_openmetrics(accept_header: str | None) -> bool:
         elif media == "text/plain" and _version_at_least_1(parameters):
             return False
     return False
-
-
 
 
 # --- the body ---------------------------------------------------------------------------------
