@@ -1,4 +1,4 @@
-"""The HTTP side: /metrics, health, readiness, reload and the landing page.
+"""The HTTP side: /metrics, health, readiness, reload and the landing page (landing.py).
 
 Nothing here calls the upstream API: a scrape serves the bytes the exposition rendered
 last, so its cost does not depend on the fleet or on how the upstream behaves.
@@ -7,8 +7,6 @@ last, so its cost does not depend on the fleet or on how the upstream behaves.
 from __future__ import annotations
 
 import asyncio
-import html
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,8 +19,8 @@ from exporter.exposition import (
     Exposition,
     wants_openmetrics,
 )
-from exporter.rollouts import STATES, Rollout
-from exporter.selfmetrics import SORTED_LIST, SelfMetrics
+from exporter.landing import DEFAULT_BOUNDS, Bounds, LandingPage
+from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 from exporter.webconfig import WebSecurity, install
 
@@ -76,6 +74,7 @@ class Hooks:
 
 HOOKS = web.AppKey("hooks", Hooks)
 LIFECYCLE = web.AppKey("lifecycle", bool)
+LANDING = web.AppKey("landing", LandingPage)
 
 
 def _accepts_gzip(request: web.Request) -> bool:
@@ -146,103 +145,30 @@ async def reload(request: web.Request) -> web.Response:
     return web.Response(status=500, text=f"Reload failed, old config kept:\n{problem}\n")
 
 
-def _ago(moment: float | None, now: float | None = None) -> str:
-    """``moment`` as an age: seconds, then minutes, hours and days as they grow."""
-    if moment is None:
-        return "never"
-    seconds = max(0.0, (time.time() if now is None else now) - moment)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
-CLASSES = ("pending", "success", "canceled", "error", "unknown")
-
-
-def _device_rows(state: FleetState) -> str:
-    rows = []
-    upstream_now = state.now()  # check-ins are on upstream's clock
-    for device in sorted(state.watched()):
-        view = state.device_view(device)
-        result = "up" if view.up else f"down: {view.last_error or 'not polled yet'}"
-        counts = "".join(f"<td>{view.class_counts.get(c, 0)}</td>" for c in CLASSES)
-        rows.append(
-            f"<tr><td>{html.escape(device)}</td><td>{html.escape(view.name or '')}</td>"
-            f"<td>{_ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}"
-            f"<td>{_ago(view.check_in, upstream_now)}</td><td>{html.escape(view.state)}</td>"
-            "</tr>"
-        )
-    return "\n".join(rows)
-
-
-def _upstream_notes(metrics: SelfMetrics | None) -> str:
-    """Where check-ins come from and what upstream does with the query parameters the
-    exporter relies on (docs/upstream-api.md: neither is documented)."""
-    if metrics is None:
-        return ""
-    verdicts = ", ".join(
-        f"{endpoint} {parameter}: {verdict}"
-        for (endpoint, parameter), verdict in sorted(metrics.query_verdicts.items())
-    )
-    source = (
-        "the device list sorted by check-in"
-        if metrics.checkin_source == SORTED_LIST
-        else "the whole device list (upstream does not honour the sort)"
-    )
-    return (f"<p>Check-ins from {html.escape(source)}. Query parameters: "
-            f"{html.escape(verdicts or 'none checked yet')}.</p>")
-
-
-def _rollout_rows(rollouts: Sequence[Rollout]) -> str:
-    # Most failed devices first: the rollouts that need a look.
-    ordered = sorted(rollouts, key=lambda r: (-r.devices[0], -sum(r.devices), r.name))
-    return "\n".join(
-        f"<tr><td>{html.escape(r.name)}</td>"
-        + "".join(f"<td>{count}</td>" for count in r.devices)
-        + f"<td>{sum(r.devices)}</td></tr>"
-        for r in ordered
-    )
-
-
 async def landing(request: web.Request) -> web.Response:
-    hooks = request.app[HOOKS]
-    head = "".join(f"<th>{c}</th>" for c in CLASSES)
-    rollout_head = "".join(f"<th>{s}</th>" for s in STATES)
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Applivery MDM exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
-.views{{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}}</style></head>
-<body><h1>Applivery MDM exporter</h1>
-<p>Version {html.escape(hooks.version)} &middot; organization
-{html.escape(hooks.organization())}</p>
-<ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
-<li><a href="/-/ready">Readiness</a></li></ul>
-<p>{html.escape(hooks.exposition.guard_summary)}</p>
-{_upstream_notes(hooks.metrics)}
-<div class="views"><section id="devices"><h2>Watched devices</h2>
-<table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
-<th>last check-in</th><th>state</th></tr></thead><tbody>
-{_device_rows(hooks.state)}
-</tbody></table></section>
-<section id="rollouts"><h2>Rollouts</h2>
-<p>Batches sharing a name: devices per state of their latest batch of that name.</p>
-<table><thead><tr><th>rollout</th>{rollout_head}<th>devices</th></tr></thead><tbody>
-{_rollout_rows(hooks.exposition.rollouts())}
-</tbody></table></section></div></body></html>
-"""
-    return web.Response(text=page, content_type="text/html")
+    body = await request.app[LANDING].body()
+    return web.Response(body=body, content_type="text/html", charset="utf-8")
+
+
+async def _stop_landing(app: web.Application) -> None:
+    await app[LANDING].close()
 
 
 def make_app(
-    hooks: Hooks, security: WebSecurity | None = None, *, lifecycle: bool = False
+    hooks: Hooks,
+    security: WebSecurity | None = None,
+    *,
+    lifecycle: bool = False,
+    landing_bounds: Bounds = DEFAULT_BOUNDS,
 ) -> web.Application:
     """The routes; with a web config, every one of them behind its rate limit and basic auth.
-    ``POST /-/reload`` answers 403 unless ``lifecycle`` (``--web.enable-lifecycle``)."""
+    ``POST /-/reload`` answers 403 unless ``lifecycle`` (``--web.enable-lifecycle``);
+    ``landing_bounds``: what one render of ``/`` may cost, and how long it is reused."""
     app = web.Application()
     app[HOOKS] = hooks
     app[LIFECYCLE] = lifecycle
+    app[LANDING] = LandingPage(hooks, landing_bounds)
+    app.on_cleanup.append(_stop_landing)
     if security is not None:
         install(app, security)
     app.router.add_get("/metrics", metrics)

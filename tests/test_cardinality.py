@@ -21,6 +21,7 @@ from test_exporter_e2e import Samples, make_exporter, poll, samples, select
 
 from exporter.cli import Exporter, _reload
 from exporter.exposition import GUARD_LEVELS, MAX_LABEL_VALUE, Exposition, truncation_mark
+from exporter.landing import Bounds
 from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
@@ -236,7 +237,8 @@ async def test_landing_page_tells_what_was_dropped(fleet, aiohttp_client) -> Non
         version="test",
         organization=lambda: "demo",
     )
-    client = await aiohttp_client(make_app(hooks))
+    # Each request renders the page anew (by default a page is reused for a few seconds).
+    client = await aiohttp_client(make_app(hooks, landing_bounds=Bounds(max_age_seconds=0)))
     page = await (await client.get("/")).text()
     assert f"{len(full) - per_level[3]} of {len(full)} series dropped" in page
     assert "summed over status" in page
