@@ -24,6 +24,8 @@ from aiohttp import web
 from exporter import __version__, logs
 from exporter.client import ApiClient, ApiError, TokenSource
 from exporter.config import Config, ConfigError, load_config, parse_config, resolve_token
+from exporter.connections import Connections, GuardedSite, limits, runner_options
+from exporter.connections import install as install_connections
 from exporter.exposition import Exposition
 from exporter.scheduler import Scheduler, Shard
 from exporter.selfmetrics import SelfMetrics
@@ -355,10 +357,9 @@ async def serve(
         organization=lambda: exporter.config.organization,
         metrics=exporter.metrics,
     )
-    runner = web.AppRunner(make_app(hooks, security, lifecycle=lifecycle), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
-    await site.start()
+    runner, connections = await _start_server(
+        make_app(hooks, security, lifecycle=lifecycle), host, port, ssl_context
+    )
     # The port actually bound: the one asked for, or the kernel's pick for port 0.
     port = bound_port(runner, port)
     log.info("listening", address=_join_host_port(host, port), version=__version__,
@@ -370,6 +371,7 @@ async def serve(
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: renders.ask())),
         asyncio.create_task(_refresh_loop(exporter, renders, body)),
+        asyncio.create_task(connections.run()),
     ]
     stopped = asyncio.create_task(stop.wait())
     try:
@@ -385,6 +387,7 @@ async def serve(
             await exporter.persistence.close()
         await exporter.client.close()
         await runner.cleanup()
+        loop.set_exception_handler(None)
         for sig in handlers if signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -395,6 +398,21 @@ async def serve(
         log.error("background_task_died", task=task.get_coro().__qualname__,
                   reason=repr(task.exception()) if not task.cancelled() else "cancelled")
     return EXIT_FAILURE if died else EXIT_OK
+
+
+async def _start_server(
+    app: web.Application, host: str, port: int, ssl_context: object | None
+) -> tuple[web.AppRunner, Connections]:
+    """The app on its port, its connections capped and their header reads timed
+    (connections.py); accept() failures logged once a minute instead of each time."""
+    connections = Connections(limits())
+    install_connections(app, connections)
+    asyncio.get_running_loop().set_exception_handler(connections.exception_handler)
+    runner = web.AppRunner(app, access_log=None, **runner_options())
+    await runner.setup()
+    site = GuardedSite(runner, host, port, connections=connections, ssl_context=ssl_context)
+    await site.start()
+    return runner, connections
 
 
 def _print_config_error(exc: ConfigError) -> None:
