@@ -16,24 +16,20 @@ exporter on a host. What this implementation does differently, and why:
 - The file is re-read on SIGHUP and ``POST /-/reload`` rather than on every request: users,
   headers, rate limit and allowed SANs change at once, the certificate and key files are
   re-loaded (rotation); any other change to ``tls_server_config`` needs a restart.
-- Basic auth protects every route, ``/-/healthy`` included, as in exporter-toolkit.
+- Basic auth protects every route, ``/-/healthy`` included, as in exporter-toolkit. Its
+  checks (``basicauth.py``) are bounded in number: beyond the bound a request is answered
+  503 with ``Retry-After`` at once rather than queued.
 
 Nothing here logs a password, a hash, or the Authorization header.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import functools
-import hashlib
-import hmac
 import os
 import re
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, ClassVar, Literal
 
@@ -49,6 +45,7 @@ from pydantic import (
     model_validator,
 )
 
+from exporter.basicauth import BasicAuth, Verdict
 from exporter.configvalues import Flag, Section, checked, choice, duration, integer, model
 from exporter.problems import (
     ConfigError,
@@ -92,8 +89,6 @@ UNSUPPORTED_TLS_KEYS: Mapping[str, str] = {
 }
 BCRYPT_HASH = re.compile(r"\$2[abxy]\$(\d\d)\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
 MAX_FILE_BYTES = 1 << 20
-AUTH_CACHE_SIZE = 1024
-BCRYPT_PARALLEL = 2  # verifications of uncached credentials running at once
 
 
 # --- values of this file ------------------------------------------------------------------
@@ -399,78 +394,6 @@ def _pem_problems(key: str, path: str, marker: str) -> list[str]:
 
 
 
-# --- basic auth ---------------------------------------------------------------------------
-
-
-def parse_basic(header: str | None) -> tuple[str, str] | None:
-    """(user, password) from an ``Authorization: Basic`` header, or None."""
-    if not header:
-        return None
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, colon, password = decoded.partition(":")
-    return (user, password) if colon else None
-
-
-def _checkpw(password: bytes, hashed: bytes) -> bool:
-    try:
-        return bcrypt.checkpw(password, hashed)
-    except ValueError:  # a password over bcrypt's 72 bytes
-        return False
-
-
-class BasicAuth:
-    """bcrypt-checked credentials with a bounded cache of successful verifications.
-
-    A verification costs 2**cost rounds (tens to hundreds of ms) by design; a scraper that
-    sends the same credentials every 15 s pays that once. The cache holds HMACs under a
-    per-process random key, never passwords. Unknown users are checked against a dummy hash
-    of the same cost, so timing does not tell which user names exist.
-    """
-
-    def __init__(self, users: Mapping[str, bytes], *, cache_size: int = AUTH_CACHE_SIZE) -> None:
-        self._users = dict(users)
-        self._cache: OrderedDict[bytes, None] = OrderedDict()
-        self._cache_size = cache_size
-        self._key = os.urandom(32)
-        cost = max((int(h[4:6]) for h in self._users.values()), default=10)
-        self._dummy = b"$2b$%02d$" % cost + b"." * 53
-        self._slots = asyncio.Semaphore(BCRYPT_PARALLEL)
-        self.verifications = 0  # bcrypt runs, for tests and debugging
-
-    def _cache_key(self, user: str, password: str) -> bytes:
-        # A user name has no ':', so the pair is unambiguous.
-        message = f"{user}:{password}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).digest()
-
-    async def check(self, header: str | None) -> bool:
-        credentials = parse_basic(header)
-        if credentials is None:
-            return False
-        user, password = credentials
-        key = self._cache_key(user, password)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return True
-        hashed = self._users.get(user)
-        async with self._slots:  # a flood of wrong guesses cannot take every core
-            self.verifications += 1
-            ok = await asyncio.get_running_loop().run_in_executor(
-                None, _checkpw, password.encode(), hashed or self._dummy
-            )
-        if not (ok and hashed is not None):
-            return False
-        self._cache[key] = None
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return True
-
-
 def rate_limiter(limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> TokenBucket:
     """exporter-toolkit's ``rate_limit`` as the project's bucket: one request per interval on
     average, bursts up to ``burst``; ``try_acquire()`` answers each request at once."""
@@ -540,9 +463,16 @@ class WebSecurity:
             and not _allowed_san(request.get_extra_info("peercert"), tls.client_allowed_sans)
         ):
             return web.Response(status=403, text="Client certificate not allowed.\n")
-        if self.auth is not None and not await self.auth.check(
-            request.headers.get("Authorization")
-        ):
+        verdict = (
+            Verdict.ALLOWED if self.auth is None
+            else await self.auth.verdict(request.headers.get("Authorization"))
+        )  # fmt: skip
+        if verdict is Verdict.BUSY:
+            # Every bcrypt slot is taken (a flood of guesses, most likely): no queue to wait in.
+            return web.Response(
+                status=503, text="Busy checking credentials.\n", headers={"Retry-After": "1"}
+            )
+        if verdict is Verdict.DENIED:
             return web.Response(
                 status=401,
                 text="Unauthorized.\n",

@@ -29,17 +29,16 @@ import pytest
 from aiohttp import web
 from processes import free_port, process, valid_config, wait_for
 
+from exporter.basicauth import BasicAuth, parse_basic
 from exporter.config import ConfigError
 from exporter.exposition import Exposition
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
 from exporter.state import FleetState
 from exporter.webconfig import (
-    BasicAuth,
     RateLimit,
     WebSecurity,
     load_web_config,
-    parse_basic,
     rate_limiter,
 )
 
