@@ -17,6 +17,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
@@ -40,6 +41,9 @@ log = structlog.get_logger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
 DEFAULT_STORAGE_PATH = "data/"  # as Alertmanager's --storage.path
+
+
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -183,18 +187,50 @@ def token_source(config: Config) -> TokenSource:
     return TokenSource(path=spec.path, value=spec.value)
 
 
-async def _reload(exporter: Exporter) -> str | None:
-    """Validate the file first; on any problem keep the running config."""
-    if exporter.config_path is None:
-        return "no config file to reload (demo mode)"
+async def _reload(exporter: Exporter, security: WebSecurity | None = None) -> str | None:
+    """All or nothing: the config file and the web config file are both read and validated
+    before either is applied; on any problem both running configs stay. None on success,
+    else the problems. In demo mode only the web config reloads (there is no config file)."""
+    problems: list[str] = []
+    main = None
+    if exporter.config_path is not None:
+        main = _prepare(partial(_read_config, exporter.config_path), problems,
+                        "config_reload_failed")
+    web = _prepare(security.prepare, problems, "web_config_reload_failed") if security else None
+    if not problems and security is not None and web is not None:
+        # Applied first: the only step that can fail late (a TLS file changed since).
+        try:
+            security.apply(web)
+        except ConfigError as exc:
+            log.error("web_config_reload_failed", problems=list(exc.problems))
+            problems += exc.problems
+    if main is None:  # demo mode, or a problem
+        if exporter.config_path is None and not problems:
+            return "no config file to reload (demo mode)"
+    elif not problems:
+        _apply_config(exporter, *main)
+        log.info("config_reloaded", devices=len(exporter.scheduler.targets))
+    exporter.metrics.config_reload_successful = not problems
+    exporter.metrics.touch()
+    return "\n".join(problems) if problems else None
+
+
+def _prepare(step: Callable[[], _T], problems: list[str], event: str) -> _T | None:
+    """``step``'s result, or None with its problems logged and added to ``problems``."""
     try:
-        config = load_config(exporter.config_path)
-        token = token_source(config)
+        return step()
     except ConfigError as exc:
-        exporter.metrics.config_reload_successful = False
-        exporter.metrics.touch()
-        log.error("config_reload_failed", problems=list(exc.problems))
-        return str(exc)
+        log.error(event, problems=list(exc.problems))
+        problems += exc.problems
+        return None
+
+
+def _read_config(path: str) -> tuple[Config, TokenSource]:
+    config = load_config(path)
+    return config, token_source(config)
+
+
+def _apply_config(exporter: Exporter, config: Config, token: TokenSource) -> None:
     exporter.client.use_token(token)
     if replace(config.api, token_file=None) != replace(exporter.config.api, token_file=None):
         # The client's session, budget and limits are built once; say so rather than
@@ -206,10 +242,6 @@ async def _reload(exporter: Exporter) -> str | None:
     )
     exporter.exposition.max_series = config.metrics.max_series
     exporter.config = config
-    exporter.metrics.config_reload_successful = True
-    exporter.metrics.touch()
-    log.info("config_reloaded", devices=len(exporter.scheduler.targets))
-    return None
 
 
 async def _in_steps(steps: Generator[None, None, bool]) -> bool:
@@ -317,13 +349,7 @@ async def serve(
     pending: set[asyncio.Task[str | None]] = set()
 
     async def reload_now() -> str | None:
-        problem = await _reload(exporter)
-        web_problem = security.reload() if security is not None else None
-        if web_problem is not None:  # the running web config stays
-            log.error("web_config_reload_failed", problems=web_problem.splitlines())
-            exporter.metrics.config_reload_successful = False
-            exporter.metrics.touch()
-            problem = f"{problem}\n{web_problem}" if problem else web_problem
+        problem = await _reload(exporter, security)
         # Only the render loop renders (a render may be paused between two of its steps);
         # it picks the reload up at once.
         await renders.rendered(renders.ask())

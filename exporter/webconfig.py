@@ -437,20 +437,32 @@ class WebSecurity:
     def reload(self) -> str | None:
         """Re-read the file; None on success, else why the running web config was kept."""
         try:
-            config, fresh = load_web_config(self.path)
+            self.apply(self.prepare())
         except ConfigError as exc:
             return str(exc)
+        return None
+
+    def prepare(self) -> WebConfig:
+        """The file as it is now, validated and loaded, nothing applied yet (a reload checks
+        every file before it changes anything). Raises :class:`ConfigError`."""
+        config, _ = load_web_config(self.path)
         if (config.tls is None) != (self.config.tls is None):
-            return f"{self.path}: turning TLS on or off needs a restart"
+            raise ConfigError(f"{self.path}: turning TLS on or off needs a restart")
         if config.tls != self.config.tls:
-            return f"{self.path}: tls_server_config changed; restart to apply it"
-        if config.tls is not None and self.ssl_context is not None and fresh is not None:
+            raise ConfigError(f"{self.path}: tls_server_config changed; restart to apply it")
+        return config
+
+    def apply(self, config: WebConfig) -> None:
+        """Put a prepared config in force; only a file changed since ``prepare()`` raises."""
+        if config.tls is not None and self.ssl_context is not None:
             # Same settings: re-load the (possibly rotated) files into the listening context.
             _load_chain(self.ssl_context, config.tls)
             if config.tls.client_ca_file is not None:
-                self.ssl_context.load_verify_locations(cafile=config.tls.client_ca_file)
+                try:
+                    self.ssl_context.load_verify_locations(cafile=config.tls.client_ca_file)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ConfigError(f"{self.path}: client_ca_file: {exc}") from None
         self._apply(config)
-        return None
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
