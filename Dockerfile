@@ -21,9 +21,13 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock 
 FROM python:3.12.11-slim-bookworm
 
 ARG VERSION=0.1.0
+# The commit built (the release workflow passes it; a local build says "unknown").
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="applivery-mdm-exporter" \
       org.opencontainers.image.description="Prometheus exporter for Applivery MDM Windows command batches and actions" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/applivery-mdm-exporter/applivery-mdm-exporter" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="python:3.12.11-slim-bookworm"
 
