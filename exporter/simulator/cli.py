@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="enable the /_simulator/* control endpoint")
     parser.add_argument("--no-events", action="store_true",
                         help="keep no ground-truth event log (large fleets)")
+    parser.add_argument("--os-versions", type=_positive, default=None, metavar="N",
+                        help="N distinct summary.osVersion values, builds fixed (default: a "
+                             "realistic spread of Windows 10 and 11 builds)")
     parser.add_argument("--no-push", action="store_true",
                         help="new batches wait for their device's scheduled session")
     # How undocumented list parameters are read (dialect.py); the defaults are the faithful
@@ -122,6 +125,7 @@ def simulator(args: argparse.Namespace) -> Simulator:
         batches_per_device=args.batches_per_device, record_events=not args.no_events,
         push=not args.no_push, sort_mode=args.sort_mode, sort_fields=args.sort_fields,
         tags_format=args.tags_format, unknown_filter=args.unknown_filter,
+        os_versions=args.os_versions,
     )
 
 

@@ -23,7 +23,10 @@ class Simulator:
     fleets). ``new_batches_per_device_hour``: how often new batches arrive once running,
     ``rollout_share`` of them in rollouts (one policy pushed to 30–70 % of the devices at
     once). ``checkin_seconds``: every device's mean time between sessions (else each draws
-    its own, minutes to days).
+    its own, minutes to days). ``os_versions``: that many distinct ``summary.osVersion``
+    values, each on a device at least (fleets of that many devices or more), builds fixed;
+    else a realistic spread of Windows 10 and 11 builds that update now and then
+    (exporter/simulator/health.py, with compliance).
 
     How ``sort`` and the device list's ``tags`` are read (exporter/simulator/dialect.py; the
     defaults are the faithful upstream): ``sort_mode`` ``"honour"``, ``"ignore"`` or
@@ -56,6 +59,7 @@ class Simulator:
         sort_fields: Iterable[str] | None = None,
         tags_format: str = "any",
         unknown_filter: str = "ignore",
+        os_versions: int | None = None,
     ) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
@@ -80,6 +84,7 @@ class Simulator:
             push=push,
             checkin_seconds=checkin_seconds,
             rollout_share=rollout_share,
+            os_versions=os_versions,
         )
 
     def advance(self, seconds: float) -> None:

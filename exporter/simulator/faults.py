@@ -23,6 +23,11 @@ Ground truth under data faults (``fleet.grouped_counts``, ``events_since``, ``ac
   counts and events are unchanged; an ack whose ``sentAt`` is hidden is still in
   ``acks_since`` although a client cannot measure it.
 - ``doc_timestamps`` changes only how moments are written; they parse to the same values.
+- ``bad_compliance`` serves the devices it picks without a readable ``summary.compliance``:
+  no ``summary`` at all, ``compliance`` null, a string, without ``compliant``, or with
+  ``compliant: "yes"`` and ``lastCheck: "yesterday"`` (``health.BAD_FORMS``, one form per
+  device). ``fleet.compliance`` tells which and what is still readable; the compliance a
+  device has underneath (``compliance_flips_since``) goes on moving.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ KINDS: dict[str, tuple[float | None, bool]] = {
     "doc_timestamps": (None, False),
     "unknown_status": (None, False),
     "missing_fields": (None, False),
+    "bad_compliance": (None, False),
     "shifting_pages": (None, False),
     # What replicas and caches in front of a real API do now and then (see app.py):
     "transient_404": (None, False),  # a batch or its actions answer 404 (3001) once
@@ -56,7 +62,9 @@ KINDS: dict[str, tuple[float | None, bool]] = {
     "slow_body": (2048.0, True),  # bytes per second
     "huge_body": (5.0, True),  # megabytes of padding
 }
-DATA_KINDS = frozenset({"doc_timestamps", "unknown_status", "missing_fields"})
+DATA_KINDS = frozenset({"doc_timestamps", "unknown_status", "missing_fields", "bad_compliance"})
+# A device's optional fields, one of which missing_fields may drop.
+DEVICE_OPTIONAL = ("displayName", "tags", "summary", "lastStatusReportTime", "mdmUser")
 
 
 @dataclass(frozen=True, slots=True)

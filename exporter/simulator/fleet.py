@@ -11,7 +11,8 @@ batch (single ones and rollouts) and runs the heap up to the start. The newest r
 the history went out shortly before the start and is still under way.
 
 The parts: ``model.py`` (the entities), ``profiles.py`` (who the devices are),
-``workload.py`` (what administrators send), ``sessions.py`` (how actions move once sent).
+``workload.py`` (what administrators send), ``sessions.py`` (how actions move once sent),
+``health.py`` (compliance and Windows builds, moved by the sessions and their answers).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from dataclasses import dataclass
 
 from exporter.simulator.catalog import Config
 from exporter.simulator.clock import SimClock
-from exporter.simulator.faults import Faults
+from exporter.simulator.faults import DEVICE_OPTIONAL, Faults
+from exporter.simulator.health import (
+    BAD_FORMS,
+    Compliance,
+    ComplianceFlip,
+    Health,
+    served,
+    served_form,
+)
 from exporter.simulator.model import (
     DAY,
     HOUR,
@@ -64,7 +73,10 @@ from exporter.simulator.workload import (
 from exporter.statuses import PENDING_STATUSES, classify
 
 # The entities are imported from here by the benchmarks.
-__all__ = ["Action", "Batch", "Device", "Event", "Fleet", "Pace", "UnknownEntity"]
+__all__ = [
+    "Action", "Batch", "Compliance", "ComplianceFlip", "Device", "Event", "Fleet", "Pace",
+    "UnknownEntity",
+]
 
 HISTORY_DAYS = 14.0
 RECENT_SHARE = 0.15  # history batches created in the last RECENT_SPAN before the start
@@ -98,6 +110,7 @@ class Fleet:
         push: bool = True,
         checkin_seconds: float | None = None,
         rollout_share: float = ROLLOUT_SHARE,
+        os_versions: int | None = None,
     ) -> None:
         low, high = actions_per_batch
         if devices < 0 or batches_per_device < 0 or not 1 <= low <= high:
@@ -111,7 +124,11 @@ class Fleet:
         self._agenda = Agenda()
         self._journal = Journal(record_events)
         push_rng = random.Random(f"{seed}/push") if push else None
-        self._sessions = Sessions(self._rng, push_rng, self._agenda, self._journal, clock.start)
+        # Its own stream: health's draws leave every other field a seed builds as it was.
+        self._health = Health(random.Random(f"{seed}/health"), self._journal, os_versions)
+        self._sessions = Sessions(
+            self._rng, push_rng, self._agenda, self._journal, clock.start, self._health
+        )
         self._devices: list[Device] = []
         self._lookup: dict[str, Device] = {}  # by id, serial number and IMEI
         self._batches: dict[str, Batch] = {}
@@ -181,6 +198,23 @@ class Fleet:
                 Event(when, batch.device.id, batch.id, action.cmd_id, shown, classify(shown).value)
             )
         return events
+
+    def compliance(self, device_id: str) -> Compliance:
+        """The device's compliance as its document serves it now (faults included)."""
+        self.sync()
+        device = self.device(device_id)
+        faults = self.faults
+        bad = faults.stable("bad_compliance", device.id)
+        pick = faults.pick("bad_compliance", device.id, BAD_FORMS) if bad else None
+        dropped = None
+        if faults.stable("missing_fields", device.id):
+            dropped = faults.pick("missing_fields", device.id, DEVICE_OPTIONAL)
+        return served(device.health, served_form(bad, pick, dropped, device.health))
+
+    def compliance_flips_since(self, moment: float) -> list[ComplianceFlip]:
+        """Every compliance change after ``moment``, in time order (not what faults serve)."""
+        self.sync()
+        return self._journal.flips_after(moment)
 
     def acks_since(self, moment: float) -> list[tuple[float, str]]:
         """(receivedAt − sentAt, status class) of every answer received after ``moment``."""
@@ -269,11 +303,11 @@ class Fleet:
             self._plan_history(device, start, batches_per_device - taken[device])
         self.run_until(start)
         self._sessions.building = False
-        self._journal.sort()
         for device in self._devices:
             self._settle_last_report(device, start)
             if device.online_at(start) and device.next_checkin is None:
                 self._sessions.schedule_checkin(device, start)
+        self._journal.sort()
         if self._devices and self._pace.arrival_rate > 0:
             self._schedule_arrival(start)
             if self._pace.rollout_share > 0:
@@ -286,6 +320,7 @@ class Fleet:
                 self._rng, self._ids, index, start, quirks.get(index),
                 taken=self._lookup, checkin_seconds=self._pace.checkin_seconds,
             )
+            self._health.enroll(device, index, start)
             for key in (device.id, device.profile.serial, device.profile.imei):
                 if key is not None:
                     self._lookup[key] = device
@@ -333,6 +368,7 @@ class Fleet:
             candidates.append(device.last_report)
         device.last_report = max(candidates)
         device.json = None
+        self._health.settled(device)
 
     # --- the event heap --------------------------------------------------------------------
 

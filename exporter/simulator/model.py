@@ -14,10 +14,13 @@ import math
 import random
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from exporter.simulator.catalog import Config
 from exporter.statuses import PENDING_STATUSES
+
+if TYPE_CHECKING:
+    from exporter.simulator.health import Standing
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -61,8 +64,8 @@ class Device:
     """One enrolled device: its profile, habits and the work it has been sent."""
 
     __slots__ = (
-        "batches", "error_share", "id", "inflight", "json", "last_report", "mean_interval",
-        "next_checkin", "offline_since", "open", "profile", "state",
+        "batches", "error_share", "health", "id", "inflight", "json", "last_report",
+        "mean_interval", "next_checkin", "offline_since", "open", "profile", "state",
     )
 
     def __init__(
@@ -88,6 +91,7 @@ class Device:
         self.next_checkin: float | None = None
         self.last_report: float | None = None
         self.json: bytes | None = None
+        self.health: Standing | None = None  # compliance and build (health.py), once enrolled
 
     @property
     def online(self) -> bool:

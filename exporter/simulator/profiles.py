@@ -47,6 +47,8 @@ _SITES = (
 _ROLES = (
     ("laptop", "LT", 0.55), ("desktop", "DT", 0.25), ("kiosk", "KSK", 0.12), ("pos", "POS", 0.08),
 )
+# Still drawn, so that every seed's stream stays as it was; health.py replaces the value
+# with a build of its own spread.
 _OS_VERSIONS = (
     ("10.0.22631.4460", "Windows 11 23H2"),
     ("10.0.26100.2314", "Windows 11 24H2"),

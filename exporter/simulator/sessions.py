@@ -15,6 +15,9 @@ often does not, and its batch waits for the next scheduled session. Which pushes
 drawn from a generator of its own, so the fleet a seed builds does not depend on it.
 
 One setting fails on one hardware model every time (``catalog.MODEL_FAILURE``).
+
+Sessions and answers are reported to the fleet's :class:`~exporter.simulator.health.Health`
+(compliance and builds), which draws from a generator of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import random
 
 from exporter.simulator import catalog
 from exporter.simulator.catalog import Config
+from exporter.simulator.health import Health
 from exporter.simulator.model import (
     ACTIVE,
     AWAITING,
@@ -68,7 +72,9 @@ class Sessions:
     ``building`` is true while the history before ``history_end`` is made.
     """
 
-    __slots__ = ("_agenda", "_journal", "_push_rng", "_rng", "building", "history_end")
+    __slots__ = (
+        "_agenda", "_health", "_journal", "_push_rng", "_rng", "building", "history_end",
+    )
 
     def __init__(
         self,
@@ -77,8 +83,10 @@ class Sessions:
         agenda: Agenda,
         journal: Journal,
         history_end: float,
+        health: Health | None = None,
     ) -> None:
         self._rng = rng
+        self._health = health
         self._push_rng = push_rng  # None: pushes never land
         self._agenda = agenda
         self._journal = journal
@@ -139,6 +147,8 @@ class Sessions:
         device.json = None
         if device.state == PROVISIONING and when >= device.profile.enrolled + PROVISIONING_SPAN:
             device.state = ACTIVE
+        if self._health is not None:
+            self._health.checked_in(when, device)
         # While history is built nobody can look, so answers due before the start need no
         # trip through the heap (the journal is sorted once at the end of the build).
         direct: list[tuple[float, Action, Outcome]] = []
@@ -214,6 +224,8 @@ class Sessions:
             action.data = _results(action.config, status)
         self._enter(action, when, status)
         self._journal.answered(when, action)
+        if self._health is not None:
+            self._health.answered(when, action, status)
         _close(action, when)
 
     def cancel(self, when: float, action: Action) -> None:

@@ -12,8 +12,12 @@ import heapq
 import itertools
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from exporter.simulator.model import PENDING, Action
+
+if TYPE_CHECKING:
+    from exporter.simulator.health import ComplianceFlip
 
 # Event kinds. Plain ints: the heap is the simulator's hottest loop.
 CREATE, CHECKIN, ANSWER, CANCEL_ACTION, CANCEL_BATCH, ARRIVAL, ROLLOUT = range(7)
@@ -41,14 +45,16 @@ class Agenda:
 
 
 class Journal:
-    """Every status each action entered, and every answer's latency (when ``record``)."""
+    """Every status each action entered, every answer's latency and every compliance flip
+    (when ``record``)."""
 
-    __slots__ = ("_acks", "_events", "record")
+    __slots__ = ("_acks", "_events", "_flips", "record")
 
     def __init__(self, record: bool) -> None:
         self.record = record
         self._events: list[tuple[float, Action, str]] = []
         self._acks: list[tuple[float, float, Action]] = []
+        self._flips: list[ComplianceFlip] = []
 
     def created(self, when: float, actions: Iterable[Action]) -> None:
         if self.record:
@@ -62,11 +68,16 @@ class Journal:
         if self.record and action.sent is not None:
             self._acks.append((when, when - action.sent, action))
 
+    def flipped(self, flip: ComplianceFlip) -> None:
+        if self.record:
+            self._flips.append(flip)
+
     def sort(self) -> None:
         # History is built device by device, not in time order; afterwards entries come in
         # time order and the lists stay sorted.
         self._events.sort(key=_first)
         self._acks.sort(key=_first)
+        self._flips.sort(key=_first)
 
     def events_after(self, moment: float) -> list[tuple[float, Action, str]]:
         """(time, action, status) of every status entered after ``moment``, in time order."""
@@ -77,5 +88,9 @@ class Journal:
         return self._acks[bisect_right(self._acks, moment, key=_first):]
 
 
-def _first(item: tuple[float, object, object]) -> float:
+    def flips_after(self, moment: float) -> list[ComplianceFlip]:
+        return self._flips[bisect_right(self._flips, moment, key=_first):]
+
+
+def _first(item: tuple[Any, ...]) -> float:
     return item[0]

@@ -15,8 +15,15 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
-from exporter.simulator.faults import Faults
+from exporter.simulator.faults import DEVICE_OPTIONAL, Faults
 from exporter.simulator.fleet import Fleet
+from exporter.simulator.health import (
+    BAD_FORMS,
+    NO_SUMMARY,
+    compliance_value,
+    served_form,
+    win_policy,
+)
 from exporter.simulator.model import Action, Batch, Device
 from exporter.statuses import KNOWN_STATUSES, PENDING_STATUSES
 
@@ -25,7 +32,6 @@ _ENUM_ORDER = {status: index for index, status in enumerate(KNOWN_STATUSES)}
 # Optional fields the missing_fields fault may drop, per entity.
 ACTION_OPTIONAL = ("statusCode", "sentAt", "config", "data")
 BATCH_OPTIONAL = ("summary", "updatedAt", "name")
-DEVICE_OPTIONAL = ("displayName", "tags", "summary", "lastStatusReportTime", "mdmUser")
 
 
 def dumps(document: Any) -> bytes:
@@ -183,6 +189,11 @@ class Renderer:
         stamp, dropped = self._view(key, DEVICE_OPTIONAL)
         fleet = self._fleet
         profile = device.profile
+        health = device.health
+        bad = key is not None and self._faults.stable("bad_compliance", key)
+        pick = self._faults.pick("bad_compliance", key, BAD_FORMS) if bad and key else None
+        form = served_form(bad, pick, dropped, health)
+        last_check = health.last_check if health is not None else None
         version, version_name = profile.os
         user = None
         if profile.user is not None:
@@ -208,13 +219,19 @@ class Renderer:
                 # Not in the documented summary fields (docs/upstream-api.md §5.1), which
                 # name no hardware model; ours sits with the other hardware facts.
                 "model": profile.model,
+                "compliance": compliance_value(
+                    health, form, stamp(last_check) if last_check is not None else None
+                ),
             },
             "lastStatusReportTime": stamp(device.last_report) if device.last_report else None,
             "type": "device",
             "enrolledDate": stamp(profile.enrolled),
+            "winPolicy": win_policy(fleet.organization_id, profile.tags),
         }
         if dropped:
             document.pop(dropped, None)
+        if form == NO_SUMMARY:
+            document.pop("summary", None)
         return document
 
     # --- data faults -----------------------------------------------------------------------
@@ -225,6 +242,7 @@ class Renderer:
             faults.stable("doc_timestamps", key)
             or faults.stable("unknown_status", key)
             or faults.stable("missing_fields", key)
+            or faults.stable("bad_compliance", key)
         )
 
     def _view(
