@@ -2,9 +2,9 @@
 
 Compliance (``summary.compliance {compliant, lastCheck}``, docs/upstream-api.md §5.1 and §15)
 is re-evaluated at every session, which moves ``lastCheck``. A device falls out of
-compliance when one of its actions that sets something (not a ``Get``) fails; it comes back when an action
-sent at a later session succeeds, or at its first session past a drawn delay (a policy
-re-evaluated clean without new work). A device still in its setup sessions has had no
+compliance when one of its actions that sets something (not a ``Get``) fails; it comes back
+when an action sent at a later session succeeds, or at its first session past a drawn delay
+(a policy re-evaluated clean without new work). A device still in its setup sessions has had no
 check yet: ``compliance`` is null until its first session as ``ACTIVE``.
 
 Builds: most devices on the latest revisions of a few current builds, a long tail behind
