@@ -8,26 +8,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
 from exporter import __version__, logs
 from exporter.client import ApiClient, ApiError, TokenSource
-from exporter.config import Config, ConfigError, load_config, parse_config, resolve_token
-from exporter.connections import Connections, GuardedSite, limits, runner_options
-from exporter.connections import install as install_connections
+from exporter.config import Config, ConfigError, load_config, parse_config
+from exporter.connections import start_server
 from exporter.exposition import Exposition
+from exporter.reloading import reload_configs, token_source
 from exporter.scheduler import Scheduler, Shard
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, PublishedBody, make_app
@@ -41,9 +39,6 @@ log = structlog.get_logger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
 DEFAULT_STORAGE_PATH = "data/"  # as Alertmanager's --storage.path
-
-
-_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -182,66 +177,8 @@ def storage_lock(path: str) -> DirectoryLock | None:
     return lock
 
 
-def token_source(config: Config) -> TokenSource:
-    spec = resolve_token(config.api, os.environ)
-    return TokenSource(path=spec.path, value=spec.value)
-
-
-async def _reload(exporter: Exporter, security: WebSecurity | None = None) -> str | None:
-    """All or nothing: the config file and the web config file are both read and validated
-    before either is applied; on any problem both running configs stay. None on success,
-    else the problems. In demo mode only the web config reloads (there is no config file)."""
-    problems: list[str] = []
-    main = None
-    if exporter.config_path is not None:
-        main = _prepare(partial(_read_config, exporter.config_path), problems,
-                        "config_reload_failed")
-    web = _prepare(security.prepare, problems, "web_config_reload_failed") if security else None
-    if not problems and security is not None and web is not None:
-        # Applied first: the only step that can fail late (a TLS file changed since).
-        try:
-            security.apply(web)
-        except ConfigError as exc:
-            log.error("web_config_reload_failed", problems=list(exc.problems))
-            problems += exc.problems
-    if main is None:  # demo mode, or a problem
-        if exporter.config_path is None and not problems:
-            return "no config file to reload (demo mode)"
-    elif not problems:
-        _apply_config(exporter, *main)
-        log.info("config_reloaded", devices=len(exporter.scheduler.targets))
-    exporter.metrics.config_reload_successful = not problems
-    exporter.metrics.touch()
-    return "\n".join(problems) if problems else None
-
-
-def _prepare(step: Callable[[], _T], problems: list[str], event: str) -> _T | None:
-    """``step``'s result, or None with its problems logged and added to ``problems``."""
-    try:
-        return step()
-    except ConfigError as exc:
-        log.error(event, problems=list(exc.problems))
-        problems += exc.problems
-        return None
-
-
-def _read_config(path: str) -> tuple[Config, TokenSource]:
-    config = load_config(path)
-    return config, token_source(config)
-
-
-def _apply_config(exporter: Exporter, config: Config, token: TokenSource) -> None:
-    exporter.client.use_token(token)
-    if replace(config.api, token_file=None) != replace(exporter.config.api, token_file=None):
-        # The client's session, budget and limits are built once; say so rather than
-        # pretend the new values apply.
-        log.warning("config_reload_api_settings_need_restart")
-    exporter.scheduler.reload(config)
-    exporter.state.ledger_retention_seconds = ledger_retention(
-        config.discovery.batches.max_age_seconds
-    )
-    exporter.exposition.max_series = config.metrics.max_series
-    exporter.config = config
+# Tests and benches call the reload by this name.
+_reload = reload_configs
 
 
 async def _in_steps(steps: Generator[None, None, bool]) -> bool:
@@ -383,7 +320,7 @@ async def serve(
         organization=lambda: exporter.config.organization,
         metrics=exporter.metrics,
     )
-    runner, connections = await _start_server(
+    runner, connections = await start_server(
         make_app(hooks, security, lifecycle=lifecycle), host, port, ssl_context
     )
     # The port actually bound: the one asked for, or the kernel's pick for port 0.
@@ -424,21 +361,6 @@ async def serve(
         log.error("background_task_died", task=task.get_coro().__qualname__,
                   reason=repr(task.exception()) if not task.cancelled() else "cancelled")
     return EXIT_FAILURE if died else EXIT_OK
-
-
-async def _start_server(
-    app: web.Application, host: str, port: int, ssl_context: object | None
-) -> tuple[web.AppRunner, Connections]:
-    """The app on its port, its connections capped and their header reads timed
-    (connections.py); accept() failures logged once a minute instead of each time."""
-    connections = Connections(limits())
-    install_connections(app, connections)
-    asyncio.get_running_loop().set_exception_handler(connections.exception_handler)
-    runner = web.AppRunner(app, access_log=None, **runner_options())
-    await runner.setup()
-    site = GuardedSite(runner, host, port, connections=connections, ssl_context=ssl_context)
-    await site.start()
-    return runner, connections
 
 
 def _print_config_error(exc: ConfigError) -> None:

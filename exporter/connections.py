@@ -288,3 +288,18 @@ def runner_options() -> dict[str, Any]:
 def install(app: web.Application, connections: Connections) -> None:
     """Outermost middleware: a request whose headers are complete is no longer half-open."""
     app.middlewares.insert(0, connections.middleware)
+
+
+async def start_server(
+    app: web.Application, host: str, port: int, ssl_context: object | None
+) -> tuple[web.AppRunner, Connections]:
+    """The app on its port, its connections capped and their header reads timed
+    (connections.py); accept() failures logged once a minute instead of each time."""
+    connections = Connections(limits())
+    install(app, connections)
+    asyncio.get_running_loop().set_exception_handler(connections.exception_handler)
+    runner = web.AppRunner(app, access_log=None, **runner_options())
+    await runner.setup()
+    site = GuardedSite(runner, host, port, connections=connections, ssl_context=ssl_context)
+    await site.start()
+    return runner, connections
