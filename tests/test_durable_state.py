@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from processes import fetch, free_port, wait_for
+from processes import fetch, free_port, process, wait_for
 from samples import Samples
 from samples import parse as parse_samples
 from test_exporter_e2e import (
@@ -185,19 +185,10 @@ class Scraper(threading.Thread):
 
 @contextmanager
 def exporter_process(config: Path, port: int, store: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", f"--config.file={config}",
-         f"--web.listen-address=127.0.0.1:{port}", f"--storage.path={store}",
-         "--log.format=json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "APPLIVERY_API_TOKEN": TOKEN},
-    )
-    try:
+    with process("-m", "exporter", f"--config.file={config}",
+                 f"--web.listen-address=127.0.0.1:{port}", f"--storage.path={store}",
+                 "--log.format=json", env={"APPLIVERY_API_TOKEN": TOKEN}) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 async def test_sigkill_mid_round_loses_nothing_a_scraper_saw_and_ends_exact(

@@ -45,6 +45,15 @@ def counted(state: FleetState) -> dict[str, int]:
     return {status: n for status, _, n in state.transitions() if n}
 
 
+def one_batch_read(tmp_path: Path) -> tuple[FleetState, SelfMetrics, Persistence]:
+    """A watched device whose one batch was read, and a store attached to it."""
+    clock, metrics = Clock(START), SelfMetrics()
+    state = fleet(clock, metrics)
+    state.watch(DEVICE)
+    state.apply_actions(DEVICE, batch({"Pending": 1}), [action("c1", "Pending")])
+    return state, metrics, persistence(tmp_path, state, metrics, {})
+
+
 async def restarted(directory: Path, clock: Clock) -> tuple[FleetState, SelfMetrics, int]:
     metrics = SelfMetrics()
     state = fleet(clock, metrics)
@@ -110,11 +119,7 @@ async def test_marks_come_back(tmp_path: Path) -> None:
 
 
 async def test_only_what_changed_is_written_again(tmp_path: Path) -> None:
-    clock, metrics = Clock(START), SelfMetrics()
-    state = fleet(clock, metrics)
-    state.watch(DEVICE)
-    state.apply_actions(DEVICE, batch({"Pending": 1}), [action("c1", "Pending")])
-    keeper = persistence(tmp_path, state, metrics, {})
+    state, _, keeper = one_batch_read(tmp_path)
     first = keeper.collect()
     assert set(first.devices) == {DEVICE} and set(first.ledger) == {(DEVICE, BATCH)}
     assert await keeper.commit(first)
@@ -127,11 +132,7 @@ async def test_only_what_changed_is_written_again(tmp_path: Path) -> None:
 
 
 async def test_a_failed_write_is_retried_until_the_store_is_whole(tmp_path: Path) -> None:
-    clock, metrics = Clock(START), SelfMetrics()
-    state = fleet(clock, metrics)
-    state.watch(DEVICE)
-    state.apply_actions(DEVICE, batch({"Pending": 1}), [action("c1", "Pending")])
-    keeper = persistence(tmp_path, state, metrics, {})
+    state, metrics, keeper = one_batch_read(tmp_path)
     real_write = keeper.store.write
 
     def full(_delta: object) -> None:
@@ -145,7 +146,7 @@ async def test_a_failed_write_is_retried_until_the_store_is_whole(tmp_path: Path
     assert await keeper.commit(keeper.collect())
     assert not metrics.storage_failing
     await keeper.close()
-    again, _, devices = await restarted(tmp_path, clock)
+    again, _, devices = await restarted(tmp_path, Clock(START))
     assert devices == 1 and counted(again) == counted(state)
 
 
