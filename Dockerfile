@@ -51,8 +51,10 @@ VOLUME ["/var/lib/applivery-mdm-exporter"]
 
 # Bytecode was compiled at install time; at run time nothing is written outside /tmp and the
 # state volume, so the root filesystem can be mounted read-only.
+# The revision is shown as applivery_exporter_build_info's `revision` label.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    APPLIVERY_EXPORTER_REVISION=${REVISION} \
     HOME=/tmp \
     HEALTHCHECK_URL=http://127.0.0.1:10190/-/healthy
 

@@ -39,6 +39,7 @@ log = structlog.get_logger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_SECONDS = 1.0  # how stale self-metrics may be on /metrics at most
 DEFAULT_STORAGE_PATH = "data/"  # as Alertmanager's --storage.path
+DEFAULT_LISTEN = ":10190"
 
 
 class UsageError(Exception):
@@ -60,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the config and exit 0 (valid) or 2 (invalid)")
     parser.add_argument("--config.check-api", dest="config_check_api", action="store_true",
                         help="with --config.check: also make one authenticated API call")
-    parser.add_argument("--web.listen-address", dest="listen", default=":10190")
+    parser.add_argument("--web.listen-address", dest="listen", action="append", default=None,
+                        help=f"HOST:PORT to serve on, repeatable (default {DEFAULT_LISTEN})")
+    parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                        help="the path the metrics are served at")
     parser.add_argument("--web.config.file", dest="web_config", default=None)
     parser.add_argument("--web.enable-lifecycle", dest="enable_lifecycle", action="store_true",
                         help="allow POST /-/reload (SIGHUP reloads regardless)")
@@ -83,16 +87,21 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def listen_addresses(listen: str | Sequence[str] | None) -> list[tuple[str, int]]:
+    """Every --web.listen-address given (a single one as a str), parsed; the default if none."""
+    given = [listen] if isinstance(listen, str) else list(listen or [DEFAULT_LISTEN])
+    return [parse_listen(address) for address in given]
+
+
+def parse_telemetry_path(path: str) -> str:
+    if not path.startswith("/") or path.startswith("/-/") or path == "/":
+        raise UsageError(f"--web.telemetry-path must be a path under / other than / and /-/, "
+                         f"got {path!r}")
+    return path
+
+
 def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def bound_port(runner: web.AppRunner, requested: int) -> int:
-    """The port the server listens on: ``requested``, or the one the kernel chose for 0."""
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2 and address[1]:
-            return int(address[1])
-    return requested
 
 
 @dataclass(slots=True)
@@ -264,7 +273,7 @@ async def _restore(exporter: Exporter) -> int:
 
 async def serve(
     exporter: Exporter,
-    listen: str,
+    listen: str | Sequence[str],
     *,
     ssl_context: object | None = None,
     security: WebSecurity | None = None,
@@ -272,11 +281,13 @@ async def serve(
     stop: asyncio.Event | None = None,
     signals: bool = True,
     lifecycle: bool = False,
+    telemetry_path: str = "/metrics",
 ) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``signals``); 1 if the poll or
     render loop died, 0 otherwise. Benchmarks and tests embed it with ``signals=False``.
-    ``lifecycle`` enables ``POST /-/reload``; port 0 binds a free port (logged)."""
-    host, port = parse_listen(listen)
+    ``listen``: one address or several, each bound (port 0: a free port, logged);
+    ``started`` gets the first one's URL. ``lifecycle`` enables ``POST /-/reload``."""
+    addresses = listen_addresses(listen)
     if security is not None and ssl_context is None:
         ssl_context = security.ssl_context
     stop = stop or asyncio.Event()
@@ -319,18 +330,18 @@ async def serve(
         version=__version__,
         organization=lambda: exporter.config.organization,
         metrics=exporter.metrics,
+        telemetry_path=telemetry_path,
     )
-    runner, connections = await start_server(
-        make_app(hooks, security, lifecycle=lifecycle), host, port, ssl_context
+    runner, connections, ports = await start_server(
+        make_app(hooks, security, lifecycle=lifecycle), addresses, ssl_context
     )
-    # The port actually bound: the one asked for, or the kernel's pick for port 0.
-    port = bound_port(runner, port)
-    log.info("listening", address=_join_host_port(host, port), version=__version__,
-             tls=ssl_context is not None)
+    # The ports actually bound: the ones asked for, or the kernel's picks for port 0.
+    bound = [(host, port) for (host, _), port in zip(addresses, ports, strict=True)]
+    for host, port in bound:
+        log.info("listening", address=_join_host_port(host, port), version=__version__,
+                 tls=ssl_context is not None, telemetry_path=telemetry_path)
     if started is not None:
-        scheme = "https" if ssl_context is not None else "http"
-        local = "127.0.0.1" if host == "0.0.0.0" else host
-        started(f"{scheme}://{_join_host_port(local, port)}")
+        started(_url(*bound[0], tls=ssl_context is not None))
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: renders.ask())),
         asyncio.create_task(_refresh_loop(exporter, renders, body)),
@@ -361,6 +372,11 @@ async def serve(
         log.error("background_task_died", task=task.get_coro().__qualname__,
                   reason=repr(task.exception()) if not task.cancelled() else "cancelled")
     return EXIT_FAILURE if died else EXIT_OK
+
+
+def _url(host: str, port: int, *, tls: bool) -> str:
+    local = "127.0.0.1" if host == "0.0.0.0" else host
+    return f"{'https' if tls else 'http'}://{_join_host_port(local, port)}"
 
 
 def _print_config_error(exc: ConfigError) -> None:
@@ -429,7 +445,8 @@ def run(args: argparse.Namespace) -> int:
         config, token, config_path=args.config_file, shard=shard, storage=storage
     )
     return asyncio.run(
-        serve(exporter, args.listen, security=security, lifecycle=args.enable_lifecycle)
+        serve(exporter, args.listen, security=security, lifecycle=args.enable_lifecycle,
+              telemetry_path=args.telemetry_path)
     )
 
 
@@ -449,7 +466,8 @@ def _run_demo(args: argparse.Namespace, security: WebSecurity | None) -> int:
             print(f"applivery-mdm-exporter: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         return asyncio.run(
-            run_demo(args.listen, security, lifecycle=args.enable_lifecycle, storage=storage)
+            run_demo(args.listen, security, lifecycle=args.enable_lifecycle, storage=storage,
+                     telemetry_path=args.telemetry_path)
         )
 
 
@@ -472,11 +490,12 @@ discovery:
 
 
 async def run_demo(
-    listen: str,
+    listen: str | Sequence[str],
     security: WebSecurity | None = None,
     *,
     lifecycle: bool = False,
     storage: DirectoryLock | None = None,
+    telemetry_path: str = "/metrics",
 ) -> int:
     """The simulator in accelerated time and the exporter against it, in one process."""
     from exporter.simulator import Simulator  # only the demo needs it
@@ -504,7 +523,7 @@ async def run_demo(
     def started(url: str) -> None:
         print(
             f"Demo: simulated Applivery API at {base_url} (20 devices, 30x time).\n"
-            f"  metrics:      {url}/metrics\n"
+            f"  metrics:      {url}{telemetry_path}\n"
             f"  landing page: {url}/\n"
             "Within a minute: rollouts (applivery_windows_rollout_devices), failing settings\n"
             "(applivery_windows_setting_results_total), silent devices\n"
@@ -515,7 +534,8 @@ async def run_demo(
 
     try:
         return await serve(
-            exporter, listen, security=security, started=started, lifecycle=lifecycle
+            exporter, listen, security=security, started=started, lifecycle=lifecycle,
+            telemetry_path=telemetry_path,
         )
     finally:
         await sim_runner.cleanup()
@@ -526,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.shard:
             Shard.parse(args.shard)
-        parse_listen(args.listen)
+        listen_addresses(args.listen)
+        parse_telemetry_path(args.telemetry_path)
     except (UsageError, ValueError) as exc:
         print(f"applivery-mdm-exporter: {exc}", file=sys.stderr)
         return EXIT_USAGE

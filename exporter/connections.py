@@ -18,7 +18,7 @@ import contextlib
 import resource
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import structlog
@@ -291,15 +291,24 @@ def install(app: web.Application, connections: Connections) -> None:
 
 
 async def start_server(
-    app: web.Application, host: str, port: int, ssl_context: object | None
-) -> tuple[web.AppRunner, Connections]:
-    """The app on its port, its connections capped and their header reads timed
-    (connections.py); accept() failures logged once a minute instead of each time."""
+    app: web.Application, addresses: Sequence[tuple[str, int]], ssl_context: object | None
+) -> tuple[web.AppRunner, Connections, list[int]]:
+    """The app on each of its addresses, their connections capped together and their header
+    reads timed (connections.py); accept() failures logged once a minute instead of each
+    time. Also the ports bound, in the order of ``addresses`` (port 0: the kernel's pick)."""
     connections = Connections(limits())
     install(app, connections)
     asyncio.get_running_loop().set_exception_handler(connections.exception_handler)
     runner = web.AppRunner(app, access_log=None, **runner_options())
     await runner.setup()
-    site = GuardedSite(runner, host, port, connections=connections, ssl_context=ssl_context)
-    await site.start()
-    return runner, connections
+    ports: list[int] = []
+    try:
+        for host, port in addresses:
+            site = GuardedSite(runner, host, port, connections=connections,
+                               ssl_context=ssl_context)
+            await site.start()
+            ports.append(site.port)  # aiohttp's: the bound one once started
+    except BaseException:
+        await runner.cleanup()  # the addresses already bound are released
+        raise
+    return runner, connections, ports

@@ -206,7 +206,9 @@ RELOAD_OK = Family(
     "gauge",
     "1 when the last configuration reload succeeded.",
 )
-BUILD_INFO = Family("applivery_exporter_build_info", "gauge", "Exporter version.")
+BUILD_INFO = Family(
+    "applivery_exporter_build_info", "gauge", "Exporter version, git revision and Python version."
+)
 CHECKIN_SOURCE = Family(
     "applivery_exporter_checkin_source",
     "gauge",

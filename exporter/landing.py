@@ -113,7 +113,8 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
 <body><h1>Applivery MDM exporter</h1>
 <p>Version {html.escape(hooks.version)} &middot; organization
 {html.escape(hooks.organization())}</p>
-<ul><li><a href="/metrics">Metrics</a></li><li><a href="/-/healthy">Health</a></li>
+<ul><li><a href="{html.escape(hooks.telemetry_path)}">Metrics</a></li>
+<li><a href="/-/healthy">Health</a></li>
 <li><a href="/-/ready">Readiness</a></li></ul>
 <p>{html.escape(hooks.exposition.guard_summary)}</p>
 {upstream_notes(hooks.metrics)}

@@ -8,7 +8,9 @@ of a prometheus_client registry and, in OpenMetrics, the closing ``# EOF``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+import platform
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest as generate_text
@@ -37,6 +39,19 @@ from exporter.families import (
     histogram_lines,
 )
 from exporter.selfmetrics import CHECKIN_SOURCES, SelfMetrics
+
+# The image sets it from its REVISION build arg; a checkout or a wheel does not know it.
+REVISION_VARIABLE = "APPLIVERY_EXPORTER_REVISION"
+
+
+def build_labels(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """build_info's labels besides ``version``: fixed for the life of the process."""
+    revision = (os.environ if environ is None else environ).get(REVISION_VARIABLE, "")
+    return {"revision": revision.strip() or "unknown",
+            "python_version": platform.python_version()}
+
+
+BUILD_LABELS = build_labels()
 
 Lines = Iterable[str]
 
@@ -134,7 +149,11 @@ def self_metrics_section(metrics: SelfMetrics, version: str, *, openmetrics: boo
         out.append(family.header(openmetrics=openmetrics))
         out.append("".join(lines(metrics)).encode(errors="replace"))
     out.append(BUILD_INFO.header(openmetrics=openmetrics))
-    build = f'{BUILD_INFO.name}{{version="{escape_label_value(version)}"}} 1\n'
+    labels = ",".join(
+        f'{name}="{escape_label_value(value)}"'
+        for name, value in {"version": version, **BUILD_LABELS}.items()
+    )
+    build = f"{BUILD_INFO.name}{{{labels}}} 1\n"
     out.append(build.encode(errors="replace"))
     return b"".join(out)
 

@@ -70,6 +70,7 @@ class Hooks:
     metrics: SelfMetrics | None = None  # for the landing page's upstream notes
     # What /metrics serves; without it, the exposition's latest render.
     body: PublishedBody | None = None
+    telemetry_path: str = "/metrics"  # --web.telemetry-path: where /metrics is served
 
 
 HOOKS = web.AppKey("hooks", Hooks)
@@ -171,7 +172,8 @@ def make_app(
     app.on_cleanup.append(_stop_landing)
     if security is not None:
         install(app, security)
-    app.router.add_get("/metrics", metrics)
+    # Only the telemetry path: /metrics answers 404 when another is set, as node_exporter.
+    app.router.add_get(hooks.telemetry_path, metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_post("/-/reload", reload)

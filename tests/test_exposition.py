@@ -38,6 +38,7 @@ from exporter.exposition import (
     wants_openmetrics,
 )
 from exporter.records import Action, Batch
+from exporter.selfexposition import BUILD_LABELS
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
 from exporter.server import metrics as serve_metrics
@@ -87,7 +88,7 @@ def test_values_equal_the_scenario(
         key("applivery_exporter_api_budget_requests_per_hour"): 9000,
         key("applivery_exporter_poll_round_duration_seconds"): 0,
         key("applivery_exporter_config_last_reload_successful"): 1,
-        key("applivery_exporter_build_info", version="1.2.3"): 1,
+        key("applivery_exporter_build_info", version="1.2.3", **BUILD_LABELS): 1,
     }
     for kind in ("timestamp", "unknown_status", "schema"):
         expected[key("applivery_exporter_parse_problems_total", kind=kind)] = 0
