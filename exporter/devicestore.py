@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
+from exporter.devicehealth import NO_HEALTH
 from exporter.families import (
     ACTIONS,
     CHECK_IN,
     COMMAND_INFO,
+    COMPLIANCE_CHECK,
     DEVICE_INFO,
     LAST_SUCCESS,
     OLDEST_PENDING,
@@ -65,9 +67,10 @@ class Column(IntEnum):
     UP = 6
     LAST_SUCCESS = 7
     CHECK_IN = 8
+    COMPLIANCE_CHECK = 9
 
 
-_STATUS_COLUMNS = (Column.UP, Column.LAST_SUCCESS, Column.CHECK_IN)
+_STATUS_COLUMNS = (Column.UP, Column.LAST_SUCCESS, Column.CHECK_IN, Column.COMPLIANCE_CHECK)
 _COMMAND_COLUMNS = (Column.ACTIONS, Column.OLDEST, Column.COMMAND_INFO)
 _COARSE_COLUMNS = (Column.BY_STATUS, Column.BY_CLASS)
 
@@ -92,6 +95,9 @@ def _device_labels(organization: str, device: str) -> str:
 
 def info_lines(organization: str, view: DeviceView) -> bytes:
     pairs = [("organization", organization), ("device", view.device), ("name", view.name or "")]
+    health = view.health
+    if health != NO_HEALTH:  # absent until the device list shows the device
+        pairs += [("compliance", health.compliance), ("os_version", health.os_label)]
     taken = {name for name, _ in pairs}
     for key, value in [*view.labels.items(), *view.info.items()]:
         name = label_name(key)
@@ -101,16 +107,19 @@ def info_lines(organization: str, view: DeviceView) -> bytes:
     return f"{DEVICE_INFO.name}{{{join_labels(pairs)}}} 1\n".encode(errors="replace")
 
 
-def status_lines(organization: str, view: DeviceView) -> tuple[bytes, bytes, bytes]:
-    """Lines of target_up, last_success and the check-in time."""
+def status_lines(organization: str, view: DeviceView) -> tuple[bytes, ...]:
+    """Lines of target_up, last_success, the check-in time and the compliance check time."""
     base = _device_labels(organization, view.device)
-    lines = [f"{TARGET_UP.name}{{{base}}} {1 if view.up else 0}\n", "", ""]
-    if view.last_success is not None:
-        lines[1] = f"{LAST_SUCCESS.name}{{{base}}} {format_value(view.last_success)}\n"
-    if view.check_in is not None:
-        lines[2] = f"{CHECK_IN.name}{{{base}}} {format_value(view.check_in)}\n"
-    up, last_success, check_in = (line.encode(errors="replace") for line in lines)
-    return up, last_success, check_in
+    lines = [f"{TARGET_UP.name}{{{base}}} {1 if view.up else 0}\n", "", "", ""]
+    moments = (
+        (1, LAST_SUCCESS.name, view.last_success),
+        (2, CHECK_IN.name, view.check_in),
+        (3, COMPLIANCE_CHECK.name, view.health.last_check),
+    )
+    for index, name, moment in moments:
+        if moment is not None:
+            lines[index] = f"{name}{{{base}}} {format_value(moment)}\n"
+    return tuple(line.encode(errors="replace") for line in lines)
 
 
 def _format_status_labels(status: str, status_class: str) -> str:

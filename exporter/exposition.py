@@ -36,8 +36,11 @@ from exporter.families import (
     ACTIONS,
     CHECK_IN,
     COMMAND_INFO,
+    COMPLIANCE_CHECK,
     DEVICE_INFO,
     DEVICES,
+    DEVICES_COMPLIANCE,
+    DEVICES_OS_VERSION,
     LAST_SUCCESS,
     LATENCY,
     MAX_LABEL_VALUE,
@@ -153,7 +156,10 @@ FLEET_PART: tuple[tuple[Family, Column | None], ...] = (
     (TARGET_UP, Column.UP),
     (LAST_SUCCESS, Column.LAST_SUCCESS),
     (CHECK_IN, Column.CHECK_IN),
+    (COMPLIANCE_CHECK, Column.COMPLIANCE_CHECK),
     (DEVICES, None),
+    (DEVICES_COMPLIANCE, None),
+    (DEVICES_OS_VERSION, None),
 )
 
 

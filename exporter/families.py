@@ -152,6 +152,21 @@ CHECK_IN = Family(
     "gauge",
     "lastStatusReportTime of the device: its last check-in (OMA-DM session).",
 )
+COMPLIANCE_CHECK = Family(
+    "applivery_windows_device_compliance_last_check_timestamp_seconds",
+    "gauge",
+    "summary.compliance.lastCheck of the device: when its compliance was last evaluated.",
+)
+DEVICES_COMPLIANCE = Family(
+    "applivery_windows_devices_compliance",
+    "gauge",
+    "Watched devices per compliance (unknown: unreadable, or not in the device list).",
+)
+DEVICES_OS_VERSION = Family(
+    "applivery_windows_devices_os_version",
+    "gauge",
+    "Watched devices per summary.osVersion (first 100 versions, then other; unknown: none).",
+)
 DEVICES = Family(
     "applivery_windows_devices",
     "gauge",

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from exporter.counters import CLASSES
+from exporter.devicehealth import COMPLIANCE_VALUES, NO_HEALTH, DeviceHealth, bounded_versions
 from exporter.records import Action
 from exporter.statuses import StatusTable
 
@@ -56,6 +57,7 @@ class DeviceView:
     class_counts: Mapping[str, int]
     oldest_pending: float | None
     batches: tuple[BatchView, ...]
+    health: DeviceHealth = NO_HEALTH
 
 
 class DeviceGenerations(NamedTuple):
@@ -115,6 +117,7 @@ class DeviceState:
     batches: dict[str, BatchState] = field(default_factory=dict)
     generations: DeviceGenerations = field(default_factory=lambda: DeviceGenerations(0, 0, 0))
     problems: frozenset[str] = frozenset()  # problem kinds of its device document counted
+    health: DeviceHealth = NO_HEALTH  # compliance and OS version as the device list showed
 
 
 class FleetView:
@@ -125,6 +128,9 @@ class FleetView:
         self.devices: dict[str, DeviceState] = {}
         # Watched devices per upstream state, kept as devices are watched and listed.
         self._device_states: Counter[str] = Counter(dict.fromkeys(DEVICE_STATES, 0))
+        # Watched devices per compliance value and per OS version (in first-seen order).
+        self._compliance: Counter[str] = Counter(dict.fromkeys(COMPLIANCE_VALUES, 0))
+        self._os_versions: Counter[str] = Counter()
         # Devices whose stored row is out of date (the store takes them; unwatched too);
         # None while no store keeps this view.
         self.changed: set[str] | None = None
@@ -166,18 +172,24 @@ class FleetView:
         known = self.devices.get(device)
         if known is not None:
             self._left_state(known.state)
+            self._count_health(known.health, -1)
         self.devices[device] = dev
         self._device_states[dev.state] += 1
+        self._count_health(dev.health, 1)
         self._moved(dev, device, info=True, status=True, commands=True)
 
     def unwatch(self, device: str) -> None:
         dev = self.devices.pop(device, None)
         if dev is not None:
             self._left_state(dev.state)
+            self._count_health(dev.health, -1)
             self.bump()
             self.note(device)
 
-    def listed(self, device: str, *, state: str | None, check_in: float | None) -> None:
+    def listed(
+        self, device: str, *, state: str | None, check_in: float | None,
+        health: DeviceHealth = NO_HEALTH,
+    ) -> None:
         dev = self.devices.get(device)
         if dev is None:
             return
@@ -188,6 +200,23 @@ class FleetView:
             self._device_states[listed] += 1
             dev.state, dev.check_in = listed, newest
             self._moved(dev, device, status=True)
+        health = _newer_health(dev.health, health)
+        if health != dev.health:
+            self._count_health(dev.health, -1)
+            self._count_health(health, 1)
+            labels_moved = (health.compliance, health.os_version) != (
+                dev.health.compliance, dev.health.os_version
+            )
+            dev.health = health
+            self._moved(dev, device, info=labels_moved, status=True)
+
+    def _count_health(self, health: DeviceHealth, sign: int) -> None:
+        self._compliance[health.compliance] += sign
+        versions = self._os_versions
+        versions[health.os_label] += sign
+        if not versions[health.os_label]:
+            # Forgotten when no device is on it: upstream may send any number over time.
+            del versions[health.os_label]
 
     def _left_state(self, state: str) -> None:
         """A watched device is no longer in ``state``: an undocumented one that no device
@@ -200,6 +229,14 @@ class FleetView:
         """Watched devices per upstream state: the documented ones (zeros too), and any
         other state a watched device is in (``NOT_LISTED`` among them)."""
         return dict(self._device_states)
+
+    def compliance(self) -> dict[str, int]:
+        """Watched devices per compliance value, every value (zeros too)."""
+        return dict(self._compliance)
+
+    def os_versions(self) -> dict[str, int]:
+        """Watched devices per OS version, bounded (devicehealth.MAX_OS_VERSIONS)."""
+        return bounded_versions(self._os_versions)
 
     # --- polls -------------------------------------------------------------------------------
 
@@ -332,6 +369,7 @@ class FleetView:
             class_counts=MappingProxyType(class_counts),
             oldest_pending=min(moments) if moments else None,
             batches=batches,
+            health=dev.health,
         )
 
     def _batch_view(self, batch_id: str, batch: BatchState) -> BatchView:
@@ -340,3 +378,11 @@ class FleetView:
         return BatchView(
             batch_id, batch.name, batch.created_at, tuple(counts), batch.oldest_pending
         )
+
+
+def _newer_health(known: DeviceHealth, shown: DeviceHealth) -> DeviceHealth:
+    """``shown`` unless it predates the compliance check already known: a lagging replica
+    of the device list cannot undo a newer check (as with the check-in)."""
+    if known.last_check is not None and shown.last_check is not None:
+        return known if shown.last_check < known.last_check else shown
+    return shown

@@ -15,6 +15,8 @@ from exporter.devicestore import DeviceStore
 from exporter.families import (
     ACTIONS,
     DEVICES,
+    DEVICES_COMPLIANCE,
+    DEVICES_OS_VERSION,
     LATENCY,
     ROLLOUT_ACTIONS,
     ROLLOUT_DEVICES,
@@ -85,12 +87,28 @@ def rollout_action_lines(organization: str, rollouts: Sequence[Rollout]) -> byte
                           lambda rollout: rollout.actions)
 
 
-def device_state_lines(organization: str, states: Mapping[str, int]) -> bytes:
+def count_lines(family: Family, label: str, organization: str, counts: Mapping[str, int]) -> bytes:
+    """One line per ``label`` value of a count of watched devices, sorted by value."""
     org = _org(organization)
     return "".join(
-        f'{DEVICES.name}{{{org},state="{escape_label_value(state)}"}} {count}\n'
-        for state, count in sorted(states.items())
+        f'{family.name}{{{org},{label}="{escape_label_value(value)}"}} {count}\n'
+        for value, count in sorted(counts.items())
     ).encode(errors="replace")
+
+
+def device_state_lines(organization: str, states: Mapping[str, int]) -> bytes:
+    return count_lines(DEVICES, "state", organization, states)
+
+
+def device_health_lines(
+    organization: str, health: tuple[Mapping[str, int], Mapping[str, int]]
+) -> tuple[bytes, bytes]:
+    """Watched devices per compliance and per OS version."""
+    compliance, versions = health
+    return (
+        count_lines(DEVICES_COMPLIANCE, "compliance", organization, compliance),
+        count_lines(DEVICES_OS_VERSION, "os_version", organization, versions),
+    )
 
 
 def fleet_class_lines(organization: str, totals: Mapping[str, int]) -> bytes:
@@ -131,6 +149,10 @@ class FleetWide:
                        lambda: rollout_action_lines(organization, top))
         self._keep(DEVICES, state.generation,
                    lambda: device_state_lines(organization, state.device_states()))
+        if self._moved(DEVICES_COMPLIANCE, state.generation):
+            compliance, versions = device_health_lines(organization, state.device_health())
+            self._keep(DEVICES_COMPLIANCE, state.generation, lambda: compliance)
+            self._keep(DEVICES_OS_VERSION, state.generation, lambda: versions)
         classes = fleet_class_lines(organization, store.series.classes) if store.coarse else b""
         if classes != self.fleet_classes:
             self.fleet_classes = classes

@@ -68,6 +68,7 @@ class Level(IntEnum):
             Column.UP,
             Column.LAST_SUCCESS,
             Column.CHECK_IN,
+            Column.COMPLIANCE_CHECK,
         )
 
 

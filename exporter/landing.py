@@ -62,7 +62,8 @@ def device_row(view: DeviceView, upstream_now: float) -> str:
     return (
         f"<tr><td>{html.escape(view.device)}</td><td>{html.escape(view.name or '')}</td>"
         f"<td>{ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}"
-        f"<td>{ago(view.check_in, upstream_now)}</td><td>{html.escape(view.state)}</td></tr>"
+        f"<td>{ago(view.check_in, upstream_now)}</td><td>{html.escape(view.state)}</td>"
+        f"<td>{html.escape(view.health.compliance)}</td><td>{html.escape(view.health.os_label)}</td></tr>"
     )
 
 
@@ -120,7 +121,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
 {upstream_notes(hooks.metrics)}
 <div class="views"><section id="devices"><h2>Watched devices</h2>
 <table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
-<th>last check-in</th><th>state</th></tr></thead><tbody>
+<th>last check-in</th><th>state</th><th>compliance</th><th>OS version</th></tr></thead><tbody>
 {device_rows}
 </tbody></table>{more}</section>
 <section id="rollouts"><h2>Rollouts</h2>

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from exporter.devicehealth import COMPLIANT, NO_HEALTH, NON_COMPLIANT, UNKNOWN, DeviceHealth
 from exporter.statuses import STATUS_CLASS, is_known, is_pending
 
 TIMESTAMP = "timestamp"
@@ -61,6 +62,7 @@ class Device:
     tags: tuple[str, ...] = ()
     last_status_report: float | None = None
     problems: frozenset[str] = NO_PROBLEMS
+    health: DeviceHealth = NO_HEALTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,8 +366,26 @@ def decode_device(raw: Any) -> Device | None:
         state=_text(raw, "state", problems),
         tags=_tags(raw.get("tags"), problems),
         last_status_report=_when(raw.get("lastStatusReportTime"), problems),
+        health=_health(summary, problems),
         problems=frozenset(problems),
     )
+
+
+def _health(summary: Mapping[str, Any], problems: set[str]) -> DeviceHealth:
+    """``summary.compliance`` and ``summary.osVersion``: null compliance (a device still in
+    setup) is unknown and no problem; an object without a boolean ``compliant`` is one."""
+    raw = summary.get("compliance")
+    compliance, last_check = UNKNOWN, None
+    if isinstance(raw, dict):
+        flag = raw.get("compliant")
+        if isinstance(flag, bool):
+            compliance = COMPLIANT if flag else NON_COMPLIANT
+        else:
+            problems.add(SCHEMA)
+        last_check = _when(raw.get("lastCheck"), problems)
+    elif raw is not None:
+        problems.add(SCHEMA)
+    return DeviceHealth(compliance, last_check, _text(summary, "osVersion", problems) or None)
 
 
 def _tags(raw: Any, problems: set[str]) -> tuple[str, ...]:

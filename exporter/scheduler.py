@@ -284,7 +284,9 @@ class Scheduler:
             shown.add(key)
             moment = device.last_status_report
             self._state.device_problems(key, device.problems)
-            self._state.device_listed(key, state=device.state or "UNKNOWN", check_in=moment)
+            self._state.device_listed(
+                key, state=device.state or "UNKNOWN", check_in=moment, health=device.health
+            )
             tracking = self._tracking.get(key)
             if plan and tracking is not None and moment is not None:
                 tracking.saw_checkin(moment)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
+from exporter.devicehealth import UNKNOWN, DeviceHealth
 from exporter.dialect import Verdicts
 from exporter.fleetview import BatchState, DeviceState, Poll
 from exporter.ledger import SEEN_AT_STEP, ActionRecord, Floor, LedgerEntry
@@ -63,6 +64,10 @@ class DeviceRow(msgspec.Struct, array_like=True):
     state: str
     problems: list[str]
     batches: list[BatchRow]
+    # Appended with defaults: rows stored before devices had health still decode.
+    compliance: str = UNKNOWN
+    compliance_check: float | None = None
+    os_version: str | None = None
 
 
 class EntryRow(msgspec.Struct, array_like=True):
@@ -100,6 +105,7 @@ def device_row(dev: DeviceState, names: list[str]) -> bytes:
     return _encode(DeviceRow(
         dev.watermark, dev.watched_at, dev.name, dict(dev.labels), dict(dev.info),
         dev.poll.last_success, dev.check_in, dev.state, sorted(dev.problems), batches,
+        dev.health.compliance, dev.health.last_check, dev.health.os_version,
     ))
 
 
@@ -120,6 +126,7 @@ def restored_device(row: DeviceRow, intern: Callable[[str], int]) -> DeviceState
         labels=MappingProxyType(row.labels), info=MappingProxyType(row.info),
         poll=Poll(last_success=row.last_success), check_in=row.check_in, state=row.state,
         batches=batches, problems=frozenset(row.problems),
+        health=DeviceHealth(row.compliance, row.compliance_check, row.os_version),
     )
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from exporter.counters import CLASSES, FINAL_CLASSES, MAX_SETTINGS, OTHER_SETTING, FleetCounters
+from exporter.devicehealth import NO_HEALTH, DeviceHealth
 from exporter.fleetview import (
     DEVICE_STATES,
     EMPTY,
@@ -124,10 +125,14 @@ class FleetState:
                 dev.problems = counted
                 self.view.note(device)
 
-    def device_listed(self, device: str, *, state: str | None, check_in: float | None) -> None:
-        """What the device list shows of a watched device: its state (``None``: not listed)
-        and its last check-in (the newest seen is kept: a lagging replica cannot undo it)."""
-        self.view.listed(device, state=state, check_in=check_in)
+    def device_listed(
+        self, device: str, *, state: str | None, check_in: float | None,
+        health: DeviceHealth = NO_HEALTH,
+    ) -> None:
+        """What the device list shows of a watched device: its state (``None``: not listed),
+        its last check-in (the newest seen is kept: a lagging replica cannot undo it), and its
+        compliance and OS version (unknown while not listed)."""
+        self.view.listed(device, state=state, check_in=check_in, health=health)
 
     def unwatch(self, device: str) -> None:
         """Stop exporting the device; its ledger stays until pruned by age."""
@@ -138,6 +143,10 @@ class FleetState:
 
     def device_states(self) -> dict[str, int]:
         return self.view.device_states()
+
+    def device_health(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Watched devices per compliance value and per OS version (bounded)."""
+        return self.view.compliance(), self.view.os_versions()
 
     def poll_succeeded(self, device: str) -> None:
         self.view.poll_succeeded(device)

@@ -62,6 +62,9 @@ EXPORTER_METRICS: Mapping[str, str] = {
     "applivery_windows_setting_results": "counter",
     "applivery_windows_device_last_check_in_timestamp_seconds": "gauge",
     "applivery_windows_devices": "gauge",
+    "applivery_windows_devices_compliance": "gauge",
+    "applivery_windows_devices_os_version": "gauge",
+    "applivery_windows_device_compliance_last_check_timestamp_seconds": "gauge",
     # What upstream does with the query parameters relied on.
     "applivery_exporter_checkin_source": "gauge",
     "applivery_exporter_api_query_verdict": "gauge",
