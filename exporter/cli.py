@@ -242,6 +242,7 @@ async def _refresh_loop(exporter: Exporter, renders: Renders, body: PublishedBod
             await asyncio.wait_for(renders.wanted.wait(), timeout=REFRESH_SECONDS)
         renders.wanted.clear()
         renders.started += 1
+        whole = exporter.scheduler.ready  # before the render: it then shows that round
         rendered = await _in_steps(exporter.exposition.refresh_steps())
         # Taken in the step the render ended in: everything it showed, and maybe more.
         changes = exporter.persistence.collect() if exporter.persistence else None
@@ -254,7 +255,7 @@ async def _refresh_loop(exporter: Exporter, renders: Renders, body: PublishedBod
         if changes is not None and exporter.persistence is not None:
             # Failing storage does not stop serving: counted, alerted on, written later.
             await exporter.persistence.commit(changes)
-        body.publish()
+        body.publish(whole=whole)
         await renders.finish()
 
 
@@ -319,13 +320,14 @@ async def serve(
     body = PublishedBody(exporter.exposition)
     if exporter.persistence is not None:
         await exporter.persistence.commit(exporter.persistence.collect())
-    body.publish()
+    body.publish(whole=restored > 0)
     hooks = Hooks(
         exposition=exporter.exposition,
         body=body,
         state=exporter.state,
-        # A restored fleet is worth scraping at once; otherwise after the first round.
-        ready=lambda: exporter.scheduler.ready or restored > 0,
+        # Ready once the served body shows a whole fleet: a restored one at once, otherwise
+        # the first complete round (published after its commit, not when it ends).
+        ready=lambda: body.whole,
         reload=reload_now,
         version=__version__,
         organization=lambda: exporter.config.organization,

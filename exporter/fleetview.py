@@ -46,7 +46,6 @@ class DeviceView:
     info: Mapping[str, str]
     watermark: float
     up: bool
-    polled: bool
     last_success: float | None
     last_error: str | None
     # True after expire(): the command series left /metrics until the next success.
@@ -58,6 +57,12 @@ class DeviceView:
     oldest_pending: float | None
     batches: tuple[BatchView, ...]
     health: DeviceHealth = NO_HEALTH
+
+    @property
+    def polled(self) -> bool:
+        """A read of the device ended since it was watched (or restored): it is up, or
+        its last read failed."""
+        return self.up or self.last_error is not None
 
 
 class DeviceGenerations(NamedTuple):
@@ -360,7 +365,6 @@ class FleetView:
             info=dev.info,
             watermark=dev.watermark,
             up=poll.up,
-            polled=poll.polled,
             last_success=poll.last_success,
             last_error=poll.last_error,
             expired=poll.expired,

@@ -36,9 +36,14 @@ class PublishedBody:
     def __init__(self, exposition: Exposition) -> None:
         self._exposition = exposition
         self._bodies: dict[tuple[bool, bool], tuple[bytes, ...]] = {}
+        # The published body shows a whole fleet (a complete round, or a restored store):
+        # what /-/ready answers, so that ready never precedes the body that shows it.
+        self.whole = False
 
-    def publish(self) -> None:
-        """Take the exposition's current body (its gzip is usually compressed already)."""
+    def publish(self, *, whole: bool) -> None:
+        """Take the exposition's current body (its gzip is usually compressed already);
+        ``whole``: it was rendered from a whole fleet."""
+        self.whole = self.whole or whole
         exposition = self._exposition
         self._bodies = {
             (openmetrics, gzipped): (

@@ -207,7 +207,7 @@ def test_the_landing_page_shows_compliance_and_os_version() -> None:
     from exporter.fleetview import DeviceView
 
     view = DeviceView(
-        device="d1", name="pc", labels={}, info={}, watermark=0.0, up=True, polled=True,
+        device="d1", name="pc", labels={}, info={}, watermark=0.0, up=True,
         last_success=None, last_error=None, expired=False, check_in=None, state="ACTIVE",
         class_counts={}, oldest_pending=None, batches=(),
         health=DeviceHealth(NON_COMPLIANT, None, "10.0.19045.6809"),
