@@ -18,7 +18,7 @@ import argparse
 import importlib.util
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -580,6 +580,7 @@ def alert_groups(params: Params) -> list[Group]:
 ROLLOUT_DEVICES = "applivery_windows_rollout_devices"
 SETTING_RESULTS = "applivery_windows_setting_results_total"
 LAST_CHECK_IN = "applivery_windows_device_last_check_in_timestamp_seconds"
+COMPLIANCE = "applivery_windows_devices_compliance"
 
 
 def _fleet_view_alerts(p: Params) -> list[Rule]:
@@ -646,6 +647,40 @@ def _fleet_view_alerts(p: Params) -> list[Rule]:
             not checked in for over {human_duration(after)}, so no command reaches them; the
             dashboard's "Check-in age" panel and "Silent devices with pending actions" table
             show them.""",
+        ),
+        *_compliance_alerts(p, fleet),
+    ]
+
+
+def _compliance_alerts(p: Params, fleet: Callable[[str, str], str]) -> list[Rule]:
+    """Compliance of the watched devices, per deployment (summed over its shards)."""
+    share, rise = "AppliveryDevicesNonCompliant", "AppliveryDevicesFallingOutOfCompliance"
+    non = fleet("", _sel(p, COMPLIANCE, 'compliance="non_compliant"'))
+    watched = fleet("", _sel(p, COMPLIANCE))
+    before = fleet("", _sel(p, COMPLIANCE, 'compliance="non_compliant"') + " offset 1h")
+    return [
+        _alert(
+            p,
+            share,
+            f"{non}\n/\n{watched}\n> {p.value(share, 'share')}\nand\n"
+            f"{non}\n>= {p.value(share, 'min_devices')}\n",
+            "warning",
+            "Many Windows MDM devices are not compliant.",
+            f"""{{{{ $value | humanizePercentage }}}} of the devices that job
+            {{{{ $labels.job }}}} watches in organization {{{{ $labels.organization }}}} are
+            not compliant (and at least {p.value(share, 'min_devices')}); the landing page lists
+            each device's compliance and OS version.""",
+        ),
+        _alert(
+            p,
+            rise,
+            f"{non}\n-\n{before}\n>= {p.value(rise, 'devices')}\n",
+            "warning",
+            "Windows MDM devices are falling out of compliance.",
+            """{{ $value }} more devices that job {{ $labels.job }} watches in
+            organization {{ $labels.organization }} are not compliant than an hour ago: a
+            policy sent recently may be failing (the "Top failing settings" table says
+            which).""",
         ),
     ]
 
