@@ -31,7 +31,7 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, PublishedBody, make_app
 from exporter.snapshot import Persistence
 from exporter.state import FleetState, ledger_retention
-from exporter.store import DirectoryLock, StoreLocked, open_directory
+from exporter.store import DirectoryLock, StoreLocked, StoreUnusable, hold, open_directory
 from exporter.webconfig import WebSecurity
 
 log = structlog.get_logger("exporter")
@@ -177,11 +177,10 @@ def storage_lock(path: str) -> DirectoryLock | None:
         return None
     lock = DirectoryLock(Path(path))
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        hold(Path(path), lock)
     except StoreLocked:
         raise
-    except OSError:
+    except StoreUnusable:
         pass  # a storage failure like any other: counted, and tried again while running
     return lock
 

@@ -145,7 +145,7 @@ def taken(entry: LedgerEntry) -> TakenEntry:
     return TakenEntry(entry.seen_at, entry.created_at, entry.problems, entry.actions)
 
 
-def entry_row(entry: TakenEntry | LedgerEntry) -> bytes:
+def entry_row(entry: TakenEntry) -> bytes:
     index: dict[ActionRecord, int] = {}
     record_of = [index.setdefault(r, len(index)) for r in entry.actions.values()]
     records = [

@@ -17,7 +17,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +147,9 @@ class Store:
     def write(self, delta: Delta) -> None:
         """One transaction: all of ``delta`` or, on any error, none of it."""
         with self._db:  # commits, or rolls back on an exception
-            _put(self._db, "devices", "device", delta.devices.items())
-            _put(self._db, "marks", "device", delta.marks.items())
-            _put(self._db, "blobs", "name", delta.blobs.items())
+            _put(self._db, "devices", "device", delta.devices)
+            _put(self._db, "marks", "device", delta.marks)
+            _put(self._db, "blobs", "name", delta.blobs)
             rows = delta.ledger.items()
             self._db.executemany(
                 "DELETE FROM ledger WHERE device = ? AND batch = ?",
@@ -174,8 +174,9 @@ class Store:
             self._db.close()
 
 
-def open_directory(directory: Path, organization: str, lock: DirectoryLock) -> Store:
-    """Make the directory if needed, hold its lock, and open the store in it."""
+def hold(directory: Path, lock: DirectoryLock) -> None:
+    """Make the directory if needed and hold its lock: StoreLocked when another process
+    holds it, StoreUnusable when it cannot be made or locked (read-only, not a directory)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -183,14 +184,17 @@ def open_directory(directory: Path, organization: str, lock: DirectoryLock) -> S
         raise
     except OSError as exc:
         raise StoreUnusable(f"{directory}: {exc.strerror or exc}") from exc
+
+
+def open_directory(directory: Path, organization: str, lock: DirectoryLock) -> Store:
+    """Hold the directory (``hold``) and open the store in it."""
+    hold(directory, lock)
     return Store.open(directory, organization)
 
 
-def _put(
-    db: sqlite3.Connection, table: str, key: str, rows: Iterator[tuple[str, bytes | None]]
-    | Mapping[str, bytes | None],
-) -> None:
-    items = list(rows.items() if isinstance(rows, Mapping) else rows)
+def _put(db: sqlite3.Connection, table: str, key: str, rows: Mapping[str, bytes | None]) -> None:
+    """Rows by key; ``None`` deletes the row."""
+    items = list(rows.items())
     db.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k, v in items if v is None])
     db.executemany(
         f"INSERT OR REPLACE INTO {table} ({key}, {_value(table)}) VALUES (?, ?)",
