@@ -18,6 +18,7 @@ from pydantic import (
     AliasChoices,
     BeforeValidator,
     Field,
+    PlainSerializer,
     TypeAdapter,
     ValidationInfo,
 )
@@ -220,6 +221,8 @@ Tags = Annotated[tuple[str, ...], checked(_tags, list[TEXT_SCHEMA] | TEXT_SCHEMA
 Buckets = Annotated[
     tuple[float, ...],
     checked(_buckets, Annotated[list[PositiveDuration], Field(min_length=1)]),
+    # Newer pydantic serializes a default (for the JSON Schema) through a list: say how.
+    PlainSerializer(list, return_type=list[float]),
 ]
 
 

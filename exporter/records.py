@@ -205,9 +205,11 @@ Timed = TypeVar("Timed", Action, Batch, Device)
 def until(record: Timed, limit: float) -> Timed:
     """``record`` with each timestamp after ``limit`` treated as missing (a problem)."""
     late = [name for name in _MOMENTS[type(record)] if (getattr(record, name) or 0.0) > limit]
-    if not late:
-        return record
     changes: dict[str, Any] = dict.fromkeys(late)
+    if isinstance(record, Device) and (record.health.last_check or 0.0) > limit:
+        changes["health"] = replace(record.health, last_check=None)
+    if not changes:
+        return record
     changes["problems"] = record.problems | {TIMESTAMP}
     if isinstance(record, Action):
         return record._replace(**changes)

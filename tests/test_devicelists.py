@@ -18,8 +18,9 @@ from structlog.testing import capture_logs
 
 from exporter.client import Listing, SortRejected, UpstreamError
 from exporter.config import Config, parse_config
+from exporter.devicehealth import NON_COMPLIANT, DeviceHealth
 from exporter.devicelists import CHECKIN_OVERLAP_SECONDS, FULL_LIST_SHARE, DeviceLists, Listed
-from exporter.records import Device
+from exporter.records import TIMESTAMP, Device
 from exporter.selfmetrics import FULL_LIST, SORTED_LIST, SelfMetrics
 
 START = 1_770_717_600.0
@@ -240,3 +241,14 @@ async def test_check_ins_from_the_future_neither_show_nor_move_the_mark() -> Non
     (look,) = await rig.lists.checkins()
     # Down to START - 10 less the overlap: "far" came first, its time is dropped again.
     assert ids(look) == ["far", "d0"] and look.devices[0].last_status_report is None
+
+
+async def test_a_compliance_check_from_the_future_is_missing_its_verdict_kept() -> None:
+    ahead = DeviceHealth(NON_COMPLIANT, START + 86400, "10.0.26100.7623")
+    rig = make_rig([Device("far", health=ahead), *checked_in(10)])
+    listed = await rig.lists.refresh()
+    assert listed is not None
+    far = listed.devices[0]
+    assert far.health == DeviceHealth(NON_COMPLIANT, None, "10.0.26100.7623")
+    assert far.problems == {TIMESTAMP}
+    assert listed.devices[1].problems == frozenset()
