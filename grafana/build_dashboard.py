@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "dashboards" / "applivery-mdm-exporter.json"
@@ -29,8 +32,10 @@ TITLE = "Applivery MDM / Windows commands"
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-# Label filters shared by the queries.
-SEL = 'job=~"$job", instance=~"$instance"'
+# Label filters shared by the queries. The exporter's own series carry no organization: they
+# are filtered by instance, and the instance variable offers only the selected organizations'.
+SEL_SELF = 'job=~"$job", instance=~"$instance"'
+SEL = f'{SEL_SELF}, organization=~"$organization"'
 SEL_DEVICE = f'{SEL}, device=~"$device"'
 DEVICE_KEY = "job, instance, device"
 # Columns of the per-device tables, by label.
@@ -173,12 +178,13 @@ def stat(
     description: str,
     queries: Sequence[Query],
     *,
+    unit: str = "none",
     width: int = 6,
     height: int = 8,
     mappings: Sequence[Json] = (),
     thresholds: Sequence[tuple[str, float | None]] = (("green", None),),
 ) -> Panel:
-    config = _defaults("none")
+    config = _defaults(unit)
     config["defaults"]["color"] = {"mode": "thresholds"}
     config["defaults"]["thresholds"] = _thresholds(thresholds)
     config["defaults"]["mappings"] = list(mappings)
@@ -389,6 +395,10 @@ def _silent_devices_queries(after_seconds: int) -> list[Query]:
     ]
 
 
+def _link(title: str, url: str) -> Json:
+    return {"title": title, "url": url, "targetBlank": True}
+
+
 def _by_name(name: str, *properties: Json) -> Json:
     return {"matcher": {"id": "byName", "options": name}, "properties": list(properties)}
 
@@ -522,8 +532,178 @@ def fleet_views(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
     )
 
 
-def rows() -> list[Row]:
-    alerts = build_rules.load_params().alerts
+# --- fleet health: compliance and OS versions from the device list (design.md, "Fleet health").
+
+COMPLIANCE = "applivery_windows_devices_compliance"
+OS_VERSION = "applivery_windows_devices_os_version"
+LAST_COMPLIANCE_CHECK = "applivery_windows_device_compliance_last_check_timestamp_seconds"
+COLORS = (("compliant", "green"), ("non_compliant", "red"), ("unknown", "text"))
+
+
+def _non_compliant_share() -> str:
+    """Non-compliant devices per watched device, summed over the selected shards: what
+    AppliveryDevicesNonCompliant computes over a deployment."""
+    watched = f"sum by (organization) ({COMPLIANCE}{{{SEL}}})"
+    return f'sum by (organization) ({COMPLIANCE}{{compliance="non_compliant", {SEL}}}) / {watched}'
+
+
+def _os_version_queries() -> list[Query]:
+    """Devices per OS version over the selected shards, and their share of the watched."""
+    devices = f"sum by (os_version) ({OS_VERSION}{{{SEL}}})"
+    return [
+        Query(devices, instant=True, format="table"),
+        Query(f"{devices} / scalar(sum({OS_VERSION}{{{SEL}}}))", instant=True, format="table"),
+    ]
+
+
+def _non_compliant_devices_query() -> str:
+    """Non-compliant devices by time since their last compliance check (+Inf when the list
+    showed none), with their names and OS versions."""
+    info = (
+        f"max by ({DEVICE_KEY}, organization, name, os_version) ("
+        f'applivery_windows_device_info{{compliance="non_compliant", {SEL_DEVICE}}})'
+    )
+    since = f"time() - {LAST_COMPLIANCE_CHECK}{{{SEL_DEVICE}}}"
+    known = f"({since}) * on ({DEVICE_KEY}) group_left (name, os_version) {info}"
+    return f"topk(100, ({known}) or on ({DEVICE_KEY}) ({info} * 0 + inf))"
+
+
+def fleet_health(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
+    percent = build_rules.percent
+    share = alerts["AppliveryDevicesNonCompliant"]
+    rise = alerts["AppliveryDevicesFallingOutOfCompliance"]
+    alerting = (
+        f"AppliveryDevicesNonCompliant fires when more than {percent(share['share'])} of a "
+        f"deployment's watched devices, and at least {share['min_devices']}, are non-compliant "
+        f"for {share['for']}; AppliveryDevicesFallingOutOfCompliance when "
+        f"{rise['devices']} more are non-compliant than an hour before, for {rise['for']}."
+    )
+    return Row(
+        "Fleet health",
+        [
+            timeseries(
+                "Compliance",
+                "Watched devices per compliance verdict of the device list "
+                "(summary.compliance), summed over the selected instances; unknown: no "
+                "readable verdict, or a device the list has not shown. " + alerting,
+                [Query(f"sum by (compliance) ({COMPLIANCE}{{{SEL}}})", "{{compliance}}")],
+                unit="short",
+                stacked=True,
+                overrides=[_by_name(value, _fixed_color(color)) for value, color in COLORS],
+            ),
+            stat(
+                "Non-compliant share",
+                "Non-compliant devices per watched device of each organization, over the "
+                "selected instances. " + alerting,
+                [Query(_non_compliant_share(), "{{organization}}", instant=True)],
+                unit="percentunit",
+                width=4,
+                thresholds=(("green", None), ("red", share["share"])),
+            ),
+            table(
+                "OS versions",
+                "Watched devices per Windows build (summary.osVersion as upstream spells it), "
+                "summed over the selected instances, most devices first: the first 100 "
+                "versions an exporter saw, the rest as other; unknown: no version listed.",
+                _os_version_queries(),
+                rename={"os_version": "OS version", "Value #A": "Devices", "Value #B": "Share"},
+                sort_by="Devices",
+                overrides=(
+                    _by_name(
+                        "Share",
+                        {"id": "unit", "value": "percentunit"},
+                        {"id": "min", "value": 0},
+                        {"id": "max", "value": 1},
+                        {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}},
+                    ),
+                ),
+            ),
+            table(
+                "Non-compliant devices",
+                "Devices the device list shows as non-compliant, by time since their last "
+                "compliance check (infinite: no check listed), with their names and OS "
+                "versions; single devices are listed here instead of paging.",
+                Query(_non_compliant_devices_query(), instant=True, format="table"),
+                rename={
+                    **DEVICE_COLUMNS,
+                    "os_version": "OS version",
+                    "Value": "Since compliance check",
+                },
+                sort_by="Since compliance check",
+                unit="s",
+                width=24,
+                height=8,
+            ),
+        ],
+    )
+
+
+def _exporter_queries() -> list[Query]:
+    """One row per exporter of the selected organizations: scrape health, devices watched and
+    up, seconds since its last store write; each joined to its build and organization."""
+    # Over the last hour, so that an exporter Prometheus cannot scrape keeps its row.
+    build = (
+        "group by (job, instance, version, revision) "
+        f"(last_over_time(applivery_exporter_build_info{{{SEL_SELF}}}[1h]))"
+    )
+    serving = f"group by (job, instance, organization) (last_over_time({COMPLIANCE}{{{SEL}}}[1h]))"
+    labels = (
+        "on (job, instance) group_left (version, revision, organization) "
+        f"({build} * on (job, instance) group_left (organization) {serving})"
+    )
+    values = (
+        f"max by (job, instance) (up{{{SEL_SELF}}})",
+        f"count by (job, instance) (applivery_exporter_target_up{{{SEL}}})",
+        f"sum by (job, instance) (applivery_exporter_target_up{{{SEL}}})",
+        "max by (job, instance) (time() - "
+        f"applivery_exporter_storage_last_write_timestamp_seconds{{{SEL_SELF}}})",
+    )
+    return [Query(f"{value} * {labels}", instant=True, format="table") for value in values]
+
+
+def exporters(landing_url: str) -> Panel:
+    return table(
+        "Exporters",
+        "Each exporter serving the selected organizations: its version and revision, whether "
+        "Prometheus scrapes it, the devices it watches and those whose last poll succeeded, and "
+        "the seconds since it last wrote its state (--storage.path; empty when it keeps state "
+        "in memory). The instance links to its landing page, which lists its devices.",
+        _exporter_queries(),
+        rename={
+            "instance": "Instance",
+            "organization": "Organization",
+            "version": "Version",
+            "revision": "Revision",
+            "Value #A": "Scraped",
+            "Value #B": "Devices",
+            "Value #C": "Devices up",
+            "Value #D": "State written",
+        },
+        sort_by="Devices",
+        width=24,
+        height=6,
+        overrides=(
+            _by_name("Instance", {"id": "links", "value": [_link("Landing page", landing_url)]}),
+            _by_name("State written", {"id": "unit", "value": "s"}),
+            _by_name(
+                "Scraped",
+                {"id": "mappings", "value": list(UP_MAPPINGS)},
+                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+            ),
+        ),
+    )
+
+
+UP_MAPPINGS = (
+    {
+        "type": "value",
+        "options": {"0": {"text": "down", "color": "red"}, "1": {"text": "up", "color": "green"}},
+    },
+)
+
+
+def rows(params: build_rules.Params) -> list[Row]:
+    alerts = params.alerts
     percent = build_rules.percent
     high = alerts["AppliveryCommandErrorRatioHigh"]
     spike = alerts["AppliveryCommandErrorSpike"]
@@ -657,15 +837,17 @@ def rows() -> list[Row]:
             ),
         ],
     )
+    landing_url = params.landing_url_pattern.format(instance="${__value.raw}")
     health = Row(
         "Exporter health",
         [
+            exporters(landing_url),
             stat(
                 "Targets up",
                 "Exporters scraped successfully, and devices whose last poll succeeded out of "
                 "those watched.",
                 [
-                    Query(f"sum(up{{{SEL}}})", "exporters up", instant=True),
+                    Query(f"sum(up{{{SEL_SELF}}})", "exporters up", instant=True),
                     Query(
                         f"sum(applivery_exporter_target_up{{{SEL_DEVICE}}})",
                         "devices up",
@@ -685,7 +867,7 @@ def rows() -> list[Row]:
                 [
                     Query(
                         "sum by (code) ("
-                        f"instance_code:applivery_exporter_api_requests:rate5m{{{SEL}}})",
+                        f"instance_code:applivery_exporter_api_requests:rate5m{{{SEL_SELF}}})",
                         "{{code}}",
                     )
                 ],
@@ -698,15 +880,18 @@ def rows() -> list[Row]:
                 "scheduler keeps under (it shrinks while upstream throttles).",
                 [
                     Query(
-                        f"sum(instance:applivery_exporter_api_requests:rate1h{{{SEL}}}) * 3600",
+                        "sum(instance:applivery_exporter_api_requests:rate1h"
+                        f"{{{SEL_SELF}}}) * 3600",
                         "used (last hour)",
                     ),
                     Query(
-                        f"sum(instance:applivery_exporter_api_requests:rate5m{{{SEL}}}) * 3600",
+                        "sum(instance:applivery_exporter_api_requests:rate5m"
+                        f"{{{SEL_SELF}}}) * 3600",
                         "pace (5m)",
                     ),
                     Query(
-                        f"sum(applivery_exporter_api_budget_requests_per_hour{{{SEL}}})", "budget"
+                        f"sum(applivery_exporter_api_budget_requests_per_hour{{{SEL_SELF}}})",
+                        "budget",
                     ),
                 ],
                 unit="short",
@@ -716,7 +901,12 @@ def rows() -> list[Row]:
                 "Poll round duration",
                 "Duration of the last poll round; rounds longer than poll.interval_seconds "
                 "leave data older than configured.",
-                [Query(f"applivery_exporter_poll_round_duration_seconds{{{SEL}}}", "{{instance}}")],
+                [
+                    Query(
+                        f"applivery_exporter_poll_round_duration_seconds{{{SEL_SELF}}}",
+                        "{{instance}}",
+                    )
+                ],
                 unit="s",
                 width=6,
             ),
@@ -726,7 +916,7 @@ def rows() -> list[Row]:
                 [
                     Query(
                         "sum by (kind) (increase("
-                        f"applivery_exporter_parse_problems_total{{{SEL}}}[$__rate_interval]))",
+                        f"applivery_exporter_parse_problems_total{{{SEL_SELF}}}[$__rate_interval]))",
                         "{{kind}}",
                     )
                 ],
@@ -751,7 +941,7 @@ def rows() -> list[Row]:
                 "Whether the last configuration reload succeeded, per exporter.",
                 [
                     Query(
-                        f"applivery_exporter_config_last_reload_successful{{{SEL}}}",
+                        f"applivery_exporter_config_last_reload_successful{{{SEL_SELF}}}",
                         "{{instance}}",
                         instant=True,
                     )
@@ -774,7 +964,7 @@ def rows() -> list[Row]:
                 [
                     Query(
                         "sum by (api_endpoint) (rate("
-                        f"applivery_exporter_api_requests_total{{{SEL}}}[$__rate_interval]))",
+                        f"applivery_exporter_api_requests_total{{{SEL_SELF}}}[$__rate_interval]))",
                         "{{api_endpoint}}",
                     )
                 ],
@@ -788,7 +978,7 @@ def rows() -> list[Row]:
                     Query(
                         "histogram_quantile(0.95, sum by (api_endpoint, le) (rate("
                         "applivery_exporter_api_request_duration_seconds_bucket"
-                        f"{{{SEL}}}[$__rate_interval])))",
+                        f"{{{SEL_SELF}}}[$__rate_interval])))",
                         "{{api_endpoint}}",
                     )
                 ],
@@ -803,11 +993,11 @@ def rows() -> list[Row]:
                 f"{alerts['AppliveryExporterCardinalityGuardActive']['for']} above level 0.",
                 [
                     Query(
-                        f"applivery_exporter_cardinality_guard_level{{{SEL}}}",
+                        f"applivery_exporter_cardinality_guard_level{{{SEL_SELF}}}",
                         "level {{instance}}",
                     ),
                     Query(
-                        f"applivery_exporter_series_dropped{{{SEL}}}",
+                        f"applivery_exporter_series_dropped{{{SEL_SELF}}}",
                         "dropped {{instance}}",
                     ),
                 ],
@@ -823,10 +1013,19 @@ def rows() -> list[Row]:
             ),
         ],
     )
-    return [commands, fleet_views(alerts), devices, latency, health]
+    return [commands, fleet_views(alerts), fleet_health(alerts), devices, latency, health]
 
 
-def _layout(row_list: Sequence[Row]) -> Iterator[Json]:
+def _runbook_links(panel: Panel, params: build_rules.Params) -> list[Json]:
+    """A link to the runbook section of each alert the panel's description names."""
+    return [
+        _link(f"Runbook: {alert}", params.runbook_url(alert))
+        for alert in params.alerts
+        if re.search(rf"\b{alert}\b", panel.description)
+    ]
+
+
+def _layout(row_list: Sequence[Row], params: build_rules.Params) -> Iterator[Json]:
     """Panels with ids and grid positions: rows of full width, panels left to right."""
     ids = iter(range(1, 1000))
     y = 0
@@ -847,13 +1046,13 @@ def _layout(row_list: Sequence[Row]) -> Iterator[Json]:
                 y += line_height
                 x, line_height = 0, 0
             grid = {"h": panel.height, "w": panel.width, "x": x, "y": y}
-            yield _panel_json(panel, next(ids), grid)
+            yield _panel_json(panel, next(ids), grid, _runbook_links(panel, params))
             x += panel.width
             line_height = max(line_height, panel.height)
         y += line_height
 
 
-def _panel_json(panel: Panel, panel_id: int, grid: Json) -> Json:
+def _panel_json(panel: Panel, panel_id: int, grid: Json, links: Sequence[Json]) -> Json:
     targets = []
     for ref, query in zip("ABCDEFGH", panel.queries, strict=False):
         target: Json = {
@@ -877,11 +1076,16 @@ def _panel_json(panel: Panel, panel_id: int, grid: Json) -> Json:
         "fieldConfig": panel.field_config,
         "options": panel.options,
         "targets": targets,
+        "links": list(links),
         **panel.extra,
     }
 
 
-def _query_variable(name: str, label: str, query: str, *, multi: bool) -> Json:
+def _query_variable(
+    name: str, label: str, query: str, *, multi: bool, all_value: str | None = ".+"
+) -> Json:
+    """A variable from label_values(); with ``multi``, "All" stands for ``all_value``, or for
+    each value offered when None (a variable whose offer depends on another)."""
     variable: Json = {
         "type": "query",
         "name": name,
@@ -898,8 +1102,8 @@ def _query_variable(name: str, label: str, query: str, *, multi: bool) -> Json:
         "current": {},
         "options": [],
     }
-    if multi:
-        variable["allValue"] = ".+"
+    if multi and all_value is not None:
+        variable["allValue"] = all_value
     return variable
 
 
@@ -920,11 +1124,23 @@ def templating() -> Json:
             _query_variable(
                 "job", "Job", "label_values(applivery_exporter_build_info, job)", multi=False
             ),
+            # Every exporter exports each compliance value, zeros included: its organization
+            # is known from its first scrape, devices or not.
+            _query_variable(
+                "organization",
+                "Organization",
+                f'label_values({COMPLIANCE}{{job=~"$job"}}, organization)',
+                multi=True,
+            ),
+            # The exporter's own series carry no organization: "All" instances means those
+            # serving the selected organizations, not every instance of the job.
             _query_variable(
                 "instance",
                 "Instance",
-                'label_values(applivery_exporter_build_info{job=~"$job"}, instance)',
+                f'label_values({COMPLIANCE}{{job=~"$job", organization=~"$organization"}}, '
+                "instance)",
                 multi=True,
+                all_value=None,
             ),
             _query_variable(
                 "device",
@@ -936,7 +1152,7 @@ def templating() -> Json:
     }
 
 
-def dashboard() -> Json:
+def dashboard(params: build_rules.Params) -> Json:
     return {
         "uid": UID,
         "title": TITLE,
@@ -953,7 +1169,20 @@ def dashboard() -> Json:
         "fiscalYearStartMonth": 0,
         "liveNow": False,
         "weekStart": "",
-        "links": [],
+        "links": [
+            {
+                "title": "Runbook",
+                "type": "link",
+                "url": params.runbook_index,
+                "icon": "doc",
+                "tooltip": "What each alert means and what to do",
+                "targetBlank": True,
+                "asDropdown": False,
+                "includeVars": False,
+                "keepTime": False,
+                "tags": [],
+            }
+        ],
         "annotations": {
             "list": [
                 {
@@ -968,28 +1197,42 @@ def dashboard() -> Json:
             ]
         },
         "templating": templating(),
-        "panels": list(_layout(rows())),
+        "panels": list(_layout(rows(params), params)),
     }
 
 
-def render() -> str:
-    return json.dumps(dashboard(), indent=2, sort_keys=False) + "\n"
+def render(params: build_rules.Params | None = None) -> str:
+    chosen = params if params is not None else build_rules.load_params()
+    return json.dumps(dashboard(chosen), indent=2, sort_keys=False) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="parameter file of the rules (thresholds quoted, runbook and landing page URLs); "
+        "keys it omits come from prometheus/params.yml",
+    )
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the JSON")
     parser.add_argument("--check", action="store_true", help="fail when the JSON is out of date")
     args = parser.parse_args(argv)
-    text = render()
+    try:
+        text = render(build_rules.load_params(args.params))
+    except (OSError, build_rules.ParamsError, yaml.YAMLError) as exc:
+        print(f"build_dashboard.py: {exc}", file=sys.stderr)
+        return 2
+    output: Path = args.output
     if args.check:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        current = output.read_text() if output.exists() else ""
         if current != text:
-            print(f"{OUTPUT} is out of date: run python grafana/build_dashboard.py")
+            print(f"{output} is out of date: run python grafana/build_dashboard.py")
             return 1
         return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(f"wrote {output}")
     return 0
 
 

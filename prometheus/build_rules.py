@@ -62,6 +62,7 @@ class Params:
     selector: str
     group_labels: tuple[str, ...]
     runbook_url_pattern: str
+    landing_url_pattern: str
     alerts: Mapping[str, Mapping[str, Any]]
 
     def seconds(self, alert: str, key: str) -> int:
@@ -75,6 +76,13 @@ class Params:
 
     def runbook_url(self, alert: str) -> str:
         return self.runbook_url_pattern.format(alert=alert, anchor=alert.lower())
+
+    @property
+    def runbook_index(self) -> str:
+        """The runbook itself: the pattern up to its first placeholder."""
+        pattern = self.runbook_url_pattern
+        first = min(i for i in (pattern.find("{anchor}"), pattern.find("{alert}")) if i >= 0)
+        return pattern[:first].rstrip("#")
 
 
 def duration_seconds(text: object) -> int:
@@ -142,6 +150,9 @@ def _validate(document: Mapping[str, Any]) -> Params:
         pattern.format(alert="A", anchor="a")
     except (KeyError, IndexError, ValueError) as exc:
         raise ParamsError(f"runbook_url_pattern: {exc!r}; only {{alert}} and {{anchor}}") from exc
+    landing = document["landing_url_pattern"]
+    if not isinstance(landing, str) or "{instance}" not in landing:
+        raise ParamsError("landing_url_pattern: must contain {instance}")
     alerts = document["alerts"]
     for alert, values in alerts.items():
         for key, value in values.items():
@@ -155,7 +166,7 @@ def _validate(document: Mapping[str, Any]) -> Params:
                 raise ParamsError(f"{where}: expected a number ≥ 0, got {value!r}")
             elif key in {"ratio", "share"} and value >= 1:
                 raise ParamsError(f"{where}: a share is below 1, got {value!r}")
-    return Params(selector, tuple(groups), pattern, alerts)
+    return Params(selector, tuple(groups), pattern, landing, alerts)
 
 
 # --- rules ---------------------------------------------------------------------------------

@@ -277,6 +277,10 @@ class Prometheus:
         params = {"query": expr, "start": repr(start), "end": repr(end), "step": repr(step)}
         return (await self._get("/api/v1/query_range", params))["result"]
 
+    async def label_values(self, label: str, selector: str) -> list[str]:
+        """What Grafana's ``label_values(selector, label)`` offers."""
+        return await self._get(f"/api/v1/label/{label}/values", {"match[]": selector})
+
     async def alerts(self) -> list[dict[str, Any]]:
         """Active (pending and firing) alerts."""
         return (await self._get("/api/v1/alerts"))["alerts"]

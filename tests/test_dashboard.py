@@ -25,7 +25,9 @@ from prometheus_client import CollectorRegistry
 from promstack import ApiError, ScrapeTarget, eventually, running_prometheus
 from scripts import load_script
 
+from exporter.devicehealth import COMPLIANT, DeviceHealth
 from exporter.exposition import Exposition
+from exporter.records import Action, Batch
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 
@@ -77,6 +79,7 @@ PROMETHEUS_METRICS = frozenset({"up"})
 DEFAULT_VARIABLES: Mapping[str, str] = {
     "datasource": "prometheus",
     "job": "applivery-mdm-exporter",
+    "organization": ".+",
     "instance": ".+",
     "device": ".+",
     "__range": "1h",
@@ -492,21 +495,43 @@ def test_every_panel_queries_the_datasource_variable(dashboard: dict[str, Any]) 
             assert variable["datasource"] == expected, variable["name"]
 
 
-def test_variables_datasource_job_instance_device(dashboard: dict[str, Any]) -> None:
+def _label_values(variable: Mapping[str, Any]) -> tuple[str, str]:
+    """The series selector and the label of a label_values() variable."""
+    match = _LABEL_VALUES.match(_variable_query(variable))
+    assert match is not None, variable["name"]
+    return match["selector"], match["label"]
+
+
+def test_variables_datasource_job_organization_instance_device(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "organization", "instance", "device"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("job", "instance", "device"):
+    for name in ("job", "organization", "instance", "device"):
         assert variables[name]["type"] == "query"
-    device = _LABEL_VALUES.match(_variable_query(variables["device"]))
-    assert device is not None
-    assert metric_names(substitute(device["selector"], DEFAULT_VARIABLES)) == {
+        assert _label_values(variables[name])[1] == name
+    # Each variable offers what the ones before it select.
+    for name, before in (("organization", "job"), ("instance", "organization"),
+                         ("device", "instance")):  # fmt: skip
+        selector, _ = _label_values(variables[name])
+        assert f"${before}" in selector, name
+    # Organizations and instances come from a series every exporter exports from its first
+    # scrape, with or without devices (design.md: every compliance value, zeros included).
+    for name in ("organization", "instance"):
+        selector, _ = _label_values(variables[name])
+        assert metric_names(substitute(selector, DEFAULT_VARIABLES)) == {
+            "applivery_windows_devices_compliance"
+        }
+    device_selector, _ = _label_values(variables["device"])
+    assert metric_names(substitute(device_selector, DEFAULT_VARIABLES)) == {
         "applivery_exporter_target_up"
     }
-    assert device["label"] == "device"
-    for name in ("job", "instance"):
-        match = _LABEL_VALUES.match(_variable_query(variables[name]))
-        assert match is not None and match["label"] == name
+    # "All" instances stands for the instances offered (those of the selected organizations),
+    # never for every instance of the job; the others may stand for anything.
+    assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
+    assert "allValue" not in variables["instance"]
+    for name in ("organization", "device"):
+        assert variables[name]["multi"] and variables[name]["allValue"] == ".+"
 
 
 def test_every_referenced_variable_exists_and_every_variable_is_used(
@@ -531,11 +556,57 @@ def test_every_query_is_plausible_promql(dashboard: dict[str, Any]) -> None:
         assert promql_problems(query) == [], query
 
 
-def test_queries_filter_by_the_selected_job_and_instance(dashboard: dict[str, Any]) -> None:
+def series_with_organization() -> frozenset[str]:
+    """The exposed series that carry the ``organization`` label, read from what the exporter
+    renders for a watched device with a batch, and the recorded series made of them."""
+    metrics = SelfMetrics()
+    state = FleetState(organization="acme", latency_buckets=(1.0,), metrics=metrics)
+    state.watch("d1", name="pc")
+    health = DeviceHealth(COMPLIANT, 1.0, "10.0.26100.7623")
+    state.device_listed("d1", state="ACTIVE", check_in=1.0, health=health)
+    batch = Batch("b1", device_id="d1", name="Baseline", created_at=1.0)
+    path = "./Device/Vendor/MSFT/Policy/Config/Security/RequireDeviceEncryption"
+    state.apply_actions("d1", batch, [
+        Action("1", "Pending", path=path, operation="Replace"),
+        Action("2", "Error", sent_at=2.0, received_at=3.0, path=path, operation="Replace"),
+    ])
+    state.poll_succeeded("d1")
+    exposition = Exposition(state, metrics, version="test", registry=CollectorRegistry())
+    body = exposition.body(openmetrics=False)
+    exposed = {
+        line.split("{")[0]
+        for line in body.decode().splitlines()
+        if 'organization="acme"' in line
+    }
+    recorded = {name for name in recorded_names() if any(e in name for e in exposed)}
+    return frozenset(exposed | recorded)
+
+
+_SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}")
+
+
+def test_queries_filter_by_the_selected_job_instance_and_organization(
+    dashboard: dict[str, Any],
+) -> None:
+    """Every selector filters by job and instance; a series with an organization also by the
+    organization. (The exporter's own series have none: the instance variable only offers the
+    selected organizations' instances.)"""
+    with_organization = series_with_organization()
+    assert {"applivery_windows_command_actions", "applivery_exporter_target_up",
+            "instance_device_status_class:applivery_windows_command_actions:sum"} <= (
+        with_organization
+    )
+    assert "applivery_exporter_api_requests_total" not in with_organization
+    checked = 0
     for panel in _content_panels(dashboard):
         for target in panel["targets"]:
-            assert 'job=~"$job"' in target["expr"], panel["title"]
-            assert 'instance=~"$instance"' in target["expr"], panel["title"]
+            for name, matchers in _SELECTOR.findall(target["expr"]):
+                assert 'job=~"$job"' in matchers, (panel["title"], name)
+                assert 'instance=~"$instance"' in matchers, (panel["title"], name)
+                if name in with_organization:
+                    checked += 1
+                    assert 'organization=~"$organization"' in matchers, (panel["title"], name)
+    assert checked > 30
 
 
 def test_dashboard_covers_the_command_and_health_views(dashboard: dict[str, Any]) -> None:
@@ -808,14 +879,139 @@ def test_silent_devices_table_lists_silent_devices_with_pending_actions(
     assert "AppliveryDevicesSilent" in panel["description"]
 
 
+# --- fleet health, the exporters and the links ---------------------------------------------------
+
+FLEET_HEALTH_PANELS = ("Compliance", "Non-compliant share", "OS versions", "Non-compliant devices")
+COMPLIANCE = "applivery_windows_devices_compliance"
+OS_VERSION = "applivery_windows_devices_os_version"
+
+
+def test_fleet_health_row_shows_compliance_and_os_versions(dashboard: dict[str, Any]) -> None:
+    panels = _row_panels(dashboard, "Fleet health")
+    assert [p["title"] for p in panels] == list(FLEET_HEALTH_PANELS)
+    used = set().union(*(metric_names(e) for p in panels for e in _exprs(p)))
+    assert {COMPLIANCE, OS_VERSION, "applivery_windows_device_info",
+            "applivery_windows_device_compliance_last_check_timestamp_seconds"} <= used
+    # Compliance over time, one series per verdict, summed over the selected shards.
+    (over_time,) = panels[0]["targets"]
+    assert panels[0]["type"] == "timeseries" and not over_time["instant"]
+    assert over_time["expr"].startswith(f"sum by (compliance) ({COMPLIANCE}{{")
+    colors = {o["matcher"]["options"] for o in panels[0]["fieldConfig"]["overrides"]}
+    assert colors == {"compliant", "non_compliant", "unknown"}
+    # The share the alert computes, its threshold where the alert fires.
+    share = _params()["AppliveryDevicesNonCompliant"]["share"]
+    steps = panels[1]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1] == {"color": "red", "value": share}
+    assert panels[1]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    (ratio,) = _exprs(panels[1])
+    numerator, denominator = ratio.split(" / ")
+    assert 'compliance="non_compliant"' in numerator and "compliance=" not in denominator
+    # OS versions: a table of devices and their share, most devices first.
+    versions = panels[2]
+    assert versions["type"] == "table" and versions["transformations"][0]["id"] == "merge"
+    assert all(f"sum by (os_version) ({OS_VERSION}{{" in e for e in _exprs(versions))
+    assert versions["options"]["sortBy"] == [{"displayName": "Devices", "desc": True}]
+    # The devices themselves, with names and OS versions.
+    (devices,) = _exprs(panels[3])
+    assert 'applivery_windows_device_info{compliance="non_compliant", ' in devices
+    assert 'device=~"$device"' in devices and "group_left (name, os_version)" in devices
+    for panel in panels:
+        for alert in ("AppliveryDevicesNonCompliant", "AppliveryDevicesFallingOutOfCompliance"):
+            if panel["title"] in ("Compliance", "Non-compliant share"):
+                assert alert in panel["description"], (panel["title"], alert)
+
+
+def test_fleet_health_queries_sum_the_selected_shards(dashboard: dict[str, Any]) -> None:
+    for panel in _row_panels(dashboard, "Fleet health"):
+        for expr in _exprs(panel):
+            groups = _aggregation_labels(expr)
+            if panel["title"] == "Non-compliant devices":
+                assert all({"job", "instance", "device"} <= labels for labels in groups), expr
+            else:
+                assert groups and all("instance" not in labels for labels in groups), expr
+
+
+def test_each_exporter_links_its_landing_page(dashboard: dict[str, Any]) -> None:
+    panel = _panel(dashboard, "Exporters")
+    assert panel["type"] == "table"
+    rename = panel["transformations"][-1]["options"]["renameByName"]
+    assert rename["instance"] == "Instance"
+    (instance,) = [
+        o for o in panel["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Instance"
+    ]
+    (links,) = [p["value"] for p in instance["properties"] if p["id"] == "links"]
+    pattern = yaml.safe_load((ROOT / "prometheus" / "params.yml").read_text())[
+        "landing_url_pattern"
+    ]
+    assert [link["url"] for link in links] == [pattern.format(instance="${__value.raw}")]
+    # Rows join on the same labels, whatever the query (the merge makes one row per exporter).
+    for expr in _exprs(panel):
+        assert expr.endswith(")") and "group_left (version, revision, organization)" in expr
+        assert "applivery_exporter_build_info" in expr
+
+
+def test_the_runbook_is_linked_from_the_dashboard_and_from_each_alerts_panel(
+    dashboard: dict[str, Any],
+) -> None:
+    params = yaml.safe_load((ROOT / "prometheus" / "params.yml").read_text())
+    pattern: str = params["runbook_url_pattern"]
+    (runbook,) = [link for link in dashboard["links"] if link["title"] == "Runbook"]
+    assert runbook["url"] == pattern.split("#")[0] and runbook["targetBlank"]
+    linked = 0
+    for panel in _content_panels(dashboard):
+        named = [a for a in params["alerts"] if re.search(rf"\b{a}\b", panel["description"])]
+        urls = [link["url"] for link in panel["links"]]
+        assert urls == [pattern.format(alert=a, anchor=a.lower()) for a in named], panel["title"]
+        linked += len(urls)
+    assert linked >= 12
+
+
+def test_a_site_parameter_file_reaches_the_dashboard(tmp_path: Path) -> None:
+    """Thresholds, the runbook and the landing page come from the rules' parameter file."""
+    generator = _load_generator()
+    site = tmp_path / "site.yml"
+    site.write_text(yaml.safe_dump({
+        "runbook_url_pattern": "https://wiki.example.org/mdm/{alert}",
+        "landing_url_pattern": "https://mdm-exporter.example.org/{instance}/",
+        "alerts": {"AppliveryDevicesNonCompliant": {"share": 0.375}},
+    }))
+    output = tmp_path / "dashboard.json"
+    args = ["--params", str(site), "--output", str(output)]
+    assert generator.main(args) == 0
+    assert generator.main([*args, "--check"]) == 0
+    text = output.read_text()
+    built = json.loads(text)
+    assert built["links"][0]["url"] == "https://wiki.example.org/mdm/"
+    assert "https://wiki.example.org/mdm/AppliveryDevicesNonCompliant" in text
+    assert "https://mdm-exporter.example.org/${__value.raw}/" in text
+    share = _panel(built, "Non-compliant share")
+    assert share["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.375
+    assert "more than 37.5%" in share["description"]
+    assert generator.main(["--check"]) == 0  # the committed file is untouched
+
+
+def test_a_wrong_parameter_file_is_refused_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site.yml"
+    site.write_text("landing_url_pattern: https://mdm-exporter.example.org/\n")
+    output = tmp_path / "dashboard.json"
+    assert _load_generator().main(["--params", str(site), "--output", str(output)]) == 2
+    assert "landing_url_pattern" in capsys.readouterr().err
+    assert not output.exists()
+
+
 # --- the fleet views in a real Prometheus, over two shards ---------------------------------------
 
 HOUR, DAY = 3600.0, 86400.0
-# Per shard: rollouts (devices per state, actions in error), settings whose error results grow
-# by this much per scrape, devices (check-in age in seconds or None when unknown, pending action
-# or not, upstream state).
+# Per shard: its organization, rollouts (devices per state, actions in error), settings whose
+# error results grow by this much per scrape, devices (check-in age in seconds or None when
+# unknown, pending action or not, upstream state), and what the device list showed of their
+# health (compliance, OS version, age of the compliance check or None; unlisted: unknown).
+W11, W10, W11_23H2 = "10.0.26100.7623", "10.0.19045.6809", "10.0.22631.6491"
 FLEET_SHARDS: tuple[dict[str, Any], ...] = (
     {
+        "organization": "acme",
         "rollouts": {
             "Enforce BitLocker": ({"failed": 3, "pending": 1, "succeeded": 6}, 5),
             "Security baseline": ({"succeeded": 4}, 0),
@@ -830,8 +1026,14 @@ FLEET_SHARDS: tuple[dict[str, Any], ...] = (
             "a3": (3 * DAY, True, "ACTIVE"),  # silent, with a pending action
             "a4": (None, True, "not_listed"),  # check-in unknown: in no bucket
         },
+        "health": {
+            "a1": ("compliant", W11, HOUR),
+            "a2": ("non_compliant", W11, 2 * HOUR),
+            "a3": ("non_compliant", W10, None),  # no check listed
+        },
     },
     {
+        "organization": "acme",
         "rollouts": {
             "Enforce BitLocker": ({"failed": 2, "canceled": 1, "succeeded": 7}, 2),
         },
@@ -841,8 +1043,28 @@ FLEET_SHARDS: tuple[dict[str, Any], ...] = (
             "b2": (-5.0, False, "ACTIVE"),  # a check-in a little ahead of Prometheus' clock
             "b3": (30 * HOUR, False, "DELETE_REQUESTED"),  # silent, nothing pending
         },
+        "health": {
+            "b1": ("compliant", W10, 3 * HOUR),
+            "b2": ("non_compliant", W11_23H2, 30 * 60),
+            "b3": ("compliant", W11, HOUR),
+        },
+    },
+    # Another organization in the same job: every acme panel leaves it out.
+    {
+        "organization": "globex",
+        "rollouts": {"Enforce BitLocker": ({"failed": 40}, 90)},
+        "errors_per_scrape": {("Policy/Config/Update/ActiveHoursStart", "Replace"): 50},
+        "devices": {
+            "c1": (5 * DAY, True, "ACTIVE"),
+            "c2": (10 * 60, False, "ACTIVE"),
+        },
+        "health": {
+            "c1": ("non_compliant", W11, HOUR),
+            "c2": ("compliant", "10.0.17763.8146", HOUR),
+        },
     },
 )
+ACME = {"organization": "acme"}
 
 
 class FleetShard:
@@ -856,8 +1078,12 @@ class FleetShard:
 
     def render(self) -> str:
         self.scrapes += 1
-        org = 'organization="acme"'
-        lines = []
+        org = f'organization="{self.shard["organization"]}"'
+        lines = [
+            'applivery_exporter_build_info{version="9.8.7",revision="abc123",'
+            'python_version="3.11.7"} 1',
+            f"applivery_exporter_storage_last_write_timestamp_seconds {time.time() - 2}",
+        ]
         for rollout, (states, errors) in self.shard["rollouts"].items():
             for state in ROLLOUT_STATES:
                 lines.append(
@@ -883,7 +1109,7 @@ class FleetShard:
             labels = f'{org},device="{device}"'
             states[state] = states.get(state, 0) + 1
             lines.append(f"applivery_exporter_target_up{{{labels}}} 1")
-            lines.append(f'applivery_windows_device_info{{{labels},name="pc-{device}"}} 1')
+            lines.append(self._info(device, labels))
             if age is not None:
                 lines.append(
                     "applivery_windows_device_last_check_in_timestamp_seconds"
@@ -896,7 +1122,32 @@ class FleetShard:
                 )
         for state, count in states.items():
             lines.append(f'applivery_windows_devices{{{org},state="{state}"}} {count}')
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self._health(org)) + "\n"
+
+    def _info(self, device: str, labels: str) -> str:
+        health = self.shard["health"].get(device)
+        listed = "" if health is None else f',compliance="{health[0]}",os_version="{health[1]}"'
+        return f'applivery_windows_device_info{{{labels},name="pc-{device}"{listed}}} 1'
+
+    def _health(self, org: str) -> list[str]:
+        """The fleet health gauges: every compliance value (zeros included), the versions,
+        each listed device's compliance check."""
+        verdicts = dict.fromkeys(("compliant", "non_compliant", "unknown"), 0)
+        versions: dict[str, int] = {}
+        lines = []
+        unlisted = ("unknown", "unknown", None)
+        for device in self.shard["devices"]:
+            compliance, version, age = self.shard["health"].get(device, unlisted)
+            verdicts[compliance] += 1
+            versions[version] = versions.get(version, 0) + 1
+            if age is not None:
+                lines.append(
+                    "applivery_windows_device_compliance_last_check_timestamp_seconds"
+                    f'{{{org},device="{device}"}} {self.started - age}'
+                )
+        lines += [f'{COMPLIANCE}{{{org},compliance="{c}"}} {n}' for c, n in verdicts.items()]
+        lines += [f'{OS_VERSION}{{{org},os_version="{v}"}} {n}' for v, n in versions.items()]
+        return lines
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.render(), content_type="text/plain")
@@ -907,9 +1158,11 @@ class FleetShard:
         return application
 
 
-def _fleet_query(dashboard: Mapping[str, Any], title: str, ref: str = "A") -> str:
+def _fleet_query(
+    dashboard: Mapping[str, Any], title: str, ref: str = "A", values: Mapping[str, str] = ACME
+) -> str:
     (target,) = [t for t in _panel(dashboard, title)["targets"] if t["refId"] == ref]
-    return substitute(target["expr"], DEFAULT_VARIABLES)
+    return substitute(target["expr"], {**DEFAULT_VARIABLES, **values})
 
 
 def _values(result: list[dict[str, Any]]) -> list[float]:
@@ -938,13 +1191,17 @@ async def test_fleet_views_sum_two_shards_in_prometheus(
             return await prometheus.query(_fleet_query(dashboard, title, ref))
 
         async def settings_ranked() -> list[dict[str, Any]]:
-            """Once every failing setting has grown between two scrapes of its shards."""
+            """Once every failing setting has grown between two scrapes of its shards (the
+            other organization's too: its errors must not reach acme's ranking)."""
             result = await query("Top failing settings")
-            grown = len(result) == 2 and all(float(s["value"][1]) > 0 for s in result)
-            return result if grown else []
+            other = await prometheus.query(
+                _fleet_query(dashboard, "Top failing settings", values={"organization": "globex"})
+            )
+            grown = len(result) == 2 and all(float(s["value"][1]) > 0 for s in result + other)
+            return result if grown and other else []
 
         await eventually(
-            lambda: prometheus.query("count(up == 1) == 2"), what="both shards scraped"
+            lambda: prometheus.query("count(up == 1) == 3"), what="every shard scraped"
         )
         ranked = await eventually(settings_ranked, what="setting error increases")
 
@@ -983,3 +1240,73 @@ async def test_fleet_views_sum_two_shards_in_prometheus(
 
         states = _rows(await query("Devices by state"), "state")
         assert states == {("ACTIVE",): 5, ("not_listed",): 1, ("DELETE_REQUESTED",): 1}
+
+
+def grafana_regex(values: list[str]) -> str:
+    """Several values of a variable in a PromQL regex matcher, as Grafana's Prometheus data
+    source writes them: each regex-escaped, the escapes escaped for the string literal."""
+    return "(" + "|".join(re.escape(v).replace("\\", "\\\\") for v in values) + ")"
+
+
+async def test_fleet_health_and_exporters_per_organization_in_prometheus(
+    aiohttp_server: Any, dashboard: dict[str, Any]
+) -> None:
+    """The fleet health panels and the exporters table against three shards of two
+    organizations, as Grafana would query them: the instance variable offers only the
+    selected organization's shards, and every panel counts that organization alone."""
+    shards = [FleetShard(shard) for shard in FLEET_SHARDS]
+    servers = [await aiohttp_server(shard.app()) for shard in shards]
+    addresses = [f"127.0.0.1:{server.port}" for server in servers]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    async with running_prometheus([ScrapeTarget(a) for a in addresses]) as prometheus:
+        await eventually(
+            lambda: prometheus.query("count(up == 1) == 3"), what="every shard scraped"
+        )
+
+        async def offered(name: str, values: Mapping[str, str]) -> list[str]:
+            selector, label = _label_values(variables[name])
+            return await prometheus.label_values(label, substitute(selector, values))
+
+        job = {"job": DEFAULT_VARIABLES["job"]}
+        assert await offered("organization", job) == ["acme", "globex"]
+        acme_shards = await offered("instance", {**job, **ACME})
+        assert acme_shards == sorted(addresses[:2])
+        # "All" instances: the values offered, as Grafana writes them in a regex.
+        acme = {**ACME, "instance": grafana_regex(acme_shards)}
+        globex = {"organization": "globex", "instance": grafana_regex(addresses[2:])}
+
+        async def query(title: str, ref: str = "A", values: Mapping[str, str] = acme) -> Any:
+            return await prometheus.query(_fleet_query(dashboard, title, ref, values))
+
+        compliance = _rows(await query("Compliance"), "compliance")
+        assert compliance == {("compliant",): 3, ("non_compliant",): 3, ("unknown",): 1}
+        other = _rows(await query("Compliance", values=globex), "compliance")
+        assert other == {("compliant",): 1, ("non_compliant",): 1, ("unknown",): 0}
+        share = _rows(await query("Non-compliant share"), "organization")
+        assert share == {("acme",): pytest.approx(3 / 7)}
+
+        versions = _rows(await query("OS versions"), "os_version")
+        assert versions == {(W11,): 3, (W10,): 2, (W11_23H2,): 1, ("unknown",): 1}
+        shares = _rows(await query("OS versions", "B"), "os_version")
+        assert shares == {key: pytest.approx(n / 7) for key, n in versions.items()}
+
+        devices = _rows(await query("Non-compliant devices"), "device", "name", "os_version")
+        assert devices == {
+            ("a2", "pc-a2", W11): pytest.approx(2 * HOUR, abs=120),
+            ("a3", "pc-a3", W10): math.inf,  # no compliance check listed
+            ("b2", "pc-b2", W11_23H2): pytest.approx(30 * 60, abs=120),
+        }
+
+        # One row per exporter of the organization, each column joined on the same labels.
+        columns = [
+            _rows(await query("Exporters", ref), "instance", "organization", "version")
+            for ref in "ABCD"
+        ]
+        rows = {(a, "acme", "9.8.7") for a in acme_shards}
+        assert all(set(column) == rows for column in columns)
+        scraped, watched, up, written = columns
+        assert set(scraped.values()) == {1.0}
+        assert sorted(watched.values()) == [3.0, 4.0] and watched == up
+        assert all(0 <= age < 120 for age in written.values())
+        (row,) = _rows(await query("Exporters", values=globex), "instance", "organization")
+        assert row == (addresses[2], "globex")

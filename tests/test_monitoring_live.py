@@ -54,6 +54,7 @@ from exporter.config import parse_config
 from exporter.scheduler import Shard
 from exporter.simulator import Simulator, wire
 from exporter.statuses import StatusClass, classify
+from exporter.store import DirectoryLock
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "prometheus" / "alerts.yml"
@@ -117,14 +118,17 @@ async def running_exporter(
     *,
     shard: Shard | None = None,
     poll_seconds: float = POLL_SECONDS,
+    storage: Path | None = None,
 ) -> AsyncIterator[str]:
     """The exporter (or one shard of it) serving /metrics on 127.0.0.1 until the block ends;
-    yields host:port once it is ready (every device it owns polled once)."""
+    yields host:port once it is ready (every device it owns polled once). ``storage``: its
+    --storage.path (None: state in memory only)."""
     config = parse_config(
         exporter_config_yaml(base_url, sim.organization, poll_seconds), source="<live>"
     )
     exporter = build_exporter(
-        config, TokenSource(value=sim.token), config_path=None, shard=shard, clock=sim.clock.now
+        config, TokenSource(value=sim.token), config_path=None, shard=shard, clock=sim.clock.now,
+        storage=None if storage is None else DirectoryLock(storage),
     )
     address = f"127.0.0.1:{free_port()}"
     stop = asyncio.Event()
@@ -292,7 +296,7 @@ def rule_thresholds(alert: str) -> tuple[float, float, int]:
 
 
 async def test_every_dashboard_query_and_recorded_series_has_live_data(
-    aiohttp_server: Any,
+    aiohttp_server: Any, tmp_path: Path
 ) -> None:
     require_binaries(PROMETHEUS_BIN)
     sim = Simulator(
@@ -309,7 +313,8 @@ async def test_every_dashboard_query_and_recorded_series_has_live_data(
     interference = Interference()
     base_url = await serve_simulator(aiohttp_server, sim, interference)
     async with (
-        running_exporter(sim, base_url) as address,
+        # With a store, as deployed by default: the exporters table shows its last write.
+        running_exporter(sim, base_url, storage=tmp_path / "state") as address,
         running_prometheus([ScrapeTarget(address)], rule_files=[RECORDING]) as prometheus,
     ):
         await scraped(prometheus)
