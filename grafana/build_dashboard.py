@@ -2,12 +2,14 @@
 
     python grafana/build_dashboard.py          # rewrite the JSON
     python grafana/build_dashboard.py --check  # exit 1 when the committed JSON is out of date
+    python grafana/build_dashboard.py --params site.yml --output site.json  # your parameters
 
 The dashboard is code so that panel ids, grid positions, datasource references and the
 label filters of every query stay consistent; tests/test_dashboard.py checks the result.
 Queries read the exporter's metrics and the series of prometheus/recording.yml; the alert
-thresholds quoted in panel descriptions and the thresholds of the stuck-pending and
-silent-devices tables come from prometheus/params.yml.
+thresholds quoted in panel descriptions, the thresholds of the stuck-pending and
+silent-devices tables, the runbook links and the landing page links come from
+prometheus/params.yml (or a site file on top of it, as for the rules).
 """
 
 from __future__ import annotations
@@ -622,7 +624,8 @@ def fleet_health(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
                 "Non-compliant devices",
                 "Devices the device list shows as non-compliant, by time since their last "
                 "compliance check (infinite: no check listed), with their names and OS "
-                "versions; single devices are listed here instead of paging.",
+                "versions (none while the cardinality guard leaves device_info out); single "
+                "devices are listed here instead of paging.",
                 Query(_non_compliant_devices_query(), instant=True, format="table"),
                 rename={
                     **DEVICE_COLUMNS,
