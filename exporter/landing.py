@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from exporter.devicehealth import OTHER, UNKNOWN
 from exporter.fleetview import DeviceView
 from exporter.rollouts import STATES, Rollout
 from exporter.selfmetrics import SORTED_LIST, SelfMetrics
@@ -59,11 +60,14 @@ def ago(moment: float | None, now: float | None = None) -> str:
 def device_row(view: DeviceView, upstream_now: float) -> str:
     result = "up" if view.up else f"down: {view.last_error or 'not polled yet'}"
     counts = "".join(f"<td>{view.class_counts.get(c, 0)}</td>" for c in CLASSES)
+    # What the device is (its compliance and build too) first: on a laptop's screen the
+    # table scrolls sideways from the poll results on.
     return (
         f"<tr><td>{html.escape(view.device)}</td><td>{html.escape(view.name or '')}</td>"
-        f"<td>{ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}"
-        f"<td>{ago(view.check_in, upstream_now)}</td><td>{html.escape(view.state)}</td>"
-        f"<td>{html.escape(view.health.compliance)}</td><td>{html.escape(view.health.os_label)}</td></tr>"
+        f"<td>{html.escape(view.health.compliance)}</td>"
+        f"<td>{html.escape(view.health.os_label)}</td>"
+        f"<td>{html.escape(view.state)}</td><td>{ago(view.check_in, upstream_now)}</td>"
+        f"<td>{ago(view.last_success)}</td><td>{html.escape(result)}</td>{counts}</tr>"
     )
 
 
@@ -83,6 +87,14 @@ def upstream_notes(metrics: SelfMetrics | None) -> str:
     )
     return (f"<p>Check-ins from {html.escape(source)}. Query parameters: "
             f"{html.escape(verdicts or 'none checked yet')}.</p>")
+
+
+def health_summary(compliance: Mapping[str, int], versions: Mapping[str, int]) -> str:
+    """The fleet's compliance and how many OS versions it runs, above the device table."""
+    verdicts = ", ".join(f"{count} {verdict}" for verdict, count in compliance.items())
+    known = sum(1 for version in versions if version not in (UNKNOWN, OTHER))
+    many = "more than " if OTHER in versions else ""
+    return f"<p>Compliance: {html.escape(verdicts)}. OS versions: {many}{known}.</p>"
 
 
 def rollout_rows(rollouts: Sequence[Rollout]) -> str:
@@ -109,7 +121,8 @@ def page(hooks: Hooks, device_rows: str, more: str) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Applivery MDM exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
+td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;white-space:nowrap}}
+section{{max-width:100%}}.wide{{overflow-x:auto}}
 .views{{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}}</style></head>
 <body><h1>Applivery MDM exporter</h1>
 <p>Version {html.escape(hooks.version)} &middot; organization
@@ -120,10 +133,12 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
 <p>{html.escape(hooks.exposition.guard_summary)}</p>
 {upstream_notes(hooks.metrics)}
 <div class="views"><section id="devices"><h2>Watched devices</h2>
-<table><thead><tr><th>device</th><th>name</th><th>last success</th><th>result</th>{head}
-<th>last check-in</th><th>state</th><th>compliance</th><th>OS version</th></tr></thead><tbody>
+{health_summary(*hooks.state.device_health())}
+<div class="wide"><table><thead><tr><th>device</th><th>name</th><th>compliance</th>
+<th>OS version</th><th>state</th><th>last check-in</th><th>last success</th><th>result</th>{head}
+</tr></thead><tbody>
 {device_rows}
-</tbody></table>{more}</section>
+</tbody></table></div>{more}</section>
 <section id="rollouts"><h2>Rollouts</h2>
 <p>Batches sharing a name: devices per state of their latest batch of that name.</p>
 <table><thead><tr><th>rollout</th>{rollout_head}<th>devices</th></tr></thead><tbody>

@@ -213,4 +213,22 @@ def test_the_landing_page_shows_compliance_and_os_version() -> None:
         health=DeviceHealth(NON_COMPLIANT, None, "10.0.19045.6809"),
     )
     row = landing_row(view, 0.0)
-    assert "<td>non_compliant</td><td>10.0.19045.6809</td></tr>" in row
+    assert "<td>pc</td><td>non_compliant</td><td>10.0.19045.6809</td><td>ACTIVE</td>" in row
+
+
+async def test_the_landing_page_sums_up_compliance_above_the_device_table(aiohttp_client) -> None:
+    from server_rig import fleet, hooks
+
+    from exporter.server import make_app
+
+    state = fleet(5)
+    verdicts = (COMPLIANT, NON_COMPLIANT, NON_COMPLIANT, COMPLIANT)  # the fifth is not listed
+    for d, verdict in enumerate(verdicts):
+        health = DeviceHealth(verdict, None, f"10.0.2610{d % 2}.7623")
+        state.device_listed(f"65f0c0ffee{d:014x}", state="ACTIVE", check_in=None, health=health)
+    client = await aiohttp_client(make_app(hooks(state)))
+    page = await (await client.get("/")).text()
+    summary = "<p>Compliance: 2 compliant, 2 non_compliant, 1 unknown. OS versions: 2.</p>"
+    assert page.index(summary) < page.index("<table>")
+    assert page.count("<td>non_compliant</td><td>10.0.26101.7623</td><td>ACTIVE</td>") == 1
+    assert page.count("<td>pc-4</td><td>unknown</td><td>unknown</td><td>not_listed</td>") == 1
