@@ -405,6 +405,18 @@ def _by_name(name: str, *properties: Json) -> Json:
     return {"matcher": {"id": "byName", "options": name}, "properties": list(properties)}
 
 
+def _share_column(name: str, *properties: Json) -> Json:
+    """A table column of shares, 0 to 1, drawn as a gauge in each cell."""
+    return _by_name(
+        name,
+        {"id": "unit", "value": "percentunit"},
+        {"id": "min", "value": 0},
+        {"id": "max", "value": 1},
+        {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}},
+        *properties,
+    )
+
+
 def _fixed_color(color: str) -> Json:
     return {"id": "color", "value": {"mode": "fixed", "fixedColor": color}}
 
@@ -444,13 +456,8 @@ def fleet_views(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
                 width=24,
                 height=10,
                 overrides=(
-                    _by_name(
-                        "Succeeded share",
-                        {"id": "unit", "value": "percentunit"},
-                        {"id": "min", "value": 0},
-                        {"id": "max", "value": 1},
-                        {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}},
-                        {"id": "color", "value": {"mode": "continuous-RdYlGr"}},
+                    _share_column(
+                        "Succeeded share", {"id": "color", "value": {"mode": "continuous-RdYlGr"}}
                     ),
                     _by_name(
                         "Failed",
@@ -610,15 +617,7 @@ def fleet_health(alerts: Mapping[str, Mapping[str, Any]]) -> Row:
                 _os_version_queries(),
                 rename={"os_version": "OS version", "Value #A": "Devices", "Value #B": "Share"},
                 sort_by="Devices",
-                overrides=(
-                    _by_name(
-                        "Share",
-                        {"id": "unit", "value": "percentunit"},
-                        {"id": "min", "value": 0},
-                        {"id": "max", "value": 1},
-                        {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}},
-                    ),
-                ),
+                overrides=(_share_column("Share"),),
             ),
             table(
                 "Non-compliant devices",
@@ -664,6 +663,14 @@ def _exporter_queries() -> list[Query]:
     return [Query(f"{value} * {labels}", instant=True, format="table") for value in values]
 
 
+UP_MAPPINGS = (
+    {
+        "type": "value",
+        "options": {"0": {"text": "down", "color": "red"}, "1": {"text": "up", "color": "green"}},
+    },
+)
+
+
 def exporters(landing_url: str) -> Panel:
     return table(
         "Exporters",
@@ -695,14 +702,6 @@ def exporters(landing_url: str) -> Panel:
             ),
         ),
     )
-
-
-UP_MAPPINGS = (
-    {
-        "type": "value",
-        "options": {"0": {"text": "down", "color": "red"}, "1": {"text": "up", "color": "green"}},
-    },
-)
 
 
 def rows(params: build_rules.Params) -> list[Row]:
