@@ -572,8 +572,9 @@ def _non_compliant_devices_query() -> str:
         f"max by ({DEVICE_KEY}, organization, name, os_version) ("
         f'applivery_windows_device_info{{compliance="non_compliant", {SEL_DEVICE}}})'
     )
-    since = f"time() - {LAST_COMPLIANCE_CHECK}{{{SEL_DEVICE}}}"
-    known = f"({since}) * on ({DEVICE_KEY}) group_left (name, os_version) {info}"
+    # A check a little ahead of Prometheus' clock is a check just now.
+    since = f"clamp_min(time() - {LAST_COMPLIANCE_CHECK}{{{SEL_DEVICE}}}, 0)"
+    known = f"{since} * on ({DEVICE_KEY}) group_left (name, os_version) {info}"
     return f"topk(100, ({known}) or on ({DEVICE_KEY}) ({info} * 0 + inf))"
 
 

@@ -1045,7 +1045,7 @@ FLEET_SHARDS: tuple[dict[str, Any], ...] = (
         },
         "health": {
             "b1": ("compliant", W10, 3 * HOUR),
-            "b2": ("non_compliant", W11_23H2, 30 * 60),
+            "b2": ("non_compliant", W11_23H2, -600.0),  # checked ahead of Prometheus' clock
             "b3": ("compliant", W11, HOUR),
         },
     },
@@ -1294,7 +1294,7 @@ async def test_fleet_health_and_exporters_per_organization_in_prometheus(
         assert devices == {
             ("a2", "pc-a2", W11): pytest.approx(2 * HOUR, abs=120),
             ("a3", "pc-a3", W10): math.inf,  # no compliance check listed
-            ("b2", "pc-b2", W11_23H2): pytest.approx(30 * 60, abs=120),
+            ("b2", "pc-b2", W11_23H2): 0.0,  # just now, not in ten minutes
         }
 
         # One row per exporter of the organization, each column joined on the same labels.
