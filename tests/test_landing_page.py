@@ -24,10 +24,12 @@ pytestmark = pytest.mark.skipif(
 
 
 class _Tables(HTMLParser):
-    """The body rows of each table of the page, as lists of cell texts."""
+    """The body rows of each table of the page, as lists of cell texts, and each table's
+    column headers."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.headers: list[list[str]] = []
         self.tables: list[list[list[str]]] = []
         self._in_body = False
         self._cell: list[str] | None = None
@@ -36,18 +38,26 @@ class _Tables(HTMLParser):
     def rows(self) -> list[list[str]]:
         return self.tables[-1]
 
+    def columns(self, table: int) -> dict[str, int]:
+        return {header: index for index, header in enumerate(self.headers[table])}
+
     def handle_starttag(self, tag: str, attrs: object) -> None:
-        if tag == "tbody":
+        if tag == "thead":
+            self.headers.append([])
+        elif tag == "tbody":
             self._in_body = True
             self.tables.append([])
         elif tag == "tr" and self._in_body:
             self.rows.append([])
-        elif tag == "td" and self._in_body:
+        elif tag in ("td", "th"):
             self._cell = []
 
     def handle_endtag(self, tag: str) -> None:
-        if tag == "td" and self._cell is not None:
+        if tag == "td" and self._cell is not None and self._in_body:
             self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "th" and self._cell is not None:
+            self.headers[-1].append("".join(self._cell).strip())
             self._cell = None
         elif tag == "tbody":
             self._in_body = False
@@ -101,24 +111,36 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     tables = _Tables()
     tables.feed(dom)
     devices, rollouts = tables.tables
-    shown = {row[0]: row for row in devices}
+    column = tables.columns(0)
+    classes = ("pending", "success", "canceled", "error", "unknown")
+    shown = {row[column["device"]]: row for row in devices}
     listed = {d["id"]: d for d in await _device_documents(url, sim)}
     assert set(shown) == set(sim.fleet.device_ids())
+    verdicts: Counter[str] = Counter()
     for device, row in shown.items():
         truth: Counter[str] = Counter()
         for batch in sim.fleet.batch_ids(device):
             for status, count in sim.fleet.grouped_counts(device, batch).items():
                 truth[classify(status).value] += count
         name = sim.fleet.device(device).name
-        assert row[1] == (name or "")
-        assert row[3] == "up"
-        assert [int(cell) for cell in row[4:9]] == [
-            truth[c] for c in ("pending", "success", "canceled", "error", "unknown")
-        ]
-        # The check-in age and the state, as the device list shows them.
+        assert row[column["name"]] == (name or "")
+        assert row[column["result"]] == "up"
+        assert [int(row[column[c]]) for c in classes] == [truth[c] for c in classes]
+        # The check-in age, the state, the compliance and the build, as the device list
+        # shows them.
         document = listed[device]
-        assert row[9] != "never" if document.get("lastStatusReportTime") else row[9] == "never"
-        assert row[10] == document.get("state", "UNKNOWN")
+        check_in = row[column["last check-in"]]
+        assert check_in != "never" if document.get("lastStatusReportTime") else check_in == "never"
+        assert row[column["state"]] == document.get("state", "UNKNOWN")
+        compliant = sim.fleet.compliance(device).compliant
+        verdict = "unknown" if compliant is None else "compliant" if compliant else "non_compliant"
+        assert row[column["compliance"]] == verdict
+        assert row[column["OS version"]] == document["summary"]["osVersion"]
+        verdicts[verdict] += 1
+    # What a laptop's screen shows first: the device, its compliance and its build.
+    assert list(column)[:4] == ["device", "name", "compliance", "OS version"]
+    summary = ", ".join(f"{verdicts[v]} {v}" for v in ("compliant", "non_compliant", "unknown"))
+    assert f"Compliance: {summary}." in dom
     # Rollouts: per batch name, the devices per state of their latest batch of that name,
     # most failed devices first.
     expected = _rollout_truth(sim.fleet)
