@@ -30,6 +30,10 @@ EXAMPLE = KUBE / "overlays" / "example"
 COMPONENTS = KUBE / "components"
 OPERATOR = COMPONENTS / "prometheus-operator"
 RULE_MANIFEST = OPERATOR / "prometheusrule.yaml"
+GRAFANA_DASHBOARD = COMPONENTS / "grafana-dashboard"
+DASHBOARD_MANIFEST = GRAFANA_DASHBOARD / "configmap.yaml"
+DASHBOARD_FILE = ROOT / "grafana" / "dashboards" / "applivery-mdm-exporter.json"
+DASHBOARD_CONFIG_MAP = "applivery-mdm-exporter-dashboard"
 # The Secret the workload mounts; the user creates it (docs/deploy.md), the base ships none.
 TOKEN_SECRET, TOKEN_KEY = "applivery-mdm-exporter-token", "token"
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -278,6 +282,25 @@ OVERLAYS = [
     pytest.param(SHARDED, id="sharded"),
     pytest.param(EXAMPLE, id="example"),
 ]
+
+# components/persistence swaps the Deployment's volume: the StatefulSet has claims of its own.
+SHARDED_COMPONENTS = [p for p in sorted(COMPONENTS.iterdir()) if p != PERSISTENCE]
+
+
+def sharded_with_components(directory: Path) -> Path:
+    """A user's overlay: the sharded one with the components that apply to it (kustomize
+    needs relative paths). The one overlay that uses every other component."""
+    def relative(path: Path) -> str:
+        return os.path.relpath(path, directory)
+
+    spec = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [relative(SHARDED)],
+        "components": [relative(p) for p in SHARDED_COMPONENTS],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return directory
 
 OPERATOR_GROUP = "monitoring.coreos.com"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}

@@ -7,7 +7,7 @@ renderer of the same subset (tests/deploy_artefacts.py), and the two are compare
 
 from __future__ import annotations
 
-import os
+import json
 import posixpath
 import re
 import shutil
@@ -22,13 +22,14 @@ from deploy_artefacts import (
     COMPONENT_KINDS,
     COMPONENTS,
     CUSTOM_KINDS,
+    DASHBOARD_CONFIG_MAP,
+    DASHBOARD_FILE,
     EXAMPLE,
     EXPORTER_PORT,
     HEALTHY,
     KUBE,
     OPERATOR_GROUP,
     OVERLAYS,
-    PERSISTENCE,
     READY,
     ROOT,
     SHARDED,
@@ -49,6 +50,7 @@ from deploy_artefacts import (
     render_in_python,
     render_with_kubectl,
     rendered,
+    sharded_with_components,
     workload,
 )
 
@@ -90,26 +92,6 @@ def test_python_renderer_agrees_with_kustomize(directory: Path | None, tmp_path:
 # Kubernetes: a plain base, optional components
 # ---------------------------------------------------------------------------------------------
 
-# components/persistence swaps the Deployment's volume: the StatefulSet has claims of its own.
-SHARDED_COMPONENTS = [p for p in sorted(COMPONENTS.iterdir()) if p != PERSISTENCE]
-
-
-def sharded_with_components(directory: Path) -> Path:
-    """A user's overlay: the sharded one with the components that apply to it (kustomize
-    needs relative paths)."""
-    def relative(path: Path) -> str:
-        return os.path.relpath(path, directory)
-
-    spec = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [relative(SHARDED)],
-        "components": [relative(p) for p in SHARDED_COMPONENTS],
-    }
-    (directory / "kustomization.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
-    return directory
-
-
 @pytest.mark.parametrize("directory", [BASE, SHARDED], ids=["base", "sharded"])
 def test_base_and_sharded_are_plain_kubernetes(directory: Path) -> None:
     documents = rendered(directory)
@@ -122,7 +104,9 @@ def test_base_and_sharded_are_plain_kubernetes(directory: Path) -> None:
 
 def test_components_are_kustomize_components() -> None:
     directories = sorted(p for p in COMPONENTS.iterdir() if p.is_dir())
-    assert [p.name for p in directories] == ["networkpolicy", "persistence", "prometheus-operator"]
+    assert [p.name for p in directories] == [
+        "grafana-dashboard", "networkpolicy", "persistence", "prometheus-operator",
+    ]
     for directory in directories:
         spec = kustomization(directory)
         assert spec["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
@@ -417,3 +401,59 @@ def test_docs_name_where_each_variant_keeps_its_state() -> None:
     # The controller names a shard's claim <template>-<statefulset>-<ordinal>.
     claims = f"{template['metadata']['name']}-{statefulset['metadata']['name']}-<ordinal>"
     assert claims in section
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: the Grafana dashboard
+# ---------------------------------------------------------------------------------------------
+
+# The API server refuses an object whose annotations add up to more than this many bytes, and
+# client-side `kubectl apply` copies the whole object into one of them.
+ANNOTATIONS_LIMIT = 262_144
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+@pytest.fixture(scope="module")
+def dashboard_config_map(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    documents = rendered(sharded_with_components(tmp_path_factory.mktemp("overlay")))
+    (config_map,) = [d for d in documents if identity(d) == ("ConfigMap", DASHBOARD_CONFIG_MAP)]
+    return config_map
+
+
+def test_dashboard_config_map_holds_the_dashboard_file(
+    dashboard_config_map: dict[str, Any],
+) -> None:
+    """Byte for byte what grafana/build_dashboard.py wrote, under the file's own name."""
+    text = DASHBOARD_FILE.read_text(encoding="utf-8")
+    assert dashboard_config_map["data"] == {DASHBOARD_FILE.name: text}
+    uid = json.loads(text)["uid"]
+    assert uid and json.loads(dashboard_config_map["data"][DASHBOARD_FILE.name])["uid"] == uid
+
+
+def test_grafana_sidecar_finds_the_dashboard(dashboard_config_map: dict[str, Any]) -> None:
+    """kube-prometheus-stack's sidecar: its default label and value, the folder annotation its
+    folderAnnotation names; in the exporter's namespace (the sidecar searches all of them)."""
+    metadata = dashboard_config_map["metadata"]
+    assert metadata["labels"]["grafana_dashboard"] == "1"
+    assert metadata["annotations"] == {"grafana_folder": "Applivery MDM"}
+    assert metadata["namespace"] == one(rendered(BASE), "Namespace")["metadata"]["name"]
+
+
+def last_applied_size(document: dict[str, Any]) -> int:
+    """The bytes of the annotation `kubectl apply` adds: the object as compact JSON, where
+    Go's encoder writes each <, > and & as a 6-byte escape."""
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    return len(LAST_APPLIED) + len(text.encode()) + 5 * sum(map(text.count, "<>&"))
+
+
+def test_dashboard_config_map_fits_client_side_apply(
+    dashboard_config_map: dict[str, Any],
+) -> None:
+    annotations = dashboard_config_map["metadata"].get("annotations", {})
+    size = last_applied_size(dashboard_config_map) + sum(
+        len(key) + len(value.encode()) for key, value in annotations.items()
+    )
+    assert size < ANNOTATIONS_LIMIT, (
+        f"{size} bytes of annotations after `kubectl apply`: split the dashboard, or document "
+        "`kubectl apply --server-side`"
+    )

@@ -1,11 +1,14 @@
 """The Kubernetes manifests against their schemas: every built-in kind against Kubernetes'
 own (kubernetes-validate), the Prometheus operator's kinds against the parts of its CRDs they
-use, and the PrometheusRule against the project's rule files (promtool loads it).
+use, the PrometheusRule against the project's rule files (promtool loads it), and the
+dashboard's ConfigMap against the dashboard file (deploy/kubernetes/generate.py writes both).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,8 @@ import pytest
 import yaml
 from deploy_artefacts import (
     CUSTOM_KINDS,
+    DASHBOARD_FILE,
+    DASHBOARD_MANIFEST,
     EXAMPLE,
     IN_CI,
     KUBE,
@@ -26,6 +31,7 @@ from deploy_artefacts import (
     one,
     rendered,
     require_tool,
+    sharded_with_components,
 )
 from scripts import load_script
 
@@ -34,6 +40,8 @@ from scripts import load_script
 # ---------------------------------------------------------------------------------------------
 
 OLDEST_KUBERNETES = "1.28"  # the apps.kubernetes.io/pod-index label needs 1.28
+# The shipped overlays, and the one that uses the components the example leaves out.
+VALIDATED = [*OVERLAYS, pytest.param(None, id="sharded+components")]
 
 # The parts of the Prometheus operator's CRDs that these manifests use, closed to typos.
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -136,9 +144,11 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("directory", OVERLAYS)
+@pytest.mark.parametrize("directory", VALIDATED)
 @pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
-def test_manifests_validate_against_kubernetes_schemas(directory: Path, version: str) -> None:
+def test_manifests_validate_against_kubernetes_schemas(
+    directory: Path | None, version: str, tmp_path: Path
+) -> None:
     try:
         import kubernetes_validate
     except ImportError:
@@ -147,6 +157,7 @@ def test_manifests_validate_against_kubernetes_schemas(directory: Path, version:
         pytest.skip("kubernetes-validate is not installed")
     if version == "latest":
         version = kubernetes_validate.utils.latest_version()
+    directory = directory or sharded_with_components(tmp_path)
     builtin = [d for d in rendered(directory) if d["kind"] not in CUSTOM_KINDS]
     assert builtin
     for document in builtin:
@@ -157,9 +168,9 @@ def test_manifests_validate_against_kubernetes_schemas(directory: Path, version:
             pytest.fail(f"{identity(document)} at {where}: {exc.message}")
 
 
-@pytest.mark.parametrize("directory", OVERLAYS)
+@pytest.mark.parametrize("directory", VALIDATED)
 def test_rendered_output_passes_the_kubernetes_validate_cli(
-    directory: Path, tmp_path: Path
+    directory: Path | None, tmp_path: Path
 ) -> None:
     """`kubectl kustomize DIR | kubernetes-validate --strict`, as a user would check it: every
     built-in kind passes, and the only kinds without a schema are the operator's (checked
@@ -170,7 +181,7 @@ def test_rendered_output_passes_the_kubernetes_validate_cli(
         if IN_CI:
             pytest.fail("kubernetes-validate is not installed, and CI must run this check")
         pytest.skip("kubernetes-validate is not installed")
-    documents = rendered(directory)
+    documents = rendered(directory or sharded_with_components(tmp_path))
     path = tmp_path / "rendered.yaml"
     path.write_text(yaml.safe_dump_all(documents), encoding="utf-8")
     result = subprocess.run(
@@ -247,9 +258,9 @@ def test_prometheus_rule_is_generated_from_the_rule_files() -> None:
     if missing:
         pytest.skip(f"rule files not written yet: {', '.join(missing)}")
     generator = load_generator()
-    assert generator.OUTPUT == RULE_MANIFEST
+    assert generator.RULE_OUTPUT == RULE_MANIFEST
     committed = RULE_MANIFEST.read_text(encoding="utf-8")
-    assert committed == generator.render(generator.load_groups()), (
+    assert committed == generator.render_rules(generator.load_groups()), (
         f"{RULE_MANIFEST.relative_to(ROOT)} is stale: run python3 deploy/kubernetes/generate.py"
     )
     groups = one(rendered(EXAMPLE), "PrometheusRule")["spec"]["groups"]
@@ -276,3 +287,59 @@ def test_generator_refuses_duplicate_group_names(tmp_path: Path) -> None:
     second.write_text("groups: [{name: g, rules: []}]\n", encoding="utf-8")
     with pytest.raises(ValueError, match="duplicate"):
         generator.load_groups([first, second])
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: the dashboard's ConfigMap carries the dashboard file
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dashboard_config_map_is_generated_from_the_dashboard_file() -> None:
+    generator = load_generator()
+    assert (generator.DASHBOARD, generator.DASHBOARD_OUTPUT) == (DASHBOARD_FILE, DASHBOARD_MANIFEST)
+    committed = DASHBOARD_MANIFEST.read_text(encoding="utf-8")
+    expected = generator.render_dashboard(DASHBOARD_FILE.read_text(encoding="utf-8"))
+    stale = f"{DASHBOARD_MANIFEST.relative_to(ROOT)} is stale"
+    assert committed == expected, f"{stale}: run python3 deploy/kubernetes/generate.py"
+    assert committed.startswith("# Generated by deploy/kubernetes/generate.py")
+    # A literal block: the JSON reads, and diffs, line by line in the manifest.
+    assert f"  {DASHBOARD_FILE.name}: |\n" in committed
+
+
+def run_generator(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(script), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_check_fails_when_the_dashboard_changes_without_regenerating(tmp_path: Path) -> None:
+    """On a copy of the sources and the manifests: a rebuilt dashboard makes --check fail,
+    naming the ConfigMap only, until the generator has run."""
+    sources = [KUBE / "generate.py", *RULE_FILES, DASHBOARD_FILE, RULE_MANIFEST, DASHBOARD_MANIFEST]
+    for source in sources:
+        copy = tmp_path / source.relative_to(ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
+    script = tmp_path / (KUBE / "generate.py").relative_to(ROOT)
+    dashboard = tmp_path / DASHBOARD_FILE.relative_to(ROOT)
+    manifest = tmp_path / DASHBOARD_MANIFEST.relative_to(ROOT)
+    assert run_generator(script, "--check").returncode == 0
+
+    edited = json.loads(dashboard.read_text(encoding="utf-8"))
+    edited["title"] += " (edited)"
+    text = json.dumps(edited, indent=2) + "\n"
+    dashboard.write_text(text, encoding="utf-8")
+    result = run_generator(script, "--check")
+    assert result.returncode == 1
+    stale = re.findall(r"^(\S+) is stale", result.stderr, flags=re.MULTILINE)
+    assert stale == [str(DASHBOARD_MANIFEST.relative_to(ROOT))], result.stderr
+
+    assert run_generator(script).returncode == 0
+    assert run_generator(script, "--check").returncode == 0
+    name = DASHBOARD_FILE.name
+    assert yaml.safe_load(manifest.read_text(encoding="utf-8"))["data"] == {name: text}
+
+
+def test_generator_refuses_a_dashboard_without_uid() -> None:
+    generator = load_generator()
+    with pytest.raises(ValueError, match="uid"):
+        generator.render_dashboard('{"title": "no uid"}\n')
