@@ -5,7 +5,8 @@ event loop per request, and a dozen clients reloading the page kept scrapes wait
 seconds. So a render here runs in steps of a bounded number of devices with the loop free
 between them, one render at a time: requests arriving meanwhile wait for that render, and
 its page is reused for ``max_age`` seconds. The device table is capped, failing devices
-first, with a line saying how many were left out.
+first, with a line saying how many were left out; ``/?device=TEXT`` finds any device by id or
+name. Searches share that one render at a time, and the number waiting for it is bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,6 +29,13 @@ if TYPE_CHECKING:
     from exporter.server import Hooks
 
 CLASSES = ("pending", "success", "canceled", "error", "unknown")
+MAX_SEARCH = 100  # characters of a search kept: an id is 24, a name rarely longer
+KEPT_PAGES = 16  # distinct pages (searches) reused while fresh
+MAX_WAITING = 16  # searches waiting for a render before more are refused
+
+
+class Busy(Exception):
+    """Too many searches wait for a render: the client is asked to come back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +124,28 @@ def left_out(shown: int, watched: int) -> str:
             f"{shown}, failing devices first.</p>")
 
 
-def page(hooks: Hooks, device_rows: str, more: str) -> str:
+def matching(search: str, shown: int, matched: int, watched: int) -> str:
+    """What a search found, and that the table keeps only the first rows of it."""
+    text = html.escape(search)
+    if not matched:
+        return f"<p>No watched device has &ldquo;{text}&rdquo; in its id or name.</p>"
+    kept = f" The table keeps the first {shown}, failing devices first." if shown < matched else ""
+    return (f"<p>{matched} of {watched} watched devices match &ldquo;{text}&rdquo;.{kept} "
+            '<a href="/">All devices</a></p>')
+
+
+def search_form(search: str) -> str:
+    return (f'<form method="get" action="/"><input type="search" name="device" '
+            f'value="{html.escape(search)}" maxlength="{MAX_SEARCH}" '
+            'placeholder="device id or name"> <button>Find</button></form>')
+
+
+def search_text(raw: str | None) -> str:
+    """What a request asks to find: its first MAX_SEARCH characters, trimmed."""
+    return (raw or "")[:MAX_SEARCH].strip()
+
+
+def page(hooks: Hooks, device_rows: str, more: str, search: str = "") -> str:
     head = "".join(f"<th>{c}</th>" for c in CLASSES)
     rollout_head = "".join(f"<th>{s}</th>" for s in STATES)
     return f"""<!doctype html>
@@ -134,6 +164,7 @@ section{{max-width:100%}}.wide{{overflow-x:auto}}
 {upstream_notes(hooks.metrics)}
 <div class="views"><section id="devices"><h2>Watched devices</h2>
 {health_summary(*hooks.state.device_health())}
+{search_form(search)}
 <div class="wide"><table><thead><tr><th>device</th><th>name</th><th>compliance</th>
 <th>OS version</th><th>state</th><th>last check-in</th><th>last success</th><th>result</th>{head}
 </tr></thead><tbody>
@@ -160,19 +191,25 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 # --- the render, in steps ---------------------------------------------------------------------
 
 
-async def _failing_first(state: FleetState, bounds: Bounds) -> tuple[list[str], int]:
-    """The devices the table shows, failing first, and how many are watched."""
+async def _failing_first(
+    state: FleetState, bounds: Bounds, search: str = ""
+) -> tuple[list[str], int, int]:
+    """The devices the table shows (those matching ``search``), failing first; how many
+    match and how many are watched."""
     order: list[tuple[bool, str]] = []
     watched = state.watched()
+    wanted = search.casefold()
     for chunk in _chunks(watched, bounds.step_looks):
         for device in chunk:
             try:
-                order.append((state.device_view(device, with_batches=False).up, device))
+                view = state.device_view(device, with_batches=False)
             except KeyError:  # unwatched while the loop was free
                 continue
+            if wanted in device.casefold() or wanted in (view.name or "").casefold():
+                order.append((view.up, device))
         await asyncio.sleep(0)
     order.sort()
-    return [device for _, device in order[: bounds.max_device_rows]], len(order)
+    return [device for _, device in order[: bounds.max_device_rows]], len(order), len(watched)
 
 
 async def _device_rows(state: FleetState, devices: list[str], bounds: Bounds) -> str:
@@ -188,15 +225,20 @@ async def _device_rows(state: FleetState, devices: list[str], bounds: Bounds) ->
     return "\n".join(rows)
 
 
-async def render(hooks: Hooks, bounds: Bounds) -> bytes:
-    devices, watched = await _failing_first(hooks.state, bounds)
+async def render(hooks: Hooks, bounds: Bounds, search: str = "") -> bytes:
+    devices, matched, watched = await _failing_first(hooks.state, bounds, search)
     rows = await _device_rows(hooks.state, devices, bounds)
-    return encode(page(hooks, rows, left_out(len(devices), watched)))
+    found = (
+        matching(search, len(devices), matched, watched)
+        if search
+        else left_out(len(devices), watched)
+    )
+    return encode(page(hooks, rows, found, search))
 
 
 class LandingPage:
-    """The page as last rendered; at most one render in flight, shared by every request
-    that arrives while it runs."""
+    """The pages (the whole fleet, and searches) as last rendered: one render at a time,
+    shared by every request for the same page that arrives while it runs or waits."""
 
     def __init__(
         self,
@@ -207,31 +249,44 @@ class LandingPage:
         self._hooks = hooks
         self._bounds = bounds
         self._clock = clock
-        self._page: tuple[float, bytes] | None = None  # (rendered at, body)
-        self._render: asyncio.Task[bytes] | None = None
+        # Per search ("" is the whole fleet): (rendered at, body), the oldest first.
+        self._pages: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._renders: dict[str, asyncio.Task[bytes]] = {}
+        self._one_at_a_time = asyncio.Lock()
 
     @property
     def rendering(self) -> bool:
-        return self._render is not None
+        return bool(self._renders)
 
-    async def body(self) -> bytes:
-        if self._page is not None and self._clock() - self._page[0] < self._bounds.max_age_seconds:
-            return self._page[1]
-        if self._render is None:
-            self._render = asyncio.create_task(self._render_page())
-        # A client that goes away leaves the render to those still waiting for it.
-        return await asyncio.shield(self._render)
+    async def body(self, search: str = "") -> bytes:
+        """The page for ``search`` (see search_text); Busy when too many searches wait."""
+        kept = self._pages.get(search)
+        if kept is not None and self._clock() - kept[0] < self._bounds.max_age_seconds:
+            return kept[1]
+        task = self._renders.get(search)
+        if task is None:
+            # A client that leaves does not stop its render (others may want it), so the
+            # renders waiting are bounded here; the whole fleet's page is always rendered.
+            if search and len(self._renders) >= MAX_WAITING:
+                raise Busy
+            task = self._renders[search] = asyncio.create_task(self._render_page(search))
+        return await asyncio.shield(task)
 
-    async def _render_page(self) -> bytes:
+    async def _render_page(self, search: str) -> bytes:
         try:
-            body = await render(self._hooks, self._bounds)
-            self._page = (self._clock(), body)
+            async with self._one_at_a_time:
+                body = await render(self._hooks, self._bounds, search)
+            self._pages[search] = (self._clock(), body)
+            self._pages.move_to_end(search)
+            while len(self._pages) > KEPT_PAGES:
+                self._pages.popitem(last=False)
             return body
         finally:
-            self._render = None
+            del self._renders[search]
 
     async def close(self) -> None:
-        """Stop a render in flight (on shutdown)."""
-        if self._render is not None:
-            self._render.cancel()
-            await asyncio.gather(self._render, return_exceptions=True)
+        """Stop the renders in flight or waiting (on shutdown)."""
+        renders = list(self._renders.values())
+        for task in renders:
+            task.cancel()
+        await asyncio.gather(*renders, return_exceptions=True)

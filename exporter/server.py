@@ -19,7 +19,7 @@ from exporter.exposition import (
     Exposition,
     wants_openmetrics,
 )
-from exporter.landing import DEFAULT_BOUNDS, Bounds, LandingPage
+from exporter.landing import DEFAULT_BOUNDS, Bounds, Busy, LandingPage, search_text
 from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 from exporter.webconfig import WebSecurity, install
@@ -152,7 +152,11 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def landing(request: web.Request) -> web.Response:
-    body = await request.app[LANDING].body()
+    try:
+        body = await request.app[LANDING].body(search_text(request.query.get("device")))
+    except Busy:
+        return web.Response(status=503, headers={"Retry-After": "1"},
+                            text="Too many searches at once: try again in a moment.\n")
     return web.Response(body=body, content_type="text/html", charset="utf-8")
 
 

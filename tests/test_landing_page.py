@@ -102,6 +102,12 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     try:
         await asyncio.sleep(0.3)
         dom = await rendered_dom(f"http://127.0.0.1:{port}/", str(tmp_path / "profile"))
+        # What the page's form asks for: one device, found by its name in another case.
+        wanted = sim.fleet.device(sim.fleet.device_ids()[-1]).name
+        assert wanted
+        found = await rendered_dom(
+            f"http://127.0.0.1:{port}/?device={wanted.lower()}", str(tmp_path / "profile")
+        )
     finally:
         stop.set()
         await server
@@ -141,6 +147,12 @@ async def test_device_table_shows_each_watched_device_with_its_counts(
     assert list(column)[:4] == ["device", "name", "compliance", "OS version"]
     summary = ", ".join(f"{verdicts[v]} {v}" for v in ("compliant", "non_compliant", "unknown"))
     assert f"Compliance: {summary}." in dom
+    assert 'name="device"' in dom  # the search form
+    searched = _Tables()
+    searched.feed(found)
+    rows = searched.tables[0]
+    assert [row[searched.columns(0)["name"]] for row in rows] == [wanted]
+    assert f"1 of {len(shown)} watched devices match" in found
     # Rollouts: per batch name, the devices per state of their latest batch of that name,
     # most failed devices first.
     expected = _rollout_truth(sim.fleet)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 from server_rig import fleet, hooks
 
+from exporter import landing
 from exporter.fleetview import DeviceView
 from exporter.landing import Bounds
 from exporter.server import make_app
@@ -115,3 +117,78 @@ async def test_a_lone_surrogate_in_a_batch_name_is_replaced_not_a_500(aiohttp_cl
     assert "<td>Store ? policy</td>" in page and "<td>?</td>" in page
     scrape = await client.get("/metrics")
     assert scrape.status == 200 and "Store ? policy" in await scrape.text()
+
+
+# --- finding a device ------------------------------------------------------------------------
+
+
+def device_table(page: str) -> str:
+    return page.split('<section id="devices">')[1].split("</section>")[0]
+
+
+async def test_a_search_finds_a_device_the_capped_table_leaves_out(aiohttp_client) -> None:
+    state = fleet(12)  # the table keeps 5, the failing ones: even-numbered devices are up
+    bounds = Bounds(max_device_rows=5, step_devices=2, step_looks=3)
+    client = await aiohttp_client(make_app(hooks(state), landing_bounds=bounds))
+    whole = device_table(await (await client.get("/")).text())
+    assert "<td>pc-10</td>" not in whole  # up, so behind the five failing devices
+    for search in ("pc-10", "PC-10", "ffee0000000000000a"):  # name, any case, part of the id
+        table = device_table(await (await client.get("/", params={"device": search})).text())
+        assert table.count("<tr><td>") == 1 and "<td>pc-10</td>" in table, search
+        assert "1 of 12 watched devices match" in table
+    many = device_table(await (await client.get("/", params={"device": "pc-1"})).text())
+    assert many.count("<tr><td>") == 3  # pc-1, pc-10, pc-11
+    broad = device_table(await (await client.get("/", params={"device": "pc"})).text())
+    assert "12 of 12 watched devices match" in broad and broad.count("<tr><td>") == 5
+    assert "The table keeps the first 5, failing devices first." in broad
+    none = device_table(await (await client.get("/", params={"device": "kiosk"})).text())
+    assert none.count("<tr><td>") == 0 and "No watched device has" in none
+
+
+async def test_a_search_is_shown_escaped_and_cut(aiohttp_client) -> None:
+    client = await aiohttp_client(make_app(hooks(fleet(3))))
+    page = await (await client.get("/", params={"device": '"><script>x</script>'})).text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert 'value="&quot;&gt;&lt;script&gt;' in page  # back in the form, still escaped
+    long = "p" * 5000
+    response = await client.get("/", params={"device": long})
+    assert response.status == 200
+    assert f'value="{"p" * 100}"' in await response.text()
+
+
+async def test_a_flood_of_distinct_searches_renders_one_at_a_time_and_never_holds_a_scrape(
+    aiohttp_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = fleet(60)
+    app = make_app(hooks(state), landing_bounds=Bounds(step_devices=5))
+    counted(state, monkeypatch, seconds=0.002)  # ~120 ms a render, in steps of 10 ms
+    running, most = 0, 0
+    render = landing.render
+
+    async def watched_render(*args: object) -> bytes:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            return await render(*args)  # type: ignore[arg-type]
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(landing, "render", watched_render)
+    client = await aiohttp_client(app)
+    searches = [
+        asyncio.create_task(client.get("/", params={"device": f"pc-{n}"})) for n in range(40)
+    ]
+    await asyncio.sleep(0.05)
+    began = time.monotonic()
+    scrape = await asyncio.wait_for(client.get("/metrics"), timeout=30)
+    waited = time.monotonic() - began
+    responses = await asyncio.wait_for(asyncio.gather(*searches), timeout=120)
+    assert scrape.status == 200
+    statuses = Counter(r.status for r in responses)
+    assert most == 1  # one render at a time, whatever the number of searches
+    assert statuses[503] > 0 and statuses[200] >= 16, statuses
+    assert all(r.headers["Retry-After"] == "1" for r in responses if r.status == 503)
+    assert waited < 1.0  # well under the ~2 s the accepted renders take one after another
+    # The whole fleet's page is never refused, even behind the searches.
+    assert (await client.get("/")).status == 200
