@@ -165,11 +165,12 @@ section{{max-width:100%}}.wide{{overflow-x:auto}}
 <div class="views"><section id="devices"><h2>Watched devices</h2>
 {health_summary(*hooks.state.device_health())}
 {search_form(search)}
+{more}
 <div class="wide"><table><thead><tr><th>device</th><th>name</th><th>compliance</th>
 <th>OS version</th><th>state</th><th>last check-in</th><th>last success</th><th>result</th>{head}
 </tr></thead><tbody>
 {device_rows}
-</tbody></table></div>{more}</section>
+</tbody></table></div></section>
 <section id="rollouts"><h2>Rollouts</h2>
 <p>Batches sharing a name: devices per state of their latest batch of that name.</p>
 <table><thead><tr><th>rollout</th>{rollout_head}<th>devices</th></tr></thead><tbody>
