@@ -192,28 +192,43 @@ def parse_timestamp(value: object) -> float | None:
 FUTURE_SLACK_SECONDS = 86400.0
 
 
-# Per record type, its timestamp fields.
+# Per record type, its timestamp fields; and the records within a record whose timestamps
+# are checked with its own (a device's compliance check).
 _MOMENTS: dict[type, tuple[str, ...]] = {
     Action: ("sent_at", "received_at", "canceled_at"),
     Batch: ("created_at", "updated_at"),
     Device: ("last_status_report",),
+    DeviceHealth: ("last_check",),
 }
+_PARTS: dict[type, tuple[str, ...]] = {Device: ("health",)}
 
 Timed = TypeVar("Timed", Action, Batch, Device)
 
 
 def until(record: Timed, limit: float) -> Timed:
     """``record`` with each timestamp after ``limit`` treated as missing (a problem)."""
-    late = [name for name in _MOMENTS[type(record)] if (getattr(record, name) or 0.0) > limit]
-    changes: dict[str, Any] = dict.fromkeys(late)
-    if isinstance(record, Device) and (record.health.last_check or 0.0) > limit:
-        changes["health"] = replace(record.health, last_check=None)
-    if not changes:
+    shown = _without_late(record, limit)
+    if shown is record:
         return record
-    changes["problems"] = record.problems | {TIMESTAMP}
-    if isinstance(record, Action):
-        return record._replace(**changes)
-    return replace(record, **changes)
+    return _replace(shown, problems=record.problems | {TIMESTAMP})
+
+
+def _without_late(record: Any, limit: float) -> Any:
+    """``record`` with each timestamp after ``limit``, its parts' too, set to None; the
+    record itself when none is."""
+    changes: dict[str, Any] = {
+        name: None for name in _MOMENTS[type(record)] if (getattr(record, name) or 0.0) > limit
+    }
+    for part in _PARTS.get(type(record), ()):
+        inner = getattr(record, part)
+        shown = _without_late(inner, limit)
+        if shown is not inner:
+            changes[part] = shown
+    return _replace(record, **changes) if changes else record
+
+
+def _replace(record: Any, **changes: Any) -> Any:
+    return record._replace(**changes) if isinstance(record, Action) else replace(record, **changes)
 
 
 def _when(value: Any, problems: set[str]) -> float | None:
