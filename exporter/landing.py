@@ -255,10 +255,6 @@ class LandingPage:
         self._renders: dict[str, asyncio.Task[bytes]] = {}
         self._one_at_a_time = asyncio.Lock()
 
-    @property
-    def rendering(self) -> bool:
-        return bool(self._renders)
-
     async def body(self, search: str = "") -> bytes:
         """The page for ``search`` (see search_text); Busy when too many searches wait."""
         kept = self._pages.get(search)
