@@ -29,7 +29,7 @@ import structlog
 
 from exporter.client import ApiClient, ApiError, AuthError, SortRejected
 from exporter.config import Config, DeviceDiscovery
-from exporter.paging import IGNORED
+from exporter.dialect import IGNORED
 from exporter.records import Device, until
 from exporter.selfmetrics import FULL_LIST, SORTED_LIST, SelfMetrics
 

@@ -78,10 +78,6 @@ class DirectoryLock:
         self.path = directory / LOCK
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> None:
         if self._fd is not None:
             return
