@@ -23,12 +23,11 @@ from exporter.devicehealth import OTHER, UNKNOWN
 from exporter.fleetview import DeviceView
 from exporter.rollouts import STATES, Rollout
 from exporter.selfmetrics import SORTED_LIST, SelfMetrics
-from exporter.state import FleetState
+from exporter.state import CLASSES, FleetState
 
 if TYPE_CHECKING:
     from exporter.server import Hooks
 
-CLASSES = ("pending", "success", "canceled", "error", "unknown")
 MAX_SEARCH = 100  # characters of a search kept: an id is 24, a name rarely longer
 KEPT_PAGES = 16  # distinct pages (searches) reused while fresh
 MAX_WAITING = 16  # searches waiting for a render before more are refused

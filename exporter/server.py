@@ -112,11 +112,14 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
     if _accepts_gzip(request):
         headers["Content-Encoding"] = "gzip"
-        # Compressing what changed may take tens of ms; zlib releases the GIL, so a thread
-        # keeps the loop free. Usually the refresh loop has already filled this cache.
-        parts = await asyncio.get_running_loop().run_in_executor(
-            None, partial(exposition.gzip_parts, openmetrics=openmetrics)
-        )
+        if hooks.body is not None:  # compressed by the render loop before it was published
+            parts = hooks.body.gzip_parts(openmetrics=openmetrics)
+        else:
+            # Compressing what changed may take tens of ms; zlib releases the GIL, so a
+            # thread keeps the loop free.
+            parts = await asyncio.get_running_loop().run_in_executor(
+                None, partial(exposition.gzip_parts, openmetrics=openmetrics)
+            )
     else:
         parts = exposition.parts(openmetrics=openmetrics)
     # The body's sections are written one after the other (small ones together): no copy
