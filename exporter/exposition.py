@@ -62,7 +62,7 @@ from exporter.rollouts import Rollout
 from exporter.selfexposition import (
     default_registry,
     guard_section,
-    registry_section,
+    registry_sections,
     self_metrics_section,
 )
 from exporter.selfmetrics import SelfMetrics
@@ -274,7 +274,7 @@ class Exposition:
                 om: self_metrics_section(metrics, self._version, openmetrics=om)
                 for om in (False, True)
             }
-        registry = {om: registry_section(self._registry, openmetrics=om) for om in (False, True)}
+        registry = registry_sections(self._registry)
         level = self._guard.level
         self._weigh(registry[False])
         if fleet_moved or self._guard.level != level:

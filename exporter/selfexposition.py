@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Metric, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -168,11 +169,25 @@ def guard_section(level: int, dropped: int, *, openmetrics: bool) -> bytes:
     ))
 
 
-def registry_section(registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
-    """The registry's metrics (process and platform), without OpenMetrics' ``# EOF``."""
-    if not openmetrics:
-        return generate_text(registry)
-    return generate_openmetrics(registry).removesuffix(b"# EOF\n")
+@dataclass(frozen=True, slots=True)
+class _Collected:
+    """A registry's families as collected once, for both formats to write."""
+
+    families: list[Metric]
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def registry_sections(registry: CollectorRegistry) -> dict[bool, bytes]:
+    """The registry's metrics (process and platform) in each format, by ``openmetrics``,
+    without OpenMetrics' ``# EOF``: collected once, as the process collector reads /proc
+    each time it is asked."""
+    collected = _Collected(list(registry.collect()))
+    return {
+        False: generate_text(collected),  # type: ignore[arg-type]
+        True: generate_openmetrics(collected).removesuffix(b"# EOF\n"),  # type: ignore[arg-type]
+    }
 
 
 def default_registry() -> CollectorRegistry:
