@@ -329,9 +329,11 @@ class Scheduler:
 
     async def _poll_device(self, target: Target, result: RoundResult) -> None:
         """One device's read; whatever goes wrong is that device's failure, not the round's."""
-        result.polled += 1
         device = target.device
-        tracking = self._tracking.setdefault(device, Tracking())
+        tracking = self._tracking.get(device)
+        if tracking is None:  # unwatched by a reload while the round ran: nothing to keep
+            return
+        result.polled += 1
         read_at, checkin = self._clock(), tracking.checkin
         try:
             batches = await self._device_batches(target, tracking)
