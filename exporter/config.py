@@ -57,7 +57,12 @@ from exporter.configmodel import (
 )
 from exporter.configvalues import parse_duration
 from exporter.problems import ConfigError, problem_lines, shown
-from exporter.token import MAX_TOKEN_BYTES, decode_token
+from exporter.token import (
+    TokenFileUnreadable,
+    TokenInvalid,
+    check_token,
+    read_token_file,
+)
 from exporter.yamlload import load_document
 
 SCHEMA_FILE = "config.schema.json"
@@ -119,6 +124,10 @@ def resolve_token(api: ApiConfig, environ: Mapping[str, str]) -> TokenSpec:
     value = environ.get(TOKEN_ENV, "").strip()
     if not value:
         raise ConfigError(f"no API token: set api.token_file or {TOKEN_ENV}")
+    try:
+        check_token(value)  # as every request would
+    except TokenInvalid as exc:
+        raise ConfigError(f"{TOKEN_ENV}: {exc.reason}") from None
     return TokenSpec(value=value)
 
 
@@ -128,16 +137,9 @@ def _check_token_file(path: str) -> None:
         path if _could_be_path(path) else "the configured path (not shown: it looks like a token)"
     )
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(
-            f"api.token_file: cannot read {shown_path}: {exc.strerror or exc}"
-        ) from None
-    if len(data) > MAX_TOKEN_BYTES:
-        raise ConfigError(f"api.token_file: file is too large for a token: {shown_path}")
-    try:
-        decode_token(data)  # the one decoding, as the client re-reads the file
+        read_token_file(path)  # as the client reads it
+    except TokenFileUnreadable as exc:
+        raise ConfigError(f"api.token_file: cannot read {shown_path}: {exc.reason}") from None
     except TokenUnavailable as exc:
         raise ConfigError(f"api.token_file: {exc.reason}: {shown_path}") from None
 

@@ -91,19 +91,27 @@ class TokenSource:
     def _read(self) -> str:
         assert self._path is not None
         try:
-            with open(self._path, "rb") as handle:
-                data = handle.read(MAX_TOKEN_BYTES + 1)
-        except OSError as exc:
-            # The exception text could quote the file's bytes: name the class only.
-            raise TokenUnavailable(
-                "token", f"token file unreadable ({type(exc).__name__})"
-            ) from None
-        if len(data) > MAX_TOKEN_BYTES:
-            raise TokenInvalid("token", "file is too large for a token")
-        try:
-            return decode_token(data)
+            return read_token_file(self._path)
         except TokenUnavailable as exc:
             raise type(exc)("token", f"token file: {exc.reason}") from None
+
+
+class TokenFileUnreadable(TokenUnavailable):
+    """The token file cannot be opened or read; ``reason`` is the system's (no path)."""
+
+
+def read_token_file(path: str) -> str:
+    """The token a file holds, decoded the one way (:func:`decode_token`): the client's
+    re-reads and the config check both read it here."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        # str(exc) names the path, which may be a token pasted in the wrong place.
+        raise TokenFileUnreadable("token", exc.strerror or type(exc).__name__) from None
+    if len(data) > MAX_TOKEN_BYTES:
+        raise TokenInvalid("token", "file is too large for a token")
+    return decode_token(data)
 
 
 class Bearer:

@@ -352,6 +352,14 @@ def test_environment_token_when_no_token_file() -> None:
     assert TOKEN not in repr(spec)
 
 
+@pytest.mark.parametrize("value", ["ab cd", "tok\u2028en", "t\u00f6ken"])
+def test_an_environment_token_no_request_could_send_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_token(ApiConfig(), {"APPLIVERY_API_TOKEN": value})
+    (problem,) = caught.value.problems
+    assert problem.startswith("APPLIVERY_API_TOKEN: ") and value not in problem
+
+
 def test_no_token_anywhere_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         resolve_token(ApiConfig(), {"APPLIVERY_API_TOKEN": "  "})
