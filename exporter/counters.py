@@ -8,8 +8,9 @@ ledger and ``restore`` puts them back on start.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 from exporter.histogram import Histogram
 from exporter.records import Action
@@ -130,35 +131,23 @@ class FleetCounters:
             "settings": [[name, op, counts] for (name, op), counts in self._settings.items()],
         }
 
-    def restore(self, saved: Mapping[str, object]) -> None:
-        """Continue from what a previous process counted (``saved()``'s shape)."""
-        transitions = saved.get("transitions", {})
-        for status, count in _items(transitions):
-            index = self.statuses.intern(str(status))
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue from what a previous process counted: ``saved()``'s shape, checked by
+        the store's decoding (snapshot.SavedCounters)."""
+        for status, count in saved["transitions"].items():
+            index = self.statuses.intern(status)
             while len(self._transitions) <= index:
                 self._transitions.append(0)
-            self._transitions[index] += int(count)
-        latency = saved.get("latency", {})
-        for status_class, hist in _items(latency):
-            target = self._latency.get(str(status_class))
-            counts = hist.get("counts", []) if isinstance(hist, dict) else []
-            if target is not None and len(counts) == len(target.counts):
-                target.counts = [int(n) for n in counts]
-                target.sum, target.count = float(hist["sum"]), int(hist["count"])
-        for name, op, counts in _rows(saved.get("settings", [])):
+            self._transitions[index] += count
+        for status_class, hist in saved["latency"].items():
+            target = self._latency.get(status_class)
+            if target is not None and len(hist["counts"]) == len(target.counts):
+                target.counts = hist["counts"]
+                target.sum, target.count = hist["sum"], hist["count"]
+        for name, op, counts in saved["settings"]:
             if name != OTHER_SETTING:
                 self._setting_names.add(name)
             pair = self._setting_pair(name, op)
             for i, n in enumerate(counts[: len(pair)]):
-                pair[i] += int(n)
+                pair[i] += n
         self.events += 1
-
-
-def _items(value: object) -> Iterable[tuple[object, object]]:
-    return value.items() if isinstance(value, dict) else ()
-
-
-def _rows(value: object) -> Iterable[tuple[str, str, list[int]]]:
-    for row in value if isinstance(value, list) else ():
-        if isinstance(row, list) and len(row) == 3 and isinstance(row[2], list):
-            yield str(row[0]), str(row[1]), row[2]

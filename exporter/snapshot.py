@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -80,12 +79,37 @@ class EntryRow(msgspec.Struct, array_like=True):
     record_of: list[int]
 
 
+class SavedHistogram(msgspec.Struct):
+    counts: list[int]
+    sum: float
+    count: int
+
+
+class SavedCounters(msgspec.Struct):
+    """FleetCounters.saved()'s shape: a blob of another shape does not decode."""
+
+    transitions: dict[str, int] = msgspec.field(default_factory=dict)
+    latency: dict[str, SavedHistogram] = msgspec.field(default_factory=dict)
+    settings: list[tuple[str, str, list[int]]] = msgspec.field(default_factory=list)
+
+
+class SavedSelf(msgspec.Struct):
+    """self_metrics_blob()'s shape."""
+
+    api_requests: list[tuple[str, str, int]] = msgspec.field(default_factory=list)
+    api_durations: dict[str, tuple[list[int], float, int]] = msgspec.field(default_factory=dict)
+    parse_problems: dict[str, int] = msgspec.field(default_factory=dict)
+    poll_rounds: int = 0
+    poll_failures: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _DEVICE = msgspec.msgpack.Decoder(DeviceRow)
 _ENTRY = msgspec.msgpack.Decoder(EntryRow)
 _TRACKING = msgspec.msgpack.Decoder(Tracking)
 _FLOORS = msgspec.msgpack.Decoder(dict[str, tuple[float, float]])
-_ANY = msgspec.msgpack.Decoder()
+_COUNTERS = msgspec.msgpack.Decoder(SavedCounters)
+_SELF = msgspec.msgpack.Decoder(SavedSelf)
 _VERDICTS = msgspec.msgpack.Decoder(list[tuple[str, str, str, float, float]])
 
 
@@ -196,31 +220,21 @@ def self_metrics_blob(metrics: SelfMetrics) -> bytes:
     })
 
 
-def restore_self_metrics(metrics: SelfMetrics, saved: Mapping[str, Any]) -> None:
-    for endpoint, code, n in saved.get("api_requests", []):
-        metrics.api_requests[(str(endpoint), str(code))] += int(n)
-    for endpoint, (counts, total, count) in saved.get("api_durations", {}).items():
+def restore_self_metrics(metrics: SelfMetrics, saved: SavedSelf) -> None:
+    for endpoint, code, n in saved.api_requests:
+        metrics.api_requests[(endpoint, code)] += n
+    for endpoint, (counts, total, count) in saved.api_durations.items():
         histogram = metrics.api_durations.get(endpoint)
         if histogram is not None and len(counts) == len(histogram.counts):
-            histogram.counts = [int(n) for n in counts]
-            histogram.sum, histogram.count = float(total), int(count)
-    for kind, n in saved.get("parse_problems", {}).items():
-        metrics.parse_problems[str(kind)] += int(n)
-    metrics.poll_rounds += int(saved.get("poll_rounds", 0))
-    for kind, n in saved.get("poll_failures", {}).items():
-        metrics.poll_failures[str(kind)] += int(n)
+            histogram.counts, histogram.sum, histogram.count = counts, total, count
+    metrics.parse_problems.update(saved.parse_problems)
+    metrics.poll_rounds += saved.poll_rounds
+    metrics.poll_failures.update(saved.poll_failures)
     metrics.touch()
 
 
 def tracking_row(tracking: Tracking) -> bytes:
     return _encode(tracking)
-
-
-def _tracking_key(tracking: Tracking) -> tuple[Any, ...]:
-    return tuple(
-        tuple(v.items()) if isinstance(v, dict) else v
-        for v in (getattr(tracking, f.name) for f in fields(tracking))
-    )
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -255,8 +269,9 @@ class Persistence:
         self._marks = marks
         # The store's own thread: SQLite wants one writer, and the loop must not wait on it.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._stored_marks: dict[str, tuple[Any, ...]] = {}
-        self._stored_floors: dict[str, Floor] = {}
+        # Each device's plan marks as last written: compared as bytes, which the write
+        # needs anyway (b"": a delete still to write).
+        self._stored_marks: dict[str, bytes] = {}
         self._stored_blobs: dict[str, bytes] = {}
 
     # --- start -------------------------------------------------------------------------------
@@ -300,11 +315,11 @@ class Persistence:
         marks = self._marks()
         for device, tracking in decoded["marks"].items():
             marks[device] = tracking
-            self._stored_marks[device] = _tracking_key(tracking)
+            self._stored_marks[device] = tracking_row(tracking)
         # What was just loaded is what the store holds: nothing to write back.
         state.view.changed.clear()
         state.ledger.changed.clear()
-        self._stored_floors = state.ledger.floors()
+        self._stored_blobs["floors"] = _encode(state.ledger.floors())
         state.counters_generation = state.view.bump()
         return len(decoded["devices"])
 
@@ -313,6 +328,8 @@ class Persistence:
     def collect(self) -> Delta:
         """Every row that changed, taken in this one step (see the module docstring)."""
         state, delta = self._state, Delta()
+        if self.store is None:  # nothing to write to: a reopened store takes everything
+            return delta
         names = state.counters.statuses.names
         view, ledger = state.view, state.ledger
         for device in view.changed:
@@ -325,8 +342,8 @@ class Persistence:
             if entry is not None:
                 entry.stored_seen_at = entry.seen_at
         ledger.changed = set()
-        floors = ledger.floors()
         blobs = {
+            "floors": _encode(ledger.floors()),
             "counters": _encode(state.counters.saved()),
             "self": self_metrics_blob(self._metrics),
         }
@@ -336,8 +353,6 @@ class Persistence:
                 (*row[:3], round(row[3]), round(row[4]))
                 for row in self._verdicts.saved(time.time())
             ])
-        if floors != self._stored_floors:
-            blobs["floors"] = _encode({d: tuple(f) for d, f in floors.items()})
         delta.blobs = {k: v for k, v in blobs.items() if self._stored_blobs.get(k) != v}
         self._collect_marks(delta)
         return delta
@@ -345,10 +360,9 @@ class Persistence:
     def _collect_marks(self, delta: Delta) -> None:
         marks = self._marks()
         for device, tracking in marks.items():
-            key = _tracking_key(tracking)
-            if self._stored_marks.get(device) != key:
-                delta.marks[device] = tracking_row(tracking)
-                self._stored_marks[device] = key
+            row = tracking_row(tracking)
+            if self._stored_marks.get(device) != row:
+                delta.marks[device] = self._stored_marks[device] = row
         for device in [d for d in self._stored_marks if d not in marks]:
             delta.marks[device] = None
             del self._stored_marks[device]
@@ -370,8 +384,6 @@ class Persistence:
             self._failed(delta, exc)
             return False
         self._stored_blobs.update(delta.blobs)
-        if "floors" in delta.blobs:
-            self._stored_floors = self._state.ledger.floors()
         if self._metrics.storage_written(time.time()):
             log.info("storage_write_recovered")
         return True
@@ -386,11 +398,9 @@ class Persistence:
                 entry.stored_seen_at = -math.inf
         for device, row in delta.marks.items():
             if row is None:
-                self._stored_marks[device] = ()  # still to delete
+                self._stored_marks[device] = b""  # still to delete
             else:
                 self._stored_marks.pop(device, None)
-        if "floors" in delta.blobs:
-            self._stored_floors = {}
         if self._metrics.storage_failed():  # the first failure in a row: one line
             log.error("storage_write_failed", reason=f"{type(exc).__name__}: {exc}",
                       directory=str(self.store.directory) if self.store else None)
@@ -402,7 +412,6 @@ class Persistence:
         state.ledger.changed.update((d, b) for d, b, _ in state.ledger.entries())
         self._stored_marks.clear()
         self._stored_blobs.clear()
-        self._stored_floors = {}
 
     async def close(self) -> None:
         if self.store is not None:
@@ -420,7 +429,9 @@ def _decode(loaded: Loaded) -> dict[str, Any]:
         "ledger": [(d, b, _ENTRY.decode(row)) for d, b, row in loaded.ledger],
         "marks": {d: _TRACKING.decode(row) for d, row in loaded.marks.items()},
         "floors": _FLOORS.decode(blobs["floors"]) if "floors" in blobs else {},
-        "counters": _ANY.decode(blobs["counters"]) if "counters" in blobs else {},
-        "self": _ANY.decode(blobs["self"]) if "self" in blobs else {},
+        # Checked against their shapes here, so that a bad blob moves the store aside
+        # before anything is restored; restored as plain data.
+        "counters": msgspec.to_builtins(_COUNTERS.decode(blobs.get("counters", b"\x80"))),
+        "self": _SELF.decode(blobs.get("self", b"\x80")),
         "verdicts": _VERDICTS.decode(blobs["verdicts"]) if "verdicts" in blobs else [],
     }

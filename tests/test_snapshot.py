@@ -14,9 +14,11 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from exporter.dialect import REPROBE_SECONDS, Verdicts
+from exporter.ledger import Floor
 from exporter.planner import Tracking
 from exporter.selfmetrics import SelfMetrics
 from exporter.snapshot import Persistence
@@ -195,6 +197,47 @@ async def test_rows_that_do_not_decode_move_the_store_aside(tmp_path: Path) -> N
     again, _, devices = await restarted(tmp_path, clock)
     assert devices == 0 and again.watched() == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith(f"{DATABASE}.undecodable-")]
+
+
+@pytest.mark.parametrize(
+    ("blob", "value"),
+    [("self", [1, 2, 3]), ("counters", {"transitions": {"Pending": "many"}}),
+     ("counters", {"latency": {"error": [1, 2]}})],
+)
+async def test_a_blob_of_another_shape_moves_the_store_aside(
+    tmp_path: Path, blob: str, value: object
+) -> None:
+    clock, metrics = Clock(START), SelfMetrics()
+    state = fleet(clock, metrics)
+    state.watch(DEVICE)
+    keeper = persistence(tmp_path, state, metrics, {})
+    assert await keeper.commit(keeper.collect())
+    await keeper.close()
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        db.execute("UPDATE blobs SET value = ? WHERE name = ?",
+                   (msgspec.msgpack.encode(value), blob))
+    again, _, devices = await restarted(tmp_path, clock)
+    assert devices == 0 and again.watched() == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(f"{DATABASE}.undecodable-")]
+
+
+async def test_pruning_floors_survive_a_restart_and_are_written_only_when_they_move(
+    tmp_path: Path,
+) -> None:
+    clock, metrics = Clock(START), SelfMetrics()
+    state = fleet(clock, metrics)
+    state.watch(DEVICE)
+    state.ledger.restore_floor(DEVICE, Floor(START - 600, START - 60))
+    keeper = persistence(tmp_path, state, metrics, {})
+    assert "floors" in keeper.collect().blobs
+    assert await keeper.commit(keeper.collect())
+    assert "floors" not in keeper.collect().blobs  # unchanged: not written again
+    state.ledger.restore_floor(DEVICE, Floor(START - 300, START - 30))
+    delta = keeper.collect()
+    assert "floors" in delta.blobs and await keeper.commit(delta)
+    await keeper.close()
+    again, _, _ = await restarted(tmp_path, clock)
+    assert again.ledger.floors() == {DEVICE: Floor(START - 300, START - 30)}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
