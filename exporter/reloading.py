@@ -5,6 +5,7 @@ SIGHUP and ``POST /-/reload`` both come here (``cli.serve``)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,11 +37,18 @@ async def reload_configs(
     """None on success, else the problems (and both running configs stay). In demo mode
     only the web config reloads: there is no config file."""
     problems: list[str] = []
-    main = None
+    main = web = None
+    # Reading and checking the files (YAML, the token file, TLS files) is done off the loop:
+    # scrapes go on meanwhile. Nothing is applied until both are read.
     if exporter.config_path is not None:
-        main = _prepare(partial(_read_config, exporter.config_path), problems,
-                        "config_reload_failed")
-    web = _prepare(security.prepare, problems, "web_config_reload_failed") if security else None
+        main = await asyncio.to_thread(
+            _prepare, partial(_read_config, exporter.config_path), problems,
+            "config_reload_failed",
+        )
+    if security is not None:
+        web = await asyncio.to_thread(
+            _prepare, security.prepare, problems, "web_config_reload_failed"
+        )
     if not problems and security is not None and web is not None:
         # Applied first: the only step that can fail late (a TLS file changed since).
         try:

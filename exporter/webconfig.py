@@ -412,13 +412,23 @@ def _allowed_san(peercert: object, allowed: tuple[str, ...]) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _basic_auth(config: WebConfig) -> BasicAuth | None:
+    return BasicAuth(dict(config.users)) if config.users else None
+
+
+def _limiter(config: WebConfig) -> TokenBucket | None:
+    return rate_limiter(config.rate_limit) if config.rate_limit else None
+
+
 class WebSecurity:
     """The web config in force; the server's middleware consults it on every request."""
 
     def __init__(self, path: str, config: WebConfig, context: ssl.SSLContext | None) -> None:
         self.path = path
         self.ssl_context = context
-        self._apply(config)
+        self.config = config
+        self.auth = _basic_auth(config)
+        self.limiter = _limiter(config)
 
     @classmethod
     def load(cls, path: str) -> WebSecurity:
@@ -426,9 +436,13 @@ class WebSecurity:
         return cls(path, config, context)
 
     def _apply(self, config: WebConfig) -> None:
+        # Kept when a reload leaves them as they were: the users' verified credentials stay
+        # cached and no bcrypt runs on the loop; the limiter keeps what it has counted.
+        if config.users != self.config.users:
+            self.auth = _basic_auth(config)
+        if config.rate_limit != self.config.rate_limit:
+            self.limiter = _limiter(config)
         self.config = config
-        self.auth = BasicAuth(dict(config.users)) if config.users else None
-        self.limiter = rate_limiter(config.rate_limit) if config.rate_limit else None
 
     @property
     def scheme(self) -> str:

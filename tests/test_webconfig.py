@@ -495,6 +495,25 @@ async def test_reload_swaps_users_and_keeps_the_old_config_when_invalid(tmp_path
         assert (await get(f"{url}/metrics", headers=basic("prometheus", "rotated")))[0] == 200
 
 
+async def test_a_reload_that_leaves_the_users_keeps_their_checked_credentials(
+    tmp_path, password_hash
+):
+    security = security_from(tmp_path, users_block(password_hash))
+    path = tmp_path / "web.yml"
+    async with serving(security) as url:
+        assert (await get(f"{url}/metrics", headers=basic("prometheus", PASSWORD)))[0] == 200
+        auth = security.auth
+        assert auth is not None and auth.verifications == 1
+        path.write_text(users_block(password_hash) + "rate_limit:\n  interval: 1s\n  burst: 50\n")
+        assert security.reload() is None
+        assert security.auth is auth  # no new bcrypt, the cache kept
+        assert (await get(f"{url}/metrics", headers=basic("prometheus", PASSWORD)))[0] == 200
+        assert auth.verifications == 1
+        path.write_text(users_block(bcrypt.hashpw(b"rotated", bcrypt.gensalt(4)).decode()))
+        assert security.reload() is None
+        assert security.auth is not auth
+
+
 async def test_reload_picks_up_a_rotated_certificate(tmp_path, pki):
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     cert.write_bytes(pki.server.cert.read_bytes())
