@@ -320,7 +320,7 @@ class Persistence:
         state.view.changed.clear()
         state.ledger.changed.clear()
         self._stored_blobs["floors"] = _encode(state.ledger.floors())
-        state.counters_generation = state.view.bump()
+        state.view.bump()
         return len(decoded["devices"])
 
     # --- each render -------------------------------------------------------------------------

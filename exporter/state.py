@@ -76,12 +76,15 @@ class FleetState:
             statuses, self.counters, metrics.parse_problem, ledger_retention_seconds
         )
         self.view = FleetView(statuses, wall_clock or clock)
-        # Moves when the fleet-wide counters (transitions, latency) change.
-        self.counters_generation = 0
 
     @property
     def generation(self) -> int:
         return self.view.generation
+
+    @property
+    def counters_generation(self) -> int:
+        """Moves whenever a counter does."""
+        return self.counters.events
 
     @property
     def latency_buckets(self) -> tuple[float, ...]:
@@ -245,7 +248,7 @@ class FleetState:
             batch.summary
         )
         if self.counters.events != events_before:
-            self.counters_generation = self.view.bump()
+            self.view.bump()  # a counter moved with no exported count (a latency): render
         self.view.batch_changed(device, before, known)
 
     # --- reads -------------------------------------------------------------------------------
