@@ -305,15 +305,11 @@ class FleetView:
     def list_counts(
         self, actions: list[Action], created_at: float | None
     ) -> tuple[dict[int, int], float | None]:
-        """The gauges of an action list: counts per status, and the oldest pending moment.
-        Reversed: when a shifted page repeats an action, its later copy is the newer."""
+        """The gauges of an action list (one copy of each action): counts per status, and the
+        oldest pending moment."""
         counts: dict[int, int] = {}
         oldest: float | None = None
-        seen: set[str] = set()
-        for action in reversed(actions):
-            if action.cmd_id in seen:
-                continue
-            seen.add(action.cmd_id)
+        for action in actions:
             status = self.statuses.intern(action.status)
             counts[status] = counts.get(status, 0) + 1
             if self.statuses.pending[status]:

@@ -161,16 +161,12 @@ class Ledger:
         self, key: tuple[str, str], entry: LedgerEntry, threshold: float,
         created_at: float | None, actions: Sequence[Action],
     ) -> None:
-        """Enter each listed action in the ledger, counting what it entered for the first
-        time. Reversed: when a shifted page repeats an action, its later copy is the newer."""
+        """Enter each listed action (one copy each) in the ledger, counting what it entered
+        for the first time."""
         records = entry.actions
-        seen: set[str] = set()
         changed = False
-        for action in reversed(actions):
+        for action in actions:
             cmd = action.cmd_id
-            if cmd in seen:
-                continue
-            seen.add(cmd)
             status = self.statuses.intern(action.status)
             previous = records.get(cmd)
             if previous is None:

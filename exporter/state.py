@@ -238,10 +238,15 @@ class FleetState:
         known, before = self._batch_state(device, batch)
         events_before = self.counters.events
         threshold = self.ledger.threshold(device, dev.watermark, known.created_at)
-        self.ledger.record((device, batch.id), entry, threshold, known.created_at, actions)
-        known.counts, known.oldest_pending = self.view.list_counts(
-            list(actions), known.created_at
-        )
+        # One copy per action, the later one (a shifted page that repeats an action shows the
+        # newer copy last), in the order the ledger has always taken them: from the end
+        # (new settings are admitted under their bound in that order).
+        latest: dict[str, Action] = {}
+        for action in reversed(actions):
+            latest.setdefault(action.cmd_id, action)
+        unique = list(latest.values())
+        self.ledger.record((device, batch.id), entry, threshold, known.created_at, unique)
+        known.counts, known.oldest_pending = self.view.list_counts(unique, known.created_at)
         known.summary, known.from_actions = batch.summary, True
         # Judged once per list, not on every round that finds the summary unchanged.
         known.agrees = batch.summary is not None and known.counts == self.view.summary_counts(
