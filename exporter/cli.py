@@ -333,11 +333,11 @@ async def serve(
         metrics=exporter.metrics,
         telemetry_path=telemetry_path,
     )
-    runner, connections, ports = await start_server(
+    serving = await start_server(
         make_app(hooks, security, lifecycle=lifecycle), addresses, ssl_context
     )
     # The ports actually bound: the ones asked for, or the kernel's picks for port 0.
-    bound = [(host, port) for (host, _), port in zip(addresses, ports, strict=True)]
+    bound = [(host, port) for (host, _), port in zip(addresses, serving.ports, strict=True)]
     for host, port in bound:
         log.info("listening", address=_join_host_port(host, port), version=__version__,
                  tls=ssl_context is not None, telemetry_path=telemetry_path)
@@ -346,7 +346,7 @@ async def serve(
     tasks = [
         asyncio.create_task(exporter.scheduler.run(on_round=lambda _: renders.ask())),
         asyncio.create_task(_refresh_loop(exporter, renders, body)),
-        asyncio.create_task(connections.run()),
+        asyncio.create_task(serving.connections.run()),
     ]
     stopped = asyncio.create_task(stop.wait())
     try:
@@ -361,8 +361,7 @@ async def serve(
             await exporter.persistence.commit(exporter.persistence.collect())
             await exporter.persistence.close()
         await exporter.client.close()
-        await runner.cleanup()
-        loop.set_exception_handler(None)
+        await serving.stop()
         for sig in handlers if signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

@@ -19,6 +19,7 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import structlog
@@ -290,25 +291,42 @@ def install(app: web.Application, connections: Connections) -> None:
     app.middlewares.insert(0, connections.middleware)
 
 
+@dataclass(slots=True)
+class Serving:
+    """A started server: its connections, the ports bound (in the order of the addresses;
+    port 0: the kernel's pick), and how to stop it."""
+
+    runner: web.AppRunner
+    connections: Connections
+    ports: list[int]
+    _handler: Any  # the loop's exception handler before this server's
+
+    async def stop(self) -> None:
+        """Release the addresses and give the loop its exception handler back."""
+        await self.runner.cleanup()
+        asyncio.get_running_loop().set_exception_handler(self._handler)
+
+
 async def start_server(
     app: web.Application, addresses: Sequence[tuple[str, int]], ssl_context: object | None
-) -> tuple[web.AppRunner, Connections, list[int]]:
+) -> Serving:
     """The app on each of its addresses, their connections capped together and their header
     reads timed (connections.py); accept() failures logged once a minute instead of each
-    time. Also the ports bound, in the order of ``addresses`` (port 0: the kernel's pick)."""
+    time."""
     connections = Connections(limits())
     install(app, connections)
-    asyncio.get_running_loop().set_exception_handler(connections.exception_handler)
-    runner = web.AppRunner(app, access_log=None, **runner_options())
-    await runner.setup()
-    ports: list[int] = []
+    loop = asyncio.get_running_loop()
+    serving = Serving(web.AppRunner(app, access_log=None, **runner_options()), connections,
+                      [], loop.get_exception_handler())
+    loop.set_exception_handler(connections.exception_handler)
     try:
+        await serving.runner.setup()
         for host, port in addresses:
-            site = GuardedSite(runner, host, port, connections=connections,
+            site = GuardedSite(serving.runner, host, port, connections=connections,
                                ssl_context=ssl_context)
             await site.start()
-            ports.append(site.port)  # aiohttp's: the bound one once started
+            serving.ports.append(site.port)  # aiohttp's: the bound one once started
     except BaseException:
-        await runner.cleanup()  # the addresses already bound are released
+        await serving.stop()  # the addresses already bound are released
         raise
-    return runner, connections, ports
+    return serving
