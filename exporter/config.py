@@ -63,7 +63,7 @@ from exporter.token import (
     check_token,
     read_token_file,
 )
-from exporter.yamlload import load_document
+from exporter.yamlload import load_document, read_file
 
 SCHEMA_FILE = "config.schema.json"
 SCHEMA_COMMAND = f"python3 -m exporter.config --schema > {SCHEMA_FILE}"
@@ -80,16 +80,16 @@ class TokenSpec:
     value: str | None = field(default=None, repr=False)
 
 
+# A config file is read whole: bounded, yet far above a fleet of 10,000 devices listed one
+# by one with names and labels (about 1 MiB).
+MAX_CONFIG_BYTES = 16 << 20
+
 # --- entry points -------------------------------------------------------------------------
 
 
 def load_config(path: str) -> Config:
     """Read and validate a config file; ``token_file`` resolves against its directory."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_file(path, MAX_CONFIG_BYTES)
     return parse_config(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 

@@ -57,7 +57,7 @@ from exporter.problems import (
     spelling,
 )
 from exporter.tokenbucket import TokenBucket
-from exporter.yamlload import load_document
+from exporter.yamlload import load_document, read_file
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -293,13 +293,7 @@ def load_web_config(path: str) -> tuple[WebConfig, ssl.SSLContext | None]:
 
     Raises :class:`ConfigError` with one ``PATH: key.path: problem`` line per problem.
     """
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    data = read_file(path, MAX_FILE_BYTES)
     config = parse_web_config(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
     context = None
     if config.tls is not None:

@@ -66,6 +66,19 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+def read_file(path: str, max_bytes: int) -> bytes:
+    """A config file's bytes, at most ``max_bytes`` of them; :class:`ConfigError` naming the
+    path when it cannot be read or is larger (a file read whole must be bounded)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ConfigError(f"{path}: larger than {max_bytes} bytes")
+    return data
+
+
 def load_document(text: str | bytes, source: str) -> Any:
     """YAML text (or bytes) to plain data; raises :class:`ConfigError` naming ``source``."""
     return _load_yaml(_decode(text, source), source)

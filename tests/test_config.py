@@ -756,6 +756,19 @@ def test_invalid_config(case: Bad, tmp_path: Path) -> None:
         assert what in problem, problem
 
 
+def test_a_config_file_larger_than_the_bound_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter import config
+
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 1000)
+    path = tmp_path / "config.yaml"
+    path.write_text("organization: acme\ndevices:\n" + "  - 65f0c0ffee65f0c0ffee0001\n" * 40)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert caught.value.problems == (f"{path}: larger than 1000 bytes",)
+
+
 def test_missing_and_unreadable_files(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError) as absent:
