@@ -26,12 +26,13 @@ from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.connections import start_server
 from exporter.exposition import Exposition
 from exporter.reloading import reload_configs, token_source
-from exporter.scheduler import Scheduler, Shard
+from exporter.scheduler import Scheduler
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, PublishedBody, make_app
 from exporter.snapshot import Persistence
 from exporter.state import FleetState, ledger_retention
 from exporter.store import DirectoryLock, StoreLocked, StoreUnusable, hold, open_directory
+from exporter.targets import Shard
 from exporter.webconfig import WebSecurity
 
 log = structlog.get_logger("exporter")
@@ -185,10 +186,6 @@ def storage_lock(path: str) -> DirectoryLock | None:
     return lock
 
 
-# Tests and benches call the reload by this name.
-_reload = reload_configs
-
-
 async def _in_steps(steps: Generator[None, None, bool]) -> bool:
     """Run a stepwise job, letting the event loop serve requests between its steps."""
     while True:
@@ -297,7 +294,7 @@ async def serve(
     pending: set[asyncio.Task[str | None]] = set()
 
     async def reload_now() -> str | None:
-        problem = await _reload(exporter, security)
+        problem = await reload_configs(exporter, security)
         # Only the render loop renders (a render may be paused between two of its steps);
         # it picks the reload up at once.
         await renders.rendered(renders.ask())

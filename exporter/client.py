@@ -45,18 +45,9 @@ from exporter.records import (
 from exporter.selfmetrics import SelfMetrics
 from exporter.token import TokenSource
 from exporter.tokenbucket import TokenBucket
-from exporter.transport import (
-    BACKOFF_BASE,
-    RETRY_AFTER_CAP,
-    Limits,
-    Transport,
-    parse_retry_after,
-    segment,
-)
+from exporter.transport import Limits, Transport, segment
 
 __all__ = [
-    "BACKOFF_BASE",
-    "RETRY_AFTER_CAP",
     "ApiClient",
     "ApiError",
     "AuthError",
@@ -67,7 +58,6 @@ __all__ = [
     "TokenSource",
     "TokenUnavailable",
     "UpstreamError",
-    "parse_retry_after",
 ]
 
 BASE_PATH = "/organizations/{org}/mdm/windows/enterprise"

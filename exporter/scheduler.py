@@ -52,8 +52,7 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.state import FleetState
 from exporter.targets import Changes, Shard, Target, Watchlist
 
-# Shard and Target are imported from here by the cli and the tests.
-__all__ = ["BUDGET", "ROUND_ROBIN", "RoundResult", "Scheduler", "Shard", "Target"]
+__all__ = ["BUDGET", "ROUND_ROBIN", "RoundResult", "Scheduler"]
 
 log = structlog.get_logger("exporter.scheduler")
 

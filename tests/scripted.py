@@ -24,8 +24,9 @@ from samples import scrape as fetch_samples
 from exporter.cli import Exporter, build_exporter
 from exporter.client import TokenBucket, TokenSource
 from exporter.config import parse_config
-from exporter.scheduler import Scheduler, Shard
+from exporter.scheduler import Scheduler
 from exporter.server import Hooks, make_app
+from exporter.targets import Shard
 
 TOKEN = "ledger-test-token"
 ORG = "acme"

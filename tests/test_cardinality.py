@@ -19,10 +19,11 @@ from prometheus_client.openmetrics.parser import (
 from structlog.testing import capture_logs
 from test_exporter_e2e import Samples, make_exporter, poll, samples, select
 
-from exporter.cli import Exporter, _reload
+from exporter.cli import Exporter
 from exporter.exposition import GUARD_LEVELS, MAX_LABEL_VALUE, Exposition, truncation_mark
 from exporter.landing import Bounds
 from exporter.records import Action, Batch
+from exporter.reloading import reload_configs
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import Hooks, make_app
 from exporter.simulator import Simulator
@@ -216,7 +217,7 @@ async def test_the_ceiling_comes_from_the_config_and_follows_reloads(
         assert "command" not in label_names(found, ACTIONS)
         assert select(found, "applivery_exporter_series_dropped") != {frozenset(): 0.0}
         path.write_text(path.read_text().replace("max_series: 10", "max_series: 100000"))
-        assert await _reload(exporter) is None
+        assert await reload_configs(exporter) is None
         found = samples(exporter)
         assert "command" in label_names(found, ACTIONS)
         assert select(found, "applivery_exporter_series_dropped") == {frozenset(): 0.0}

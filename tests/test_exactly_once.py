@@ -26,8 +26,8 @@ from scripted import (
     run_until_rounds,
 )
 
-from exporter.scheduler import Shard
 from exporter.state import MAX_UNKNOWN_STATUSES
+from exporter.targets import Shard
 
 # --- the ledger ---------------------------------------------------------------------------------
 

@@ -19,9 +19,10 @@ from processes import free_port
 from samples import Samples
 from samples import parse as parse_samples
 
-from exporter.cli import Exporter, _reload, build_exporter, serve
+from exporter.cli import Exporter, build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
+from exporter.reloading import reload_configs
 from exporter.simulator import Simulator
 
 
@@ -216,7 +217,7 @@ async def test_reload_keeps_counters_of_unchanged_devices(simulator, tmp_path, m
         await poll(exporter)
         # The same watch list, reworded: counters and watermarks must survive.
         path.write_text(config_yaml(url, poll={"interval_seconds": 30}))
-        assert await _reload(exporter) is None
+        assert await reload_configs(exporter) is None
         sim.advance(1800)
         await poll(exporter)
         found = assert_exports_the_fleet(exporter, sim, watermark)
@@ -225,7 +226,7 @@ async def test_reload_keeps_counters_of_unchanged_devices(simulator, tmp_path, m
         }
 
         path.write_text("organization: [not, valid\n")
-        problem = await _reload(exporter)
+        problem = await reload_configs(exporter)
         assert problem and "config.yaml" in problem
         found = samples(exporter)
         assert select(found, "applivery_exporter_config_last_reload_successful") == {
@@ -347,7 +348,7 @@ async def test_reload_to_another_token_file_takes_the_new_token(simulator, tmp_p
         await poll(exporter)
         assert set(select(samples(exporter), "applivery_exporter_target_up").values()) == {0.0}
         path.write_text(config_yaml(url, api={**api, "token_file": str(new)}))
-        assert await _reload(exporter) is None
+        assert await reload_configs(exporter) is None
         await poll(exporter)
         assert set(select(samples(exporter), "applivery_exporter_target_up").values()) == {1.0}
     finally:

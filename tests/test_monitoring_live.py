@@ -51,10 +51,10 @@ from test_rules import load_generator
 from exporter.cli import build_exporter, serve
 from exporter.client import TokenSource
 from exporter.config import parse_config
-from exporter.scheduler import Shard
 from exporter.simulator import Simulator, wire
 from exporter.statuses import StatusClass, classify
 from exporter.store import DirectoryLock
+from exporter.targets import Shard
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "prometheus" / "alerts.yml"

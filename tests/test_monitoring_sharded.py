@@ -55,9 +55,9 @@ from test_monitoring_live import (
 )
 from test_rules import level_labels
 
-from exporter.scheduler import Shard
 from exporter.simulator import Simulator
 from exporter.statuses import StatusClass, classify
+from exporter.targets import Shard
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "prometheus" / "params.yml").read_text())

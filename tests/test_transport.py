@@ -35,19 +35,17 @@ from clientrig import (
 )
 
 from exporter.client import (
-    BACKOFF_BASE,
-    RETRY_AFTER_CAP,
     ApiError,
     AuthError,
     NotFoundError,
     TokenSource,
     TokenUnavailable,
     UpstreamError,
-    parse_retry_after,
 )
 from exporter.records import UNKNOWN_STATUS
 from exporter.selfmetrics import SelfMetrics
 from exporter.statuses import STATUS_CLASS
+from exporter.transport import BACKOFF_BASE, RETRY_AFTER_CAP, parse_retry_after
 
 
 @pytest.fixture
