@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -116,20 +116,45 @@ _VERDICTS = msgspec.msgpack.Decoder(list[tuple[str, str, str, float, float]])
 # --- rows ----------------------------------------------------------------------------------
 
 
-def device_row(dev: DeviceState, names: list[str]) -> bytes:
+class TakenDevice(NamedTuple):
+    """A device as a commit took it: the values of its fields, each replaced on change and
+    never changed in place (labels, info, a batch's counts and summary), so its row is
+    encoded on the store's thread while the loop goes on, like a ledger entry's."""
+
+    dev: tuple[Any, ...]
+    # Per batch: id, name, created_at, summary, from_actions, agrees, counts, oldest_pending.
+    batches: tuple[tuple[Any, ...], ...]
+
+
+def taken_device(dev: DeviceState) -> TakenDevice:
+    return TakenDevice(
+        (dev.watermark, dev.watched_at, dev.name, dev.labels, dev.info, dev.poll.last_success,
+         dev.check_in, dev.state, dev.problems, dev.health),
+        tuple(
+            (batch_id, b.name, b.created_at, b.summary, b.from_actions, b.agrees, b.counts,
+             b.oldest_pending)
+            for batch_id, b in dev.batches.items()
+        ),
+    )
+
+
+def device_row(dev: DeviceState | TakenDevice, names: Sequence[str]) -> bytes:
+    """``names``: the status names by index (the table only grows)."""
+    taken = dev if isinstance(dev, TakenDevice) else taken_device(dev)
+    watermark, watched_at, name, labels, info, last_success, check_in, state, problems, health = (
+        taken.dev
+    )
     batches = [
         BatchRow(
-            batch_id, b.name, b.created_at,
-            list(b.summary) if b.summary is not None else None,
-            b.from_actions, b.agrees, {names[s]: n for s, n in b.counts.items()},
-            b.oldest_pending,
+            batch_id, batch_name, created_at, list(summary) if summary is not None else None,
+            from_actions, agrees, {names[s]: n for s, n in counts.items()}, oldest_pending,
         )
-        for batch_id, b in dev.batches.items()
+        for batch_id, batch_name, created_at, summary, from_actions, agrees, counts,
+        oldest_pending in taken.batches
     ]
     return _encode(DeviceRow(
-        dev.watermark, dev.watched_at, dev.name, dict(dev.labels), dict(dev.info),
-        dev.poll.last_success, dev.check_in, dev.state, sorted(dev.problems), batches,
-        dev.health.compliance, dev.health.last_check, dev.health.os_version,
+        watermark, watched_at, name, dict(labels), dict(info), last_success, check_in, state,
+        sorted(problems), batches, health.compliance, health.last_check, health.os_version,
     ))
 
 
@@ -181,8 +206,12 @@ def entry_row(entry: TakenEntry) -> bytes:
     ))
 
 
-def encoded(delta: Delta) -> Delta:
-    """``delta`` with its ledger rows encoded (on the store's thread)."""
+def encoded(delta: Delta, names: Sequence[str]) -> Delta:
+    """``delta`` with its device and ledger rows encoded (on the store's thread)."""
+    delta.devices = {
+        device: device_row(row, names) if isinstance(row, TakenDevice) else row
+        for device, row in delta.devices.items()
+    }
     delta.ledger = {
         key: entry_row(row) if isinstance(row, TakenEntry) else row
         for key, row in delta.ledger.items()
@@ -330,11 +359,10 @@ class Persistence:
         state, delta = self._state, Delta()
         if self.store is None:  # nothing to write to: a reopened store takes everything
             return delta
-        names = state.counters.statuses.names
         view, ledger = state.view, state.ledger
         for device in view.changed:
             dev = view.devices.get(device)
-            delta.devices[device] = device_row(dev, names) if dev is not None else None
+            delta.devices[device] = taken_device(dev) if dev is not None else None  # type: ignore[assignment]
         view.changed = set()
         for key in ledger.changed:
             entry = ledger.get(*key)
@@ -379,7 +407,10 @@ class Persistence:
         loop = asyncio.get_running_loop()
         try:
             store = self.store
-            await loop.run_in_executor(self._thread, lambda: store.write(encoded(delta)))
+            names = self._state.counters.statuses.names
+            await loop.run_in_executor(
+                self._thread, lambda: store.write(encoded(delta, names))
+            )
         except Exception as exc:  # disk full, permission lost, I/O error: never fatal
             self._failed(delta, exc)
             return False
