@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from clientrig import simulated
 
 from exporter.simulator import Simulator
 
@@ -50,3 +51,9 @@ async def make_rig(aiohttp_server: Any, aiohttp_client: Any) -> Any:
 
     async with rig_factory(aiohttp_server, aiohttp_client) as make:
         yield make
+
+
+@pytest.fixture
+async def sim(make_simulator_server: Any) -> Any:
+    """A client of the project's own against the simulator (clientrig.Simulated)."""
+    return await simulated(make_simulator_server)

@@ -10,12 +10,6 @@ from clientrig import Simulated, counts, simulated
 from exporter.client import NotFoundError
 from exporter.records import Device
 
-
-@pytest.fixture
-async def sim(make_simulator_server: Any) -> Simulated:
-    return await simulated(make_simulator_server)
-
-
 # --- against the simulator --------------------------------------------------------------------
 
 

@@ -23,12 +23,6 @@ from exporter.dialect import (
     Verdicts,
 )
 
-
-@pytest.fixture
-async def sim(make_simulator_server: Any) -> Simulated:
-    return await simulated(make_simulator_server)
-
-
 # --- verdicts ---------------------------------------------------------------------------------
 
 QUERY = ("commands", "sort")

@@ -31,7 +31,6 @@ from clientrig import (
     action_items,
     counts,
     make_client,
-    simulated,
 )
 
 from exporter.client import (
@@ -46,12 +45,6 @@ from exporter.records import UNKNOWN_STATUS
 from exporter.selfmetrics import SelfMetrics
 from exporter.statuses import STATUS_CLASS
 from exporter.transport import BACKOFF_BASE, RETRY_AFTER_CAP, parse_retry_after
-
-
-@pytest.fixture
-async def sim(make_simulator_server: Any) -> Simulated:
-    return await simulated(make_simulator_server)
-
 
 # --- Retry-After ------------------------------------------------------------------------------
 

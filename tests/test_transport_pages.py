@@ -27,12 +27,6 @@ from exporter.paging import MAX_READS
 from exporter.records import SCHEMA
 from exporter.selfmetrics import SelfMetrics
 
-
-@pytest.fixture
-async def sim(make_simulator_server: Any) -> Simulated:
-    return await simulated(make_simulator_server)
-
-
 # --- page shapes, against small apps of our own -----------------------------------------------
 
 @pytest.mark.parametrize(
