@@ -130,7 +130,7 @@ def start(case: Case, url: str, token: str, clock: Clock, store: Path | None) ->
 
 async def stop(process: Process) -> None:
     if process.persistence is not None:
-        assert await process.persistence.commit(process.persistence.collect())
+        assert await process.persistence.flush()
         await process.persistence.close()
     await process.client.close()
 
@@ -159,7 +159,7 @@ async def rounds(process: Process, clock: Clock, interval: float, until: Any) ->
         count += 1
         tick = max(tick + interval, clock.now())
         if process.persistence is not None:
-            await process.persistence.commit(process.persistence.collect())
+            await process.persistence.flush()
     return count
 
 

@@ -315,7 +315,7 @@ async def serve(
     exporter.exposition.refresh()
     body = PublishedBody(exporter.exposition)
     if exporter.persistence is not None:
-        await exporter.persistence.commit(exporter.persistence.collect())
+        await exporter.persistence.flush()
     body.publish(whole=restored > 0)
     hooks = Hooks(
         exposition=exporter.exposition,
@@ -355,7 +355,7 @@ async def serve(
         await asyncio.wait(tasks, timeout=5)
         if exporter.persistence is not None:
             # What the last render showed is committed already; this takes the rest.
-            await exporter.persistence.commit(exporter.persistence.collect())
+            await exporter.persistence.flush()
             await exporter.persistence.close()
         await exporter.client.close()
         await serving.stop()

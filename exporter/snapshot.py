@@ -395,6 +395,10 @@ class Persistence:
             delta.marks[device] = None
             del self._stored_marks[device]
 
+    async def flush(self) -> bool:
+        """Commit whatever changed, now (at shutdown: what the last render did not take)."""
+        return await self.commit(self.collect())
+
     async def commit(self, delta: Delta) -> bool:
         """Write ``delta`` in one transaction; on failure, its rows are taken again next
         time (the state marks them changed once more), so the store becomes whole."""
