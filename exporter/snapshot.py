@@ -426,11 +426,7 @@ class Persistence:
     def _failed(self, delta: Delta, exc: Exception) -> None:
         state = self._state
         state.view.changed.update(delta.devices)
-        state.ledger.changed.update(delta.ledger)
-        for key in delta.ledger:
-            entry = state.ledger.get(*key)
-            if entry is not None:
-                entry.stored_seen_at = -math.inf
+        state.ledger.changed.update(delta.ledger)  # taken again, whatever their seen_at
         for device, row in delta.marks.items():
             if row is None:
                 self._stored_marks[device] = b""  # still to delete
