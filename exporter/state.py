@@ -16,12 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from exporter.counters import CLASSES, FINAL_CLASSES, MAX_SETTINGS, OTHER_SETTING, FleetCounters
+from exporter.counters import CLASSES, MAX_SETTINGS, FleetCounters
 from exporter.devicehealth import NO_HEALTH, DeviceHealth
 from exporter.fleetview import (
     DEVICE_STATES,
     EMPTY,
-    NOT_LISTED,
     BatchState,
     BatchView,
     DeviceGenerations,
@@ -29,21 +28,16 @@ from exporter.fleetview import (
     FleetView,
 )
 from exporter.histogram import Histogram
-from exporter.ledger import LEDGER_MARGIN_SECONDS, Ledger, ledger_retention
+from exporter.ledger import Ledger, ledger_retention
 from exporter.records import FUTURE_SLACK_SECONDS, SCHEMA, Action, Batch
 from exporter.selfmetrics import SelfMetrics
-from exporter.statuses import MAX_UNKNOWN_STATUSES, OTHER_STATUS, StatusTable
+from exporter.statuses import MAX_UNKNOWN_STATUSES, StatusTable
 
 __all__ = [
     "CLASSES",
     "DEVICE_STATES",
-    "FINAL_CLASSES",
-    "LEDGER_MARGIN_SECONDS",
     "MAX_SETTINGS",
     "MAX_UNKNOWN_STATUSES",
-    "NOT_LISTED",
-    "OTHER_SETTING",
-    "OTHER_STATUS",
     "BatchView",
     "DeviceGenerations",
     "DeviceView",
